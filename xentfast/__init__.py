@@ -1,0 +1,51 @@
+"""xentfast: fused, numerically stable softmax cross-entropy for NumPy and CUDA arrays.
+
+One kernel per row computes the max, the log-sum-exp, the loss and the gradient, with
+no softmax, log-softmax or one-hot temporaries.  The API speaks TensorFlow
+(``softmax_cross_entropy_with_logits``), Keras (``SparseCategoricalCrossentropy``) and
+PyTorch (``cross_entropy`` with ``weight``, ``ignore_index``, ``label_smoothing``).
+"""
+
+from ._api import (
+    cross_entropy,
+    cross_entropy_with_grad,
+    log_softmax,
+    logsumexp,
+    softmax,
+    softmax_cross_entropy_with_logits,
+    sparse_softmax_cross_entropy_with_logits,
+)
+from ._dispatch import (
+    BackendUnavailableError,
+    available_backends,
+    get_backend,
+    set_backend,
+    use_backend,
+)
+from ._keras import (
+    CategoricalCrossentropy,
+    SparseCategoricalCrossentropy,
+    categorical_crossentropy,
+    sparse_categorical_crossentropy,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "CategoricalCrossentropy",
+    "SparseCategoricalCrossentropy",
+    "available_backends",
+    "categorical_crossentropy",
+    "cross_entropy",
+    "cross_entropy_with_grad",
+    "get_backend",
+    "log_softmax",
+    "logsumexp",
+    "set_backend",
+    "softmax",
+    "softmax_cross_entropy_with_logits",
+    "sparse_categorical_crossentropy",
+    "sparse_softmax_cross_entropy_with_logits",
+    "use_backend",
+]

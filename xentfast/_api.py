@@ -1,0 +1,377 @@
+"""Public functions: validate -> normalise -> allocate -> kernel -> reduce.
+
+Everything that is not per-row arithmetic happens here once, for all backends: input
+checks, moving the class axis last and flattening leading dimensions into rows,
+choosing and allocating outputs (``out=``, ``inplace=``), the reduction's denominator,
+and the final float64 sum of the per-row losses.  The kernels (``xentfast.backends``)
+only fill the arrays they are handed; their contract and the mathematics are in
+``xentfast/backends/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from . import _dispatch, _validate
+from ._arrays import HOST, accumulation_dtype, is_device_array
+
+Reduction = Literal["mean", "sum", "none"]
+
+__all__ = [
+    "cross_entropy",
+    "cross_entropy_with_grad",
+    "log_softmax",
+    "logsumexp",
+    "softmax",
+    "softmax_cross_entropy_with_logits",
+    "sparse_softmax_cross_entropy_with_logits",
+]
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One call's resolved backend: its kernels, its array operations, its dtypes."""
+
+    kernels: Any
+    arrays: Any
+    dtype: np.dtype  # the caller's (native) dtype: outputs take it
+    compute_dtype: np.dtype  # what the kernels read and write
+    acc_dtype: np.dtype  # per-row losses and lse
+
+
+def _resolve(logits, *others, backend: str | None, name: str = "logits"):
+    """Pick the backend, convert ``logits`` to an array and fix the dtypes."""
+    on_device = is_device_array(logits) or any(is_device_array(o) for o in others)
+    backend_name = _dispatch.resolve(backend, on_device)
+    kernels = _dispatch.load(backend_name)
+    arrays = getattr(kernels, "DEVICE", HOST) if backend_name == "cuda" else HOST
+    x = arrays.asarray(logits)
+    dtype = _validate.check_float_dtype(x.dtype, name)
+    native = tuple(np.dtype(d) for d in kernels.NATIVE_DTYPES)
+    compute = dtype if dtype in native else np.dtype(np.float32)
+    return x, _Call(kernels, arrays, dtype, compute, accumulation_dtype(compute))
+
+
+def _shape_axis(x, axis: int):
+    shape = tuple(x.shape)
+    _validate.check_ndim(shape, "logits")
+    axis = _validate.normalize_axis(axis, len(shape))
+    batch_shape = shape[:axis] + shape[axis + 1 :]
+    return shape, axis, batch_shape, shape[axis]
+
+
+def _cross_entropy(
+    logits,
+    labels,
+    *,
+    axis: int,
+    weight,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    reduction: str,
+    backend: str | None,
+    want_grad: bool,
+    out=None,
+    inplace: bool = False,
+    return_lse: bool = False,
+    labels_as_probabilities: bool = False,
+):
+    reduction = _validate.check_reduction(reduction)
+    ignore_index = _validate.check_ignore_index(ignore_index)
+    label_smoothing = _validate.check_fraction(label_smoothing, "label_smoothing")
+    z_loss = _validate.check_nonnegative(z_loss, "z_loss")
+    x, call = _resolve(logits, labels, out, backend=backend)
+    arrays = call.arrays
+    shape, axis, batch_shape, num_classes = _shape_axis(x, axis)
+    _validate.check_classes(num_classes, shape, axis)
+
+    y = arrays.asarray(labels)
+    if labels_as_probabilities and tuple(y.shape) == shape and y.dtype.kind in "iub":
+        y = y.astype(call.compute_dtype)  # TF casts one-hot labels to the logits' dtype
+    kind = _validate.label_kind(np.dtype(y.dtype), tuple(y.shape), shape, axis)
+    if labels_as_probabilities and kind != "dense":
+        raise ValueError(
+            f"labels must have the logits' shape {shape} (probabilities); got shape "
+            f"{tuple(y.shape)}. For class indices use sparse_softmax_cross_entropy_with_logits"
+        )
+    w = arrays.weight_vector(weight, num_classes, call.acc_dtype)
+    target = _grad_target(logits, x, out, inplace, shape, call) if want_grad else None
+
+    n = math.prod(batch_shape)
+    x_rows = arrays.to_rows(x, axis, call.compute_dtype)
+    if kind == "sparse":
+        y_rows = arrays.label_rows(y)
+        arrays.check_labels(y_rows, batch_shape, num_classes, ignore_index)
+        denominator = (
+            arrays.kept_weight_total(y_rows, w, ignore_index) if reduction == "mean" else 1.0
+        )
+    else:
+        _validate.check_float_dtype(y.dtype, "labels")
+        y_rows = arrays.to_rows(y, axis, call.compute_dtype)
+        denominator = float(n) if reduction == "mean" else 1.0
+    # "mean" with nothing kept is 0 with a zero gradient (not PyTorch's 0/0 = NaN).
+    grad_scale = 1.0 / denominator if denominator != 0 else 0.0
+
+    loss_rows = arrays.empty(n, call.acc_dtype)
+    lse_rows = arrays.empty(n, call.acc_dtype)
+    grad_rows = None
+    if want_grad:
+        grad_rows = _grad_rows(x_rows, target, inplace, axis, n, num_classes, call)
+    if n:
+        if kind == "sparse":
+            call.kernels.sparse(x_rows, y_rows, w, ignore_index, label_smoothing, z_loss,
+                                grad_scale, loss_rows, lse_rows, grad_rows)
+        else:
+            call.kernels.dense(x_rows, y_rows, w, label_smoothing, z_loss, grad_scale,
+                               loss_rows, lse_rows, grad_rows)
+
+    if reduction == "none":
+        loss = arrays.from_rows(loss_rows, batch_shape, axis, call.dtype, like=x)
+    else:
+        total = arrays.total(loss_rows) if n else 0.0
+        value = total * grad_scale if reduction == "mean" else total
+        loss = arrays.scalar(value, call.dtype, like=x)
+    results = [loss]
+    if want_grad:
+        results.append(_finish_grad(grad_rows, target, batch_shape, axis, call, x))
+    if return_lse:
+        results.append(arrays.from_rows(lse_rows, batch_shape, axis, call.dtype, like=x))
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+def _grad_target(given, x, out, inplace: bool, shape, call: _Call):
+    """The caller's array the gradient must land in (``out`` or the logits), or None.
+
+    ``given`` is the logits object as passed: ``inplace`` needs it to be the array
+    itself (a list converted here has no memory the caller could see).
+    """
+    arrays = call.arrays
+    if inplace and out is not None:
+        raise ValueError("pass either out= or inplace=True, not both")
+    if inplace:
+        if x is not given or not arrays.is_writeable(x):
+            raise ValueError(
+                "inplace=True overwrites the logits with the gradient, so logits must be a "
+                "writeable array; got a read-only array or a non-array. Pass a writeable "
+                "array, or use inplace=False"
+            )
+        return x
+    if out is not None:
+        out = arrays.asarray(out)
+        _validate.check_out(out.shape, out.dtype, arrays.is_writeable(out), shape, call.dtype)
+        return out
+    return None
+
+
+def _grad_rows(x_rows, target, inplace: bool, axis: int, n: int, c: int, call: _Call):
+    """Where the kernel writes the gradient: straight into the target when its layout
+    allows (for ``inplace`` that is the logits' own memory), else a fresh buffer."""
+    arrays = call.arrays
+    if target is not None:
+        view = arrays.rows_view(target, axis, call.compute_dtype)
+        if view is not None:
+            return view
+    return arrays.empty((n, c), call.compute_dtype)
+
+
+def _finish_grad(grad_rows, target, batch_shape, axis: int, call: _Call, x):
+    arrays = call.arrays
+    if target is None:
+        return arrays.from_rows(grad_rows, batch_shape, axis, call.dtype, like=x)
+    if arrays.rows_view(target, axis, call.compute_dtype) is None:
+        arrays.write_back(target, grad_rows, axis)
+    return target
+
+
+# --------------------------------------------------------------------------- public
+
+
+def cross_entropy(
+    logits,
+    labels,
+    *,
+    axis: int = -1,
+    weight=None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: Reduction = "mean",
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Softmax cross-entropy between logits and labels, as ``torch.nn.functional.cross_entropy``.
+
+    Parameters
+    ----------
+    logits : array_like
+        Unnormalised scores, float16/bfloat16/float32/float64, any rank; the classes lie
+        along ``axis``.  NumPy arrays, or CUDA arrays (``__cuda_array_interface__``).
+    labels : array_like
+        Either class indices (integers, the logits' shape without ``axis``) or class
+        probabilities (floats, the logits' shape).
+    axis : int, default -1
+        The class axis (PyTorch's class dimension is 1; pass ``axis=1`` for its layout).
+    weight : array_like of shape (C,), optional
+        Per-class rescaling weights, exactly as PyTorch's ``weight``.
+    ignore_index : int, default -100
+        Class-index labels equal to it contribute neither loss nor gradient.
+    label_smoothing : float in [0, 1], default 0
+        Mixes the target with the uniform distribution: ``(1 - eps) t + eps / C``.
+    z_loss : float >= 0, default 0
+        Adds ``z_loss * lse**2`` per kept row (PaLM's auxiliary loss).
+    reduction : {"mean", "sum", "none"}, default "mean"
+        ``"mean"`` divides by the sum of ``weight[label]`` over kept rows (their count
+        without weights; the number of rows for probability labels).  With no kept row
+        the mean is 0.0, not NaN.
+    return_lse : bool, default False
+        Also return the per-row log-sum-exp (the logits' shape without ``axis``).
+    backend : str, optional
+        Run on this backend (see :func:`available_backends`) instead of the current one.
+
+    Returns
+    -------
+    loss : scalar of the logits' dtype, or array for ``reduction="none"``
+    lse : array, only with ``return_lse=True``
+    """
+    return _cross_entropy(
+        logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction,
+        backend=backend, want_grad=False, return_lse=return_lse,
+    )
+
+
+def cross_entropy_with_grad(
+    logits,
+    labels,
+    *,
+    axis: int = -1,
+    weight=None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: Reduction = "mean",
+    return_lse: bool = False,
+    out=None,
+    inplace: bool = False,
+    backend: str | None = None,
+):
+    """Loss and its gradient with respect to the logits, in one fused pass.
+
+    Same parameters as :func:`cross_entropy`, plus:
+
+    out : array, optional
+        Preallocated gradient array (the logits' shape and dtype) to write into.
+    inplace : bool, default False
+        Overwrite the logits with the gradient (no extra memory): the caller gives up
+        the logits.  The logits must be a writeable array.
+
+    Returns
+    -------
+    loss : scalar or array (see :func:`cross_entropy`)
+    grad : array of the logits' shape and dtype
+        ``d loss / d logits``; for ``reduction="none"`` the gradient of the sum of the
+        per-row losses (TensorFlow's ``backprop``).
+    lse : array, only with ``return_lse=True``
+    """
+    return _cross_entropy(
+        logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction,
+        backend=backend, want_grad=True, out=out, inplace=inplace, return_lse=return_lse,
+    )
+
+
+def softmax_cross_entropy_with_logits(labels, logits, axis: int = -1, *, backend: str | None = None):
+    """Per-example loss for probability labels, as ``tf.nn.softmax_cross_entropy_with_logits``.
+
+    ``labels`` have the logits' shape; integer one-hot labels are cast to the logits'
+    dtype, as TensorFlow does.  Returns an array of the logits' shape without ``axis``.
+    """
+    return _cross_entropy(
+        logits, labels, axis=axis, weight=None, ignore_index=-100, label_smoothing=0.0,
+        z_loss=0.0, reduction="none", backend=backend, want_grad=False,
+        labels_as_probabilities=True,
+    )
+
+
+def sparse_softmax_cross_entropy_with_logits(labels, logits, *, backend: str | None = None):
+    """Per-example loss for class-index labels, as
+    ``tf.nn.sparse_softmax_cross_entropy_with_logits`` (classes on the last axis).
+
+    A label outside ``[0, num_classes)`` raises ``ValueError`` naming it and its place.
+    """
+    y = labels if is_device_array(labels) else np.asarray(labels)
+    if y.dtype.kind not in "iu":
+        raise TypeError(
+            f"labels must be integer class indices (int32 or int64); got dtype {y.dtype}. "
+            "For probabilities use softmax_cross_entropy_with_logits"
+        )
+    # TensorFlow has no ignore_index: every label must be a class.
+    return _cross_entropy(
+        logits, y, axis=-1, weight=None, ignore_index=_validate.NO_IGNORE, label_smoothing=0.0,
+        z_loss=0.0, reduction="none", backend=backend, want_grad=False,
+    )
+
+
+
+def _primitive(x, axis, backend, op: str):
+    """Run row kernel ``op`` along ``axis``; ``axis=None`` treats all of ``x`` as one row.
+
+    Returns the result in the caller's layout (the flattened one for ``axis=None``).
+    """
+    x, call = _resolve(x, backend=backend, name="x")
+    arrays = call.arrays
+    if axis is None:
+        x = x.reshape(-1)
+        axis = -1
+    shape = tuple(x.shape)
+    _validate.check_ndim(shape, "x")
+    axis_ = _validate.normalize_axis(axis, len(shape), "x")
+    batch_shape = shape[:axis_] + shape[axis_ + 1 :]
+    num_classes = shape[axis_]
+    n = math.prod(batch_shape)
+    if op == "logsumexp":
+        if num_classes == 0:  # the sum of no exponentials is 0: lse = -inf
+            return arrays.from_rows(arrays.full(n, -np.inf, call.acc_dtype), batch_shape,
+                                    axis_, call.dtype, like=x)
+        rows_out = arrays.empty(n, call.acc_dtype)
+    else:
+        rows_out = arrays.empty((n, num_classes), call.compute_dtype)
+    if n and num_classes:
+        x_rows = arrays.to_rows(x, axis_, call.compute_dtype)
+        getattr(call.kernels, op)(x_rows, rows_out)
+    return arrays.from_rows(rows_out, batch_shape, axis_, call.dtype, like=x)
+
+
+def softmax(x, axis: int | None = -1, *, backend: str | None = None):
+    """``exp(x - logsumexp(x))`` along ``axis`` (None: over all elements), fused and stable."""
+    return _primitive(x, axis, backend, "softmax").reshape(tuple(_shape_of(x)))
+
+
+def log_softmax(x, axis: int | None = -1, *, backend: str | None = None):
+    """``x - logsumexp(x)`` along ``axis`` (None: over all elements), fused and stable."""
+    return _primitive(x, axis, backend, "log_softmax").reshape(tuple(_shape_of(x)))
+
+
+def logsumexp(x, axis: int | None = -1, *, keepdims: bool = False, backend: str | None = None):
+    """``log(sum(exp(x)))`` along ``axis`` (None: over all elements), without overflow.
+
+    An empty axis gives ``-inf`` (the log of an empty sum), as in SciPy and PyTorch.
+    """
+    result = _primitive(x, axis, backend, "logsumexp")
+    if not keepdims:
+        return result
+    shape = list(_shape_of(x))
+    if axis is None:
+        shape = [1] * len(shape)
+    else:
+        shape[_validate.normalize_axis(axis, len(shape), "x")] = 1
+    return result.reshape(tuple(shape))
+
+
+def _shape_of(x) -> tuple[int, ...]:
+    return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)

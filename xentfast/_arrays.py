@@ -1,0 +1,121 @@
+"""The array operations the public layer needs, for host (NumPy) arrays.
+
+The public layer never touches array memory itself: it asks an *arrays* object to
+bring an input into the kernels' (rows, classes) C-contiguous form, to allocate
+outputs, to reduce the per-row losses and to put results back into the caller's
+layout.  ``HOST`` below does it with NumPy; the CUDA backend provides the same methods
+for device arrays (``xentfast.backends.numba_cuda.DEVICE``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _validate
+
+
+def accumulation_dtype(dtype: np.dtype) -> np.dtype:
+    """float64 arithmetic for float64 data, float32 for everything narrower."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+class HostArrays:
+    """NumPy implementation of the public layer's array operations."""
+
+    on_device = False
+
+    @staticmethod
+    def asarray(obj) -> np.ndarray:
+        return np.asarray(obj)
+
+    @staticmethod
+    def to_rows(x: np.ndarray, axis: int, dtype: np.dtype) -> np.ndarray:
+        """(n, c) C-contiguous view of ``x`` with ``axis`` last, in ``dtype``.
+
+        No copy when ``x`` already has that layout and dtype; otherwise exactly one.
+        Byte-swapped input comes out in native order.
+        """
+        moved = np.moveaxis(x, axis, -1)
+        rows = np.ascontiguousarray(moved, dtype=dtype)
+        return rows.reshape(-1, moved.shape[-1])
+
+    @staticmethod
+    def label_rows(labels: np.ndarray) -> np.ndarray:
+        """Class ids as a C-contiguous int64 vector (unsigned ids above 2**63 -> -1)."""
+        if labels.dtype.kind == "u" and labels.dtype.itemsize == 8 and labels.size:
+            too_big = labels > np.iinfo(np.int64).max
+            if too_big.any():
+                labels = np.where(too_big, -1, labels)
+        return np.ascontiguousarray(labels, dtype=np.int64).reshape(-1)
+
+    @staticmethod
+    def check_labels(labels: np.ndarray, batch_shape, num_classes: int, ignore_index) -> None:
+        _validate.check_label_range(labels.reshape(batch_shape), num_classes, ignore_index)
+
+    @staticmethod
+    def weight_vector(weight, num_classes: int, dtype: np.dtype) -> np.ndarray:
+        if weight is None:
+            return np.empty(0, dtype)
+        w = np.asarray(weight)
+        if w.dtype.kind not in "iuf":
+            raise TypeError(f"weight must be a real numeric array; got dtype {w.dtype}")
+        _validate.check_weight_shape(w.shape, num_classes)
+        return np.ascontiguousarray(w, dtype=dtype)
+
+    @staticmethod
+    def kept_weight_total(labels: np.ndarray, weight: np.ndarray, ignore_index: int) -> float:
+        """Denominator of a "mean": sum of w[y] over kept rows (their count without w)."""
+        kept = labels != ignore_index
+        if weight.shape[0] == 0:
+            return float(np.count_nonzero(kept))
+        return float(np.sum(weight[labels[kept]], dtype=np.float64))
+
+    @staticmethod
+    def empty(shape, dtype) -> np.ndarray:
+        return np.empty(shape, dtype)
+
+    @staticmethod
+    def full(shape, value, dtype) -> np.ndarray:
+        return np.full(shape, value, dtype)
+
+    @staticmethod
+    def total(values: np.ndarray) -> float:
+        """Sum in float64 (pairwise, deterministic)."""
+        return float(np.sum(values, dtype=np.float64))
+
+    @staticmethod
+    def scalar(value: float, dtype: np.dtype, like):
+        return np.dtype(dtype).type(value)
+
+    @staticmethod
+    def from_rows(rows: np.ndarray, batch_shape, axis: int, dtype: np.dtype, like):
+        """Inverse of ``to_rows``: shape back, class axis back to ``axis``, in ``dtype``."""
+        shaped = rows.reshape(tuple(batch_shape) + rows.shape[1:])
+        if rows.ndim == 2:
+            shaped = np.moveaxis(shaped, -1, axis)
+        return shaped.astype(dtype, copy=False)
+
+    @staticmethod
+    def rows_view(target: np.ndarray, axis: int, dtype: np.dtype):
+        """A writeable (n, c) view of ``target`` the kernel can fill, or None."""
+        moved = np.moveaxis(target, axis, -1)
+        if target.dtype != dtype or not moved.flags.c_contiguous or not target.flags.writeable:
+            return None
+        return moved.reshape(-1, moved.shape[-1])
+
+    @staticmethod
+    def write_back(target: np.ndarray, rows: np.ndarray, axis: int) -> None:
+        moved = np.moveaxis(target, axis, -1)
+        np.copyto(moved, rows.reshape(moved.shape), casting="same_kind")
+
+    @staticmethod
+    def is_writeable(x) -> bool:
+        return bool(getattr(getattr(x, "flags", None), "writeable", False))
+
+
+HOST = HostArrays()
+
+
+def is_device_array(obj) -> bool:
+    """True for CUDA arrays (CuPy, Numba device arrays, PyTorch CUDA tensors)."""
+    return hasattr(obj, "__cuda_array_interface__") and not isinstance(obj, np.ndarray)

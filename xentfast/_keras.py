@@ -1,0 +1,257 @@
+"""Keras-style losses: ``keras.losses`` function semantics on the fused kernels.
+
+The functions return per-sample losses exactly as ``keras.losses.categorical_crossentropy``
+and ``keras.losses.sparse_categorical_crossentropy`` (Keras 3, TensorFlow backend):
+
+* ``from_logits=True`` runs the fused kernel.
+* ``from_logits=False`` reads ``y_pred`` as probabilities.  Categorical: renormalise
+  over ``axis``, clip to ``[1e-7, 1 - 1e-7]``, ``-sum(y_true * log(y_pred))``.  Sparse:
+  clip, take the log, and run the fused sparse kernel on those log-probabilities (which
+  is what TensorFlow's backend does, renormalisation by the log-sum-exp included).
+* ``label_smoothing`` mixes ``y_true`` with ``1 / y_pred.shape[-1]`` (Keras takes the
+  class count from the last axis whatever ``axis`` is; so do we).
+* ``ignore_class`` zeroes the loss of samples whose label equals it; the loss objects
+  then average over the remaining samples only (Keras' mask).
+
+The loss objects accept Keras' reductions: ``"sum_over_batch_size"`` (default; sum
+divided by the number of loss entries), ``"sum"``, ``"mean"`` (same as
+``"sum_over_batch_size"``), ``"mean_with_sample_weight"`` and ``"none"``/``None``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import _api, _validate
+from ._arrays import is_device_array
+
+__all__ = [
+    "CategoricalCrossentropy",
+    "SparseCategoricalCrossentropy",
+    "categorical_crossentropy",
+    "sparse_categorical_crossentropy",
+]
+
+EPSILON = 1e-7  # keras.backend.epsilon()
+KERAS_REDUCTIONS = ("sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", "none", None)
+
+
+def _host(x, name: str) -> np.ndarray:
+    if is_device_array(x):
+        raise TypeError(
+            f"{name} is a CUDA device array; the Keras-style losses with from_logits=False "
+            "compute on the host. Pass NumPy arrays, or use from_logits=True with logits"
+        )
+    return np.asarray(x)
+
+
+def _check_axis_arg(axis: Any) -> None:
+    if isinstance(axis, (bool, np.bool_)):
+        raise ValueError(
+            f"axis must be an integer; got the boolean {axis!r}. (Did you pass from_logits "
+            "positionally? The signature is (y_true, y_pred, from_logits, ...))"
+        )
+
+
+def categorical_crossentropy(
+    y_true, y_pred, from_logits: bool = False, label_smoothing: float = 0.0, axis: int = -1,
+    *, backend: str | None = None,
+):
+    """Per-sample categorical cross-entropy, as ``keras.losses.categorical_crossentropy``.
+
+    ``y_true`` are (one-hot or soft) targets of ``y_pred``'s shape, any numeric dtype
+    (cast to ``y_pred``'s).  Returns ``y_pred``'s shape without ``axis``.
+    """
+    _check_axis_arg(axis)
+    label_smoothing = _validate.check_fraction(label_smoothing, "label_smoothing")
+    if from_logits:
+        pred = y_pred if is_device_array(y_pred) else np.asarray(y_pred)
+        dtype = _validate.check_float_dtype(pred.dtype, "y_pred")
+        true = y_true if is_device_array(y_true) else np.asarray(y_true).astype(dtype, copy=False)
+        shape = tuple(pred.shape)
+        fused_smoothing = label_smoothing
+        if label_smoothing and shape and shape[_validate.normalize_axis(axis, len(shape))] != shape[-1]:
+            # Keras smooths with the last axis' size even when the classes lie elsewhere.
+            true = true * (1.0 - label_smoothing) + label_smoothing / shape[-1]
+            fused_smoothing = 0.0
+        return _api._cross_entropy(
+            pred, true, axis=axis, weight=None, ignore_index=-100,
+            label_smoothing=fused_smoothing, z_loss=0.0, reduction="none", backend=backend,
+            want_grad=False, labels_as_probabilities=True,
+        )
+    pred = _host(y_pred, "y_pred")
+    dtype = _validate.check_float_dtype(pred.dtype, "y_pred")
+    true = _host(y_true, "y_true").astype(dtype, copy=False)
+    _validate.check_ndim(pred.shape, "y_pred")
+    axis_ = _validate.normalize_axis(axis, pred.ndim, "y_pred")
+    if true.shape != pred.shape:
+        raise ValueError(
+            f"y_true of shape {true.shape} must have y_pred's shape {pred.shape} "
+            "(one-hot or soft targets); for class indices use sparse_categorical_crossentropy"
+        )
+    if label_smoothing:
+        true = true * (1.0 - label_smoothing) + label_smoothing / pred.shape[-1]
+    acc = np.float64 if dtype == np.float64 else np.float32
+    p = pred.astype(acc)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = p / np.sum(p, axis=axis_, keepdims=True)
+    p = np.clip(p, EPSILON, 1.0 - EPSILON)
+    loss = -np.sum(true.astype(acc) * np.log(p), axis=axis_)
+    return loss.astype(dtype)
+
+
+def sparse_categorical_crossentropy(
+    y_true, y_pred, from_logits: bool = False, ignore_class: int | None = None, axis: int = -1,
+    *, backend: str | None = None,
+):
+    """Per-sample sparse categorical cross-entropy, as
+    ``keras.losses.sparse_categorical_crossentropy``.
+
+    ``y_true`` holds class ids (integers, or floats holding integers, as Keras allows),
+    of ``y_pred``'s shape without ``axis``, or with a trailing axis of size 1.  Samples
+    whose label is ``ignore_class`` get loss 0.
+    """
+    _check_axis_arg(axis)
+    pred = y_pred if is_device_array(y_pred) else np.asarray(y_pred)
+    dtype = _validate.check_float_dtype(pred.dtype, "y_pred")
+    true = y_true if is_device_array(y_true) else np.asarray(y_true)
+    if len(true.shape) == len(pred.shape) and len(true.shape) and true.shape[-1] == 1:
+        true = true.reshape(tuple(true.shape[:-1]))
+    if np.dtype(true.dtype).kind == "f":
+        true = true.astype(np.int64)  # Keras casts float labels to int64 (truncation)
+    if np.dtype(true.dtype).kind not in "iu":
+        raise TypeError(f"y_true must hold integer class ids; got dtype {true.dtype}")
+    ignore = _validate.NO_IGNORE if ignore_class is None else _validate.check_ignore_index(ignore_class)
+    if not from_logits:
+        host = _host(pred, "y_pred")
+        acc = np.float64 if dtype == np.float64 else np.float32
+        pred = np.log(np.clip(host.astype(acc), EPSILON, 1.0 - EPSILON)).astype(dtype)
+    return _api._cross_entropy(
+        pred, true, axis=axis, weight=None, ignore_index=ignore, label_smoothing=0.0,
+        z_loss=0.0, reduction="none", backend=backend, want_grad=False,
+    )
+
+
+def _reduce(values: np.ndarray, sample_weight, mask, reduction):
+    """Keras' ``Loss.__call__`` weighting and reduction (keras/src/losses/loss.py)."""
+    values = np.asarray(values)
+    dtype = values.dtype
+    weight = None
+    if sample_weight is not None:
+        weight = np.asarray(sample_weight, dtype=dtype)
+        if weight.ndim == values.ndim + 1 and weight.shape[-1] == 1:
+            weight = weight.reshape(weight.shape[:-1])
+        try:
+            weight = np.broadcast_to(weight, values.shape)
+        except ValueError:
+            raise ValueError(
+                f"sample_weight of shape {np.shape(sample_weight)} cannot be broadcast to "
+                f"the per-sample losses of shape {values.shape}"
+            ) from None
+    if mask is not None:
+        mask = mask.astype(dtype)
+        if reduction in ("mean", "sum_over_batch_size"):
+            # Keras rescales kept samples by total / valid so that the average runs over
+            # the kept samples only: sum(loss * mask) / valid.
+            total = mask.size
+            mask = mask * (total / (mask.sum() + EPSILON))
+        weight = mask if weight is None else mask * weight
+    if weight is not None:
+        values = values * weight
+    if reduction in (None, "none") or values.ndim == 0 or values.shape == (0,):
+        return values
+    loss = np.sum(values, dtype=np.float64)
+    if reduction == "sum":
+        return dtype.type(loss)
+    if reduction == "mean_with_sample_weight" and weight is not None:
+        divisor = float(np.sum(weight, dtype=np.float64))
+    else:
+        divisor = float(values.size)
+    return dtype.type(loss / divisor if divisor else 0.0)
+
+
+class _KerasLoss:
+    """Shared machinery of the callable loss objects (Keras' ``LossFunctionWrapper``)."""
+
+    def __init__(self, reduction, name: str, dtype=None):
+        if reduction not in KERAS_REDUCTIONS:
+            raise ValueError(
+                f"reduction must be one of {', '.join(map(repr, KERAS_REDUCTIONS))}; "
+                f"got {reduction!r}"
+            )
+        self.reduction = reduction
+        self.name = name
+        self.dtype = dtype
+
+    def _config(self) -> dict:
+        return {"name": self.name, "reduction": self.reduction, "dtype": self.dtype}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        return cls(**config)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class CategoricalCrossentropy(_KerasLoss):
+    """``keras.losses.CategoricalCrossentropy``: call as ``loss(y_true, y_pred, sample_weight=None)``."""
+
+    def __init__(self, from_logits: bool = False, label_smoothing: float = 0.0, axis: int = -1,
+                 reduction: str | None = "sum_over_batch_size",
+                 name: str = "categorical_crossentropy", dtype=None, *, backend: str | None = None):
+        super().__init__(reduction, name, dtype)
+        self.from_logits = bool(from_logits)
+        self.label_smoothing = _validate.check_fraction(label_smoothing, "label_smoothing")
+        _check_axis_arg(axis)
+        self.axis = axis
+        self.backend = backend
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        values = categorical_crossentropy(
+            y_true, y_pred, from_logits=self.from_logits, label_smoothing=self.label_smoothing,
+            axis=self.axis, backend=self.backend,
+        )
+        return _reduce(_host(values, "loss"), sample_weight, None, self.reduction)
+
+    def get_config(self) -> dict:
+        return {**self._config(), "from_logits": self.from_logits,
+                "label_smoothing": self.label_smoothing, "axis": self.axis}
+
+
+class SparseCategoricalCrossentropy(_KerasLoss):
+    """``keras.losses.SparseCategoricalCrossentropy``: call as
+    ``loss(y_true, y_pred, sample_weight=None)``; e.g.
+    ``SparseCategoricalCrossentropy(from_logits=True)(labels, logits)``."""
+
+    def __init__(self, from_logits: bool = False, ignore_class: int | None = None,
+                 axis: int = -1, reduction: str | None = "sum_over_batch_size",
+                 name: str = "sparse_categorical_crossentropy", dtype=None, *,
+                 backend: str | None = None):
+        super().__init__(reduction, name, dtype)
+        self.from_logits = bool(from_logits)
+        if ignore_class is not None:
+            ignore_class = _validate.check_ignore_index(ignore_class)
+        self.ignore_class = ignore_class
+        _check_axis_arg(axis)
+        self.axis = axis
+        self.backend = backend
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        values = sparse_categorical_crossentropy(
+            y_true, y_pred, from_logits=self.from_logits, ignore_class=self.ignore_class,
+            axis=self.axis, backend=self.backend,
+        )
+        values = _host(values, "loss")
+        mask = None
+        if self.ignore_class is not None:
+            labels = np.asarray(y_true)
+            mask = labels.reshape(values.shape) != self.ignore_class
+        return _reduce(values, sample_weight, mask, self.reduction)
+
+    def get_config(self) -> dict:
+        return {**self._config(), "from_logits": self.from_logits,
+                "ignore_class": self.ignore_class, "axis": self.axis}

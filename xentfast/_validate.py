@@ -1,0 +1,188 @@
+"""Input checks and their messages.
+
+Every check works on metadata (dtype, shape) or on host label arrays, so the same
+messages serve NumPy and CUDA-device inputs.  A message says what was expected, what
+was given and how to fix it.  Errors are exceptions, never ``assert``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+REDUCTIONS = ("mean", "sum", "none")
+# ignore_index for APIs without one (TensorFlow, Keras without ignore_class): no label
+# can equal it once the range check has passed, and messages leave it out.
+NO_IGNORE = int(np.iinfo(np.int64).min)
+_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def is_bfloat16(dtype: np.dtype) -> bool:
+    return dtype.name == "bfloat16"
+
+
+def check_float_dtype(dtype: np.dtype, name: str) -> np.dtype:
+    """``dtype`` in native byte order; TypeError unless float16/bfloat16/32/64."""
+    dtype = np.dtype(dtype)
+    native = dtype.newbyteorder("=") if dtype.byteorder not in ("=", "|") else dtype
+    if native.kind == "f" and native.itemsize in (2, 4, 8) or is_bfloat16(native):
+        return native
+    hint = ""
+    if native.kind in "iub":
+        hint = f"; cast it first, e.g. {name}.astype(np.float32)"
+    elif native.kind == "c":
+        hint = "; cross-entropy is defined for real logits only (take .real if intended)"
+    raise TypeError(
+        f"{name} must be a floating-point array ({', '.join(_FLOAT_NAMES)}); "
+        f"got dtype {dtype}{hint}"
+    )
+
+
+def normalize_axis(axis: Any, ndim: int, name: str = "logits") -> int:
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an integer; got {axis!r} of type {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"axis {axis} is out of bounds for {name} with {ndim} dimension(s); "
+            f"expected an axis in [{-ndim}, {ndim})"
+        )
+    return int(axis) % ndim
+
+
+def check_ndim(shape: tuple[int, ...], name: str) -> None:
+    if len(shape) == 0:
+        raise ValueError(
+            f"{name} must have at least one dimension (the class axis); got a 0-d array. "
+            f"Wrap a single row as {name}[None] or pass a 1-D array of class scores"
+        )
+
+
+def check_classes(num_classes: int, shape: tuple[int, ...], axis: int) -> None:
+    if num_classes == 0:
+        raise ValueError(
+            f"logits of shape {shape} have zero classes along axis {axis}; "
+            "cross-entropy needs at least one class"
+        )
+
+
+def check_reduction(reduction: Any) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(
+            f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}; got {reduction!r}"
+        )
+    return reduction
+
+
+def check_ignore_index(ignore_index: Any) -> int:
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(
+        ignore_index, numbers.Integral
+    ):
+        raise TypeError(
+            f"ignore_index must be an integer class id; got {ignore_index!r} "
+            f"of type {type(ignore_index).__name__}"
+        )
+    return int(ignore_index)
+
+
+def check_fraction(value: Any, name: str) -> float:
+    """A real number in [0, 1] (label smoothing)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number in [0, 1]; got {value!r}")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1]; got {value}")
+    return value
+
+
+def check_nonnegative(value: Any, name: str) -> float:
+    """A finite real number >= 0 (the z-loss scale)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite real number >= 0; got {value!r}")
+    value = float(value)
+    if not (np.isfinite(value) and value >= 0.0):
+        raise ValueError(f"{name} must be a finite real number >= 0; got {value}")
+    return value
+
+
+def label_kind(
+    labels_dtype: np.dtype,
+    labels_shape: tuple[int, ...],
+    logits_shape: tuple[int, ...],
+    axis: int,
+) -> str:
+    """``"sparse"`` (class ids) or ``"dense"`` (probabilities), or a clear error."""
+    batch_shape = logits_shape[:axis] + logits_shape[axis + 1 :]
+    kind = labels_dtype.kind
+    if kind in "iu" and labels_shape == batch_shape:
+        return "sparse"
+    if (kind == "f" or is_bfloat16(labels_dtype)) and labels_shape == logits_shape:
+        return "dense"
+    expected = (
+        f"class indices (an integer array of shape {batch_shape}) or probabilities "
+        f"(a floating array of shape {logits_shape})"
+    )
+    if kind in "iu" and labels_shape == logits_shape:
+        raise TypeError(
+            f"labels of shape {labels_shape} match the logits, so they are read as "
+            f"probabilities, but their dtype is {labels_dtype}; expected {expected}. "
+            "Cast one-hot labels to float, e.g. labels.astype(np.float32)"
+        )
+    if kind == "f" and labels_shape == batch_shape:
+        raise TypeError(
+            f"labels of shape {labels_shape} are read as class indices, but their dtype "
+            f"is {labels_dtype}; expected {expected}. Cast them, e.g. labels.astype(np.int64)"
+        )
+    if kind not in "iuf" and not is_bfloat16(labels_dtype):
+        raise TypeError(f"labels must be integer class ids or float probabilities; got dtype {labels_dtype}")
+    raise ValueError(
+        f"labels of shape {labels_shape} do not fit logits of shape {logits_shape} with "
+        f"class axis {axis}; expected {expected}"
+    )
+
+
+def check_weight_shape(shape: tuple[int, ...], num_classes: int) -> None:
+    if shape != (num_classes,):
+        raise ValueError(
+            f"weight must be a 1-D array with one entry per class, shape ({num_classes},); "
+            f"got shape {shape}"
+        )
+
+
+def out_of_range_message(
+    value: int, position: tuple[int, ...], num_classes: int, ignore_index: int | None
+) -> str:
+    where = "labels" + ("[" + ", ".join(map(str, position)) + "]" if position else "")
+    skip = f" and is not ignore_index={ignore_index}" if ignore_index not in (None, NO_IGNORE) else ""
+    return (
+        f"Received a label value of {value} at {where} which is outside the valid range "
+        f"of [0, {num_classes}){skip}. Class indices must lie in [0, num_classes); mark "
+        "entries to skip with ignore_index"
+    )
+
+
+def check_label_range(
+    labels: np.ndarray, num_classes: int, ignore_index: int | None
+) -> None:
+    """ValueError naming the first label outside [0, C) that is not ignore_index."""
+    if labels.size == 0:
+        return
+    bad = (labels < 0) | (labels >= num_classes)
+    if ignore_index is not None:
+        bad &= labels != ignore_index
+    if bad.any():
+        first = int(np.flatnonzero(bad.reshape(-1))[0])
+        position = tuple(int(i) for i in np.unravel_index(first, labels.shape))
+        value = labels.reshape(-1)[first]
+        raise ValueError(out_of_range_message(int(value), position, num_classes, ignore_index))
+
+
+def check_out(out_shape, out_dtype, writeable: bool, shape, dtype) -> None:
+    if tuple(out_shape) != tuple(shape) or np.dtype(out_dtype) != np.dtype(dtype):
+        raise ValueError(
+            f"out must have the logits' shape {tuple(shape)} and dtype {np.dtype(dtype)}; "
+            f"got shape {tuple(out_shape)} and dtype {np.dtype(out_dtype)}"
+        )
+    if not writeable:
+        raise ValueError("out is read-only; pass a writeable array (or out=None)")
