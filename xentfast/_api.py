@@ -79,6 +79,7 @@ def _cross_entropy(
     out=None,
     inplace: bool = False,
     return_lse: bool = False,
+    check_labels: bool = True,
     labels_as_probabilities: bool = False,
 ):
     reduction = _validate.check_reduction(reduction)
@@ -106,7 +107,7 @@ def _cross_entropy(
     x_rows = arrays.to_rows(x, axis, call.compute_dtype)
     if kind == "sparse":
         y_rows = arrays.label_rows(y)
-        arrays.check_labels(y_rows, batch_shape, num_classes, ignore_index)
+        arrays.check_labels(y_rows, batch_shape, num_classes, ignore_index, check_labels)
         denominator = (
             arrays.kept_weight_total(y_rows, w, ignore_index) if reduction == "mean" else 1.0
         )
@@ -202,6 +203,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     reduction: Reduction = "mean",
     return_lse: bool = False,
+    check_labels: bool = True,
     backend: str | None = None,
 ):
     """Softmax cross-entropy between logits and labels, as ``torch.nn.functional.cross_entropy``.
@@ -230,6 +232,11 @@ def cross_entropy(
         the mean is 0.0, not NaN.
     return_lse : bool, default False
         Also return the per-row log-sum-exp (the logits' shape without ``axis``).
+    check_labels : bool, default True
+        A class index outside ``[0, C)`` that is not ``ignore_index`` raises
+        ``ValueError``.  On the ``cuda`` backend ``False`` skips the read-back of the
+        kernel's error flag so the call stays asynchronous (such rows then give NaN);
+        host backends always check, since the check is cheap there.
     backend : str, optional
         Run on this backend (see :func:`available_backends`) instead of the current one.
 
@@ -241,7 +248,7 @@ def cross_entropy(
     return _cross_entropy(
         logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
         label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction,
-        backend=backend, want_grad=False, return_lse=return_lse,
+        backend=backend, want_grad=False, return_lse=return_lse, check_labels=check_labels,
     )
 
 
@@ -256,6 +263,7 @@ def cross_entropy_with_grad(
     z_loss: float = 0.0,
     reduction: Reduction = "mean",
     return_lse: bool = False,
+    check_labels: bool = True,
     out=None,
     inplace: bool = False,
     backend: str | None = None,
@@ -282,6 +290,7 @@ def cross_entropy_with_grad(
         logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
         label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction,
         backend=backend, want_grad=True, out=out, inplace=inplace, return_lse=return_lse,
+        check_labels=check_labels,
     )
 
 

@@ -49,7 +49,13 @@ class HostArrays:
         return np.ascontiguousarray(labels, dtype=np.int64).reshape(-1)
 
     @staticmethod
-    def check_labels(labels: np.ndarray, batch_shape, num_classes: int, ignore_index) -> None:
+    def check_labels(labels: np.ndarray, batch_shape, num_classes: int, ignore_index,
+                     enabled: bool = True) -> None:
+        """Raise for a class id outside [0, C) that is not ignore_index.
+
+        Always runs on the host (``enabled`` only matters on the GPU): host kernels
+        index with the labels and rely on this check for memory safety.
+        """
         _validate.check_label_range(labels.reshape(batch_shape), num_classes, ignore_index)
 
     @staticmethod
