@@ -1,0 +1,162 @@
+/*
+ * _fastexp.h -- vectorisable exp (float32, float64) and log (float32) for xentfast.
+ *
+ * Why not libm: a call to expf() inside a loop stops gcc/clang from vectorising it
+ * (glibc's libmvec is only used under -ffast-math, which xentfast must not use: it
+ * would let the compiler assume there are no NaN/inf, and NaN/-inf are part of the
+ * contract).  These functions are straight-line code on plain floats and integers --
+ * no branches, no tables, no calls -- so the loops that inline them vectorise at -O3
+ * with baseline SSE2 (and with AVX2/AVX-512 in the target_clones of _xfrows.h).
+ *
+ * ---------------------------------------------------------------------------------
+ * exp(x), for the arguments xentfast feeds it: x = x_j - max_k x_k <= 0, or NaN.
+ *
+ *  1. Clamp from below: x <- max(x, LO) with LO = -110 (float) / -760 (double), done
+ *     as (x < LO ? LO : x) so that NaN (which compares false) passes through.  exp(LO)
+ *     is far below half the smallest subnormal, so every x <= LO -- including -inf --
+ *     ends as exactly +0 in step 5.
+ *  2. Range reduction (Cody & Waite): k = rint(x / ln2) and r = x - k ln2 with
+ *     |r| <= ln2/2 (+ rounding).  rint is the "shifter" trick: t = x*log2(e) + 1.5*2^p
+ *     (p = 23 / 52) rounds x/ln2 to an integer held in t's low mantissa bits, k = t - 1.5*2^p
+ *     exactly.  ln2 = C1 + C2 with C1 short (few mantissa bits), so k*C1 is exact and
+ *     x - k*C1 is exact (Sterbenz); the remaining error is |k C2| rounding, < 1/2 ulp(r).
+ *  3. exp(r) by a polynomial on [-ln2/2, ln2/2]:
+ *       float : Cephes expf, 1 + r + r^2 P5(r) (minimax); relative approximation error
+ *               < 2^-26 on the interval, i.e. well below 1/2 ulp; evaluated by Horner
+ *               without FMA, the total measured error is <= 1 ulp (see below).
+ *       double: Taylor series to degree 13 (1 + r + r^2 P11(r)).  Truncation error
+ *               |r|^14 / 14! * e^|r| < 0.347^14 / 8.7e10 * 1.42 < 6e-18 < 0.06 ulp;
+ *               Horner rounding adds < 1 ulp; measured <= 1 ulp.
+ *     (Measured against correctly rounded references over 10^7 random points of
+ *     [-100, 0] (float) / [-700, 0] (double) and every float32 in [-20, 0]: max error
+ *     1 ulp for normal results; see benchmarks/NOTES_cython_kernels.md.)
+ *  4. 2^k from bits: (bits(t) << 23) == k << 23 (mod 2^32) because bits(1.5*2^23) has
+ *     its low 9 bits zero; adding (127 + 64) << 23 gives the IEEE bits of 2^(k+64).
+ *     (Double: << 52 and (1023 + 512) << 52, 2^(k+512).)  Only unsigned shifts and
+ *     adds: defined behaviour in C, and SSE2 has them (pslld/paddd, psllq/paddq).
+ *     The offset keeps 2^(k+64) a normal number for every k in [-159, 63].
+ *  5. result = P(r) * 2^(k+64) * 2^-64.  Multiplying by a power of two is exact
+ *     unless the result is subnormal, where it rounds once: subnormal results are
+ *     produced (to within 1 ulp of their reduced precision) rather than flushed, so
+ *     exp(-95) matches libm; below about -103.98 (float) / -745.2 (double) it is +0.
+ *     NaN propagates through r (NaN) into the product; k from a NaN is garbage but
+ *     only ever multiplies the NaN.
+ *
+ * Domain: valid (<= 1 ulp) for x in [-inf, 43] (float) / [-inf, 350] (double) and
+ * NaN; above that the bit trick overflows.  xentfast only calls it with x <= 0.
+ *
+ * log(s), float only (used for lse = m + log(s) across a block of rows, where
+ * s = sum_j exp(x_j - m) is in [1, C] or NaN): Cephes logf.
+ *  1. s = 2^e * f, f in [sqrt(1/2), sqrt(2)), from the exponent/mantissa bits.
+ *  2. log(f) = u - u^2/2 + u^3 P8(u), u = f - 1 (minimax, rel. error < 2^-25).
+ *  3. log(s) = log(f) + e*C2 + e*C1 with ln2 = C1 + C2 as in exp.
+ *  Special values by select: NaN and s < 0 -> NaN, 0 -> -inf, +inf -> +inf.
+ *  Subnormal s is outside its domain (never happens: s >= 1).  Measured <= 1 ulp.
+ *  float64 uses libm log (one call per row; not worth a vector version).
+ * ---------------------------------------------------------------------------------
+ *
+ * Precision/reproducibility rule: these are pure functions of their argument, built
+ * from +, -, *, comparisons and integer ops, compiled with -ffp-contract=off (see
+ * setup.py), so the SSE2, AVX2 and AVX-512 code paths give bitwise identical results.
+ */
+#ifndef XENTFAST_FASTEXP_H
+#define XENTFAST_FASTEXP_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__GNUC__) || defined(__clang__)
+#define XF_INLINE static inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define XF_INLINE static __forceinline
+#else
+#define XF_INLINE static inline
+#endif
+
+XF_INLINE uint32_t xf_f2u(float f) { uint32_t u; memcpy(&u, &f, sizeof u); return u; }
+XF_INLINE float xf_u2f(uint32_t u) { float f; memcpy(&f, &u, sizeof f); return f; }
+XF_INLINE uint64_t xf_d2u(double f) { uint64_t u; memcpy(&u, &f, sizeof u); return u; }
+XF_INLINE double xf_u2d(uint64_t u) { double f; memcpy(&f, &u, sizeof f); return f; }
+
+/* exp(x) for float, x <= 43 or NaN; see the header comment. */
+XF_INLINE float xf_expf(float x)
+{
+    const float shifter = 12582912.0f;            /* 1.5 * 2^23 */
+    x = (x < -110.0f) ? -110.0f : x;              /* step 1; NaN passes */
+    float t = x * 1.44269504088896341f + shifter; /* step 2: t = rint(x/ln2) + shifter */
+    float k = t - shifter;
+    float r = x - k * 0.693359375f;               /* C1: 9 significant bits, exact */
+    r = r - k * -2.12194440e-4f;                  /* C2 = ln2 - C1 */
+    float z = r * r;                              /* step 3 */
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * z + r + 1.0f;
+    /* step 4: 2^(k+64) */
+    float scale = xf_u2f((xf_f2u(t) << 23) + ((uint32_t)(127 + 64) << 23));
+    return (p * scale) * 5.42101086242752217e-20f; /* step 5: * 2^-64 */
+}
+
+/* exp(x) for double, x <= 350 or NaN; see the header comment. */
+XF_INLINE double xf_exp(double x)
+{
+    const double shifter = 6755399441055744.0;    /* 1.5 * 2^52 */
+    x = (x < -760.0) ? -760.0 : x;
+    double t = x * 1.4426950408889634074 + shifter;
+    double k = t - shifter;
+    double r = x - k * 6.93145751953125e-1;       /* C1 (Cephes): 14 significant bits, exact */
+    r = r - k * 1.42860682030941723212e-6;        /* C2 */
+    double z = r * r;
+    double p = 1.0 / 6227020800.0;                /* 1/13! */
+    p = p * r + 1.0 / 479001600.0;                /* 1/12! */
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * z + r + 1.0;
+    double scale = xf_u2d((xf_d2u(t) << 52) + ((uint64_t)(1023 + 512) << 52));
+    return (p * scale) * 7.4583407312002067432909653e-155; /* 2^-512 */
+}
+
+/* log(s) for float, s normal positive, +inf, 0, negative or NaN; see above. */
+XF_INLINE float xf_logf(float s)
+{
+    uint32_t u = xf_f2u(s);
+    float e = (float)(int32_t)((u >> 23) & 0xffu) - 126.0f;   /* s = 2^e * f, f in [.5,1) */
+    float f = xf_u2f((u & 0x007fffffu) | 0x3f000000u);
+    int small = f < 0.707106781186547524f;                     /* f < sqrt(1/2) */
+    e = small ? e - 1.0f : e;
+    f = small ? f + f : f;
+    float x = f - 1.0f;
+    float z = x * x;
+    float y = 7.0376836292e-2f;
+    y = y * x - 1.1514610310e-1f;
+    y = y * x + 1.1676998740e-1f;
+    y = y * x - 1.2420140846e-1f;
+    y = y * x + 1.4249322787e-1f;
+    y = y * x - 1.6668057665e-1f;
+    y = y * x + 2.0000714765e-1f;
+    y = y * x - 2.4999993993e-1f;
+    y = y * x + 3.3333331174e-1f;
+    y = y * x * z;
+    y = y + e * -2.12194440e-4f;
+    y = y - 0.5f * z;
+    float r = x + y;
+    r = r + e * 0.693359375f;
+    r = (s == INFINITY) ? s : r;
+    r = (s == 0.0f) ? -INFINITY : r;
+    r = (s < 0.0f || s != s) ? NAN : r;
+    return r;
+}
+
+#endif /* XENTFAST_FASTEXP_H */
