@@ -1,6 +1,7 @@
 """The README's Python examples run, and print what their comments say.
 
-Each ```python block of README.md is executed in order in one namespace.  A line of
+Each ```python block of README.md is executed in order in one namespace (illustrative
+snippets that would change global state, such as set_backend, are fenced ```py).  A line of
 the form ``print(EXPR)  # NUMBERS`` is also checked: EXPR is evaluated and compared
 with the numbers in the comment (to the digits the comment shows).
 """
