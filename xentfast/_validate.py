@@ -168,9 +168,13 @@ def check_label_range(
     """ValueError naming the first label outside [0, C) that is not ignore_index."""
     if labels.size == 0:
         return
-    bad = (labels < 0) | (labels >= num_classes)
+    # One pass: viewed as unsigned, a negative id is huge, so `>= C` catches both ends.
+    ids = labels.astype(np.int64, copy=False)
+    if not (ids.view(np.uint64) >= num_classes).any():
+        return
+    bad = (ids < 0) | (ids >= num_classes)
     if ignore_index is not None:
-        bad &= labels != ignore_index
+        bad &= ids != ignore_index
     if bad.any():
         first = int(np.flatnonzero(bad.reshape(-1))[0])
         position = tuple(int(i) for i in np.unravel_index(first, labels.shape))
