@@ -41,11 +41,24 @@ class HostArrays:
 
     @staticmethod
     def label_rows(labels: np.ndarray) -> np.ndarray:
-        """Class ids as a C-contiguous int64 vector (unsigned ids above 2**63 -> -1)."""
+        """Class ids as a C-contiguous int64 vector.
+
+        Unsigned ids above 2**63 - 1 cannot be class ids and do not fit in int64: they
+        raise here, with their true value (wrapping them to negative numbers would
+        report a wrong value, or match a negative ignore_index and be skipped silently).
+        """
         if labels.dtype.kind == "u" and labels.dtype.itemsize == 8 and labels.size:
             too_big = labels > np.iinfo(np.int64).max
             if too_big.any():
-                labels = np.where(too_big, -1, labels)
+                first = int(np.flatnonzero(too_big.reshape(-1))[0])
+                position = tuple(int(i) for i in np.unravel_index(first, labels.shape))
+                where = "labels" + ("[" + ", ".join(map(str, position)) + "]" if position else "")
+                raise ValueError(
+                    f"Received a label value of {int(labels.reshape(-1)[first])} at {where} "
+                    "which is outside the valid range of class indices [0, num_classes). "
+                    "Class indices must lie in [0, num_classes); mark entries to skip with "
+                    "ignore_index"
+                )
         return np.ascontiguousarray(labels, dtype=np.int64).reshape(-1)
 
     @staticmethod
@@ -123,5 +136,13 @@ HOST = HostArrays()
 
 
 def is_device_array(obj) -> bool:
-    """True for CUDA arrays (CuPy, Numba device arrays, PyTorch CUDA tensors)."""
-    return hasattr(obj, "__cuda_array_interface__") and not isinstance(obj, np.ndarray)
+    """True for CUDA arrays (CuPy, Numba device arrays, PyTorch CUDA tensors).
+
+    ``__cuda_ndarray__`` marks Numba's device arrays, including the CUDA simulator's,
+    which have no ``__cuda_array_interface__``.
+    """
+    if isinstance(obj, np.ndarray):
+        return False
+    return hasattr(obj, "__cuda_array_interface__") or bool(
+        getattr(type(obj), "__cuda_ndarray__", False)
+    )

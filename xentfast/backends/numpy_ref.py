@@ -68,7 +68,9 @@ def sparse(logits, labels, weight, ignore_index, label_smoothing, z_loss, grad_s
         row_loss = (1 - eps) * w_y * (row_lse - x_y) + z * row_lse * row_lse
         if label_smoothing:
             w_total = w.sum(dtype=acc)
-            weighted_x = np.sum(np.where(w > 0, w * x, 0), axis=1, dtype=acc)
+            # A zero weight contributes nothing (also at x = -inf); negative weights
+            # are real weights (PyTorch accepts them) and must be summed.
+            weighted_x = np.sum(np.where(w != 0, w * x, 0), axis=1, dtype=acc)
             row_loss = row_loss + eps / c * (w_total * row_lse - weighted_x)
     loss[...] = np.where(kept, row_loss, 0)
     lse[...] = row_lse

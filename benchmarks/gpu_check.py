@@ -1,0 +1,519 @@
+"""Correctness and speed of the ``cuda`` backend on a real GPU (H100/H200 targets).
+
+Run on a machine with a CUDA GPU::
+
+    python benchmarks/gpu_check.py                 # tests + checks + timing table
+    python benchmarks/gpu_check.py --skip-tests    # checks + timing only
+    python benchmarks/gpu_check.py --sweep         # also time every feasible path/limit
+    python benchmarks/gpu_check.py --json out.json # keep the numbers
+
+and, anywhere (CI, no GPU), the smoke run that checks this script itself under the CUDA
+simulator with tiny shapes::
+
+    NUMBA_ENABLE_CUDASIM=1 python benchmarks/gpu_check.py --sim-smoke
+
+What it does
+------------
+(a) Correctness: ``pytest tests -k cuda`` (the suite parametrised over the backends,
+    plus tests/test_cuda_interop.py), then its own checks of the raw kernels against
+    the NumPy reference on large shapes, on every path (``force_path``), float16/32/64,
+    loss-only and loss+grad, in-place, with label smoothing / weights / z-loss.
+(b) Speed: for float32 (and float16) shapes 65_536 x 1_000, 32_768 x 32_000 and
+    4_096 x 128_000, the median of ``--reps`` CUDA-event-timed runs after ``--warmup``
+    runs, of
+
+    * ``xentfast kernel``: the fused kernel on preallocated device arrays;
+    * ``xentfast api``: ``cross_entropy_with_grad`` / ``cross_entropy`` (mean) on
+      device arrays, allocation, label check and the reduction included;
+    * ``torch eager``: ``F.cross_entropy`` forward (+ ``backward``);
+    * ``torch.compile`` and Liger Kernel's cross entropy, where installed and working;
+    * ``copy``: a device-to-device copy of the logits (read + write of the same bytes).
+
+    GB/s counts the logits read plus the gradient written (loss+grad) or the logits
+    read (loss-only); "% copy" is that bandwidth over the copy's; "x torch" is the
+    speed-up over PyTorch eager.  Targets on an H100: loss+grad >= 75 % of copy
+    bandwidth for C <= 32k and >= 55 % at 128k, and >= 2x PyTorch eager.
+
+Peers that are absent (PyTorch, CuPy, Liger, a working ``torch.compile``) are skipped
+with the reason; nothing here needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+try:
+    import xentfast
+except ImportError:  # run from a source checkout without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import xentfast
+
+SHAPES = ((65_536, 1_000), (32_768, 32_000), (4_096, 128_000))
+SMOKE_SHAPES = ((8, 40), (3, 300))
+TARGETS = {"copy_fraction_small_c": 0.75, "copy_fraction_128k": 0.55, "vs_torch": 2.0}
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Row:
+    shape: tuple[int, int]
+    dtype: str
+    op: str  # "loss+grad" | "loss"
+    impl: str
+    ms: float | None = None
+    gbps: float | None = None
+    copy_pct: float | None = None
+    vs_torch: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Report:
+    machine: dict = field(default_factory=dict)
+    checks: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)
+
+
+def traffic_bytes(n: int, c: int, itemsize: int, op: str) -> int:
+    """Logits read, plus the gradient written for loss+grad (labels, losses: ignored)."""
+    return n * c * itemsize * (2 if op == "loss+grad" else 1)
+
+
+def fill_derived(rows: list[Row]) -> None:
+    """GB/s, % of the copy's bandwidth and the speed-up over PyTorch eager, in place."""
+    for r in rows:
+        if r.ms is not None and r.ms > 0 and r.impl != "copy":
+            r.gbps = traffic_bytes(*r.shape, np.dtype(r.dtype).itemsize, r.op) / (r.ms * 1e6)
+    for r in rows:
+        if r.impl == "copy" and r.ms:
+            r.gbps = 2 * r.shape[0] * r.shape[1] * np.dtype(r.dtype).itemsize / (r.ms * 1e6)
+    copy = {(r.shape, r.dtype): r.gbps for r in rows if r.impl == "copy" and r.gbps}
+    torch = {(r.shape, r.dtype, r.op): r.ms for r in rows if r.impl == "torch eager" and r.ms}
+    for r in rows:
+        if r.gbps and (r.shape, r.dtype) in copy and r.impl != "copy":
+            r.copy_pct = 100.0 * r.gbps / copy[(r.shape, r.dtype)]
+        t = torch.get((r.shape, r.dtype, r.op))
+        if t and r.ms and r.impl != "torch eager":
+            r.vs_torch = t / r.ms
+
+
+def format_table(rows: list[Row]) -> str:
+    """A Markdown table (missing numbers shown as '-')."""
+    head = ("shape", "dtype", "op", "impl", "ms", "GB/s", "% copy", "x torch", "note")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    for r in rows:
+        lines.append("| " + " | ".join((
+            f"{r.shape[0]}x{r.shape[1]}", r.dtype, r.op, r.impl, num(r.ms, ".3f"),
+            num(r.gbps, ".0f"), num(r.copy_pct, ".0f"), num(r.vs_torch, ".2f"), r.note,
+        )) + " |")
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[Row]) -> list[str]:
+    """The H100 targets, checked against the xentfast kernel and api rows (loss+grad)."""
+    out = []
+    for r in rows:
+        if r.op != "loss+grad" or not r.impl.startswith("xentfast"):
+            continue
+        if r.copy_pct is not None:
+            need = 100 * (TARGETS["copy_fraction_small_c"] if r.shape[1] <= 32_768
+                          else TARGETS["copy_fraction_128k"])
+            out.append(f"{'PASS' if r.copy_pct >= need else 'MISS'} {r.impl} {r.shape} {r.dtype}: "
+                       f"{r.copy_pct:.0f}% of copy bandwidth (target {need:.0f}%)")
+        if r.vs_torch is not None:
+            out.append(f"{'PASS' if r.vs_torch >= TARGETS['vs_torch'] else 'MISS'} {r.impl} "
+                       f"{r.shape} {r.dtype}: {r.vs_torch:.2f}x PyTorch eager (target "
+                       f"{TARGETS['vs_torch']:.0f}x)")
+    return out
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _timer():
+    """(start, stop) -> milliseconds, with CUDA events (wall clock under the simulator)."""
+    from numba import cuda
+
+    from xentfast.backends.numba_cuda import SIMULATED
+
+    if SIMULATED:
+        def run(fn):
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * 1e3
+        return run
+
+    def run(fn):
+        start, stop = cuda.event(), cuda.event()
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        return cuda.event_elapsed_time(start, stop)
+
+    return run
+
+
+def median_ms(fn: Callable[[], object], warmup: int, reps: int) -> float:
+    timed = _timer()
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timed(fn) for _ in range(reps))
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+_FILL = None
+
+
+def _fill_kernel():
+    """A counter-hash filler (compiled once): logits uniform in [-4, 4), labels in [0, C)."""
+    global _FILL
+    if _FILL is None:
+        from numba import cuda
+
+        from xentfast.backends import _cuda_kernels as K
+
+        @K.jit()
+        def fill(x, y, seed):
+            K.prologue()  # the simulator: uint64 products wrap, as on the device
+            i = np.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+            step = np.int64(cuda.gridDim.x) * cuda.blockDim.x
+            c = x.shape[1]
+            total = np.int64(x.shape[0]) * c
+            while i < total:
+                h = np.uint64(i) * np.uint64(0x9E3779B97F4A7C15) + seed
+                h ^= h >> np.uint64(31)
+                h *= np.uint64(0xBF58476D1CE4E5B9)
+                h ^= h >> np.uint64(29)
+                u = np.float64(h >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+                r = i // c
+                j = i - r * c
+                x[r, j] = 8.0 * (u - 0.5)
+                if j == 0:
+                    y[r] = np.int64(h % np.uint64(c))
+                i += step
+
+        _FILL = fill
+    return _FILL
+
+
+def device_inputs(n: int, c: int, dtype, seed: int = 0):
+    """Logits and labels made on the device (no big host arrays): a counter hash per
+    element, so every run sees the same data."""
+    from numba import cuda
+
+    x = cuda.device_array((n, c), dtype=dtype)
+    y = cuda.device_array(n, dtype=np.int64)
+    blocks = min(65_535, max(1, (n * c + 255) // 256))
+    _fill_kernel()[blocks, 256](x, y, np.uint64(seed))
+    cuda.synchronize()
+    return x, y
+
+
+# --------------------------------------------------------------------------- (a) checks
+
+
+def run_pytest(extra: list[str]) -> int:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "pytest", os.path.join(root, "tests"), "-k", "cuda", "-q",
+           "-p", "no:cacheprovider", *extra]
+    print("$", " ".join(cmd), flush=True)
+    return subprocess.call(cmd, cwd=root)
+
+
+def kernel_checks(shapes, dtypes, report: Report, rows_checked: int = 48) -> bool:
+    """Raw kernels vs numpy_ref on (the first rows of) large shapes, every feasible path."""
+    from xentfast.backends import numba_cuda as B
+    from xentfast.backends import numpy_ref as R
+
+    ok_all = True
+    for n, c in shapes:
+        for dtype in dtypes:
+            dt = np.dtype(dtype)
+            acc = np.dtype(np.float64 if dt == np.float64 else np.float32)
+            x, y = device_inputs(n, c, dt, seed=n + c)
+            k = min(n, rows_checked)
+            xh = x[:k].copy_to_host()
+            yh = y[:k].copy_to_host()
+            yh[::7] = -100  # some ignored rows
+            y_dev_part = y[:k]
+            y_dev_part.copy_to_device(yh)
+            xr = xh.astype(np.float32) if dt == np.float16 else xh
+            for path in ("auto", "warp", "block", "stream"):
+                try:
+                    t = B.tuning(force_path=None if path == "auto" else path)
+                    with t:
+                        p = B.plan(c, acc, False)
+                except ValueError:
+                    continue  # the row does not fit this path
+                for opts in ({}, {"eps": 0.1, "z": 1e-3, "weighted": True}):
+                    w = (np.linspace(0.5, 1.5, c).astype(acc) if opts.get("weighted")
+                         else np.empty(0, acc))
+                    from numba import cuda
+
+                    dw = cuda.to_device(w)
+                    loss = cuda.device_array(n, acc)
+                    lse = cuda.device_array(n, acc)
+                    grad = cuda.device_array((n, c), dt)
+                    with B.tuning(force_path=None if path == "auto" else path):
+                        B.sparse(x, y, dw, -100, opts.get("eps", 0.0), opts.get("z", 0.0), 1.0 / n,
+                                 loss, lse, grad)
+                    cuda.synchronize()
+                    rl, rs = np.zeros(k, acc), np.zeros(k, acc)
+                    rg = np.zeros(xr.shape, xr.dtype)
+                    R.sparse(xr, yh, w, -100, opts.get("eps", 0.0), opts.get("z", 0.0), 1.0 / n,
+                             rl, rs, rg)
+                    tol = dict(rtol=1e-10, atol=1e-12) if dt == np.float64 else dict(rtol=2e-5, atol=1e-6)
+                    gtol = dict(rtol=5e-3, atol=1e-6) if dt == np.float16 else tol
+                    good = (np.allclose(loss[:k].copy_to_host(), rl, **tol)
+                            and np.allclose(lse[:k].copy_to_host(), rs, **tol)
+                            and np.allclose(grad[:k].copy_to_host().astype(np.float64),
+                                            rg.astype(dt).astype(np.float64), **gtol))
+                    name = f"sparse {n}x{c} {dt.name} {p.path}({path}) {'opts' if opts else 'plain'}"
+                    report.checks.append({"check": name, "ok": bool(good)})
+                    print(("ok   " if good else "FAIL ") + name, flush=True)
+                    ok_all &= bool(good)
+            del x, y
+    return ok_all
+
+
+# --------------------------------------------------------------------------- (b) timing
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as exc:
+        return None, f"PyTorch not installed ({exc})"
+    if not torch.cuda.is_available():
+        return None, "PyTorch has no CUDA device"
+    return torch, ""
+
+
+def time_shape(n: int, c: int, dtype, warmup: int, reps: int, report: Report,
+               sweep: bool) -> None:
+    from numba import cuda
+
+    import xentfast as xf
+    from xentfast.backends import numba_cuda as B
+
+    dt = np.dtype(dtype)
+    acc = np.dtype(np.float64 if dt == np.float64 else np.float32)
+    x, y = device_inputs(n, c, dt)
+    w0 = cuda.device_array(0, acc)
+    loss = cuda.device_array(n, acc)
+    lse = cuda.device_array(n, acc)
+    grad = cuda.device_array((n, c), dt)
+    rows = []
+
+    def add(impl, op, fn, note=""):
+        try:
+            ms = median_ms(fn, warmup, reps)
+            rows.append(Row((n, c), dt.name, op, impl, ms, note=note))
+        except Exception as exc:  # a peer failing must not stop the run
+            rows.append(Row((n, c), dt.name, op, impl, None, note=f"failed: {exc!r}"[:120]))
+
+    # copy roofline: the logits' bytes read and written once
+    dst = cuda.device_array((n, c), dt)
+    add("copy", "loss+grad", lambda: dst.copy_to_device(x), "device-to-device memcpy")
+    del dst
+
+    plan = B.plan(c, acc, False)
+    note = f"{plan.path} {plan.team}x{plan.vpt}"
+    add("xentfast kernel", "loss+grad",
+        lambda: B.sparse(x, y, w0, -100, 0.0, 0.0, 1.0 / n, loss, lse, grad), note)
+    add("xentfast kernel", "loss",
+        lambda: B.sparse(x, y, w0, -100, 0.0, 0.0, 1.0 / n, loss, lse, None), note)
+    add("xentfast api", "loss+grad", lambda: xf.cross_entropy_with_grad(x, y, out=grad),
+        "mean, out=grad")
+    add("xentfast api", "loss+grad", lambda: xf.cross_entropy_with_grad(x, y), "mean, allocating")
+    add("xentfast api", "loss", lambda: xf.cross_entropy(x, y), "mean")
+
+    if sweep:
+        for path in ("warp", "block", "stream"):
+            for words in ((20, 32) if path != "stream" else (32,)):
+                for threads in ((256, 512, 1024) if path == "stream" else (None,)):
+                    changes = {"force_path": path, "max_cached_words": words}
+                    if threads:
+                        changes["stream_threads"] = threads
+                    try:
+                        with B.tuning(**changes):
+                            p = B.plan(c, acc, False)
+                    except ValueError:
+                        continue
+
+                    def run(changes=changes):
+                        with B.tuning(**changes):
+                            B.sparse(x, y, w0, -100, 0.0, 0.0, 1.0 / n, loss, lse, grad)
+
+                    add(f"sweep {path}", "loss+grad", run,
+                        f"{p.team}x{p.vpt} threads={p.threads} words={words}")
+
+    torch, why = _torch()
+    if torch is None:
+        report.skipped.setdefault("torch", why)
+    else:
+        import torch.nn.functional as F
+
+        xt = torch.as_tensor(x, device="cuda")
+        yt = torch.as_tensor(y, device="cuda")
+
+        def eager_fb():
+            xl = xt.detach().requires_grad_(True)
+            F.cross_entropy(xl, yt).backward()
+
+        add("torch eager", "loss+grad", eager_fb)
+        add("torch eager", "loss", lambda: F.cross_entropy(xt, yt))
+        try:
+            compiled = torch.compile(lambda a, b: F.cross_entropy(a, b))
+
+            def compiled_fb():
+                xl = xt.detach().requires_grad_(True)
+                compiled(xl, yt).backward()
+
+            compiled_fb()  # compile outside the timing
+            add("torch.compile", "loss+grad", compiled_fb)
+        except Exception as exc:
+            report.skipped.setdefault("torch.compile", f"failed: {exc!r}"[:200])
+        try:
+            from liger_kernel.transformers.functional import liger_cross_entropy
+
+            def liger_fb():
+                xl = xt.detach().requires_grad_(True)
+                liger_cross_entropy(xl, yt).backward()
+
+            liger_fb()
+            add("liger", "loss+grad", liger_fb)
+        except Exception as exc:
+            report.skipped.setdefault("liger", f"unavailable: {exc!r}"[:200])
+        del xt, yt
+    report.rows.extend(rows)
+    del x, y, grad
+
+
+# --------------------------------------------------------------------------- main
+
+
+def machine_info() -> dict:
+    info = {"python": sys.version.split()[0], "platform": platform.platform(),
+            "xentfast": getattr(xentfast, "__version__", "?"),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        import numba
+        from numba import cuda
+
+        info["numba"] = numba.__version__
+        from xentfast.backends.numba_cuda import SIMULATED, get_tuning
+
+        info["simulated"] = SIMULATED
+        info["tuning"] = asdict(get_tuning())
+        if not SIMULATED:
+            dev = cuda.get_current_device()
+            info["gpu"] = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+            info["compute_capability"] = dev.compute_capability
+    except Exception as exc:  # pragma: no cover - reporting only
+        info["error"] = repr(exc)
+    return info
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sim-smoke", action="store_true",
+                    help="tiny shapes, 1 repeat, no pytest: checks this script under "
+                         "NUMBA_ENABLE_CUDASIM=1")
+    ap.add_argument("--skip-tests", action="store_true", help="do not run pytest tests -k cuda")
+    ap.add_argument("--skip-checks", action="store_true", help="no kernel-vs-reference checks")
+    ap.add_argument("--skip-timing", action="store_true", help="no timing")
+    ap.add_argument("--shapes", default=None, metavar="NxC[,NxC...]",
+                    help="shapes to time (default: 65536x1000,32768x32000,4096x128000)")
+    ap.add_argument("--dtypes", default="float32,float16", help="logit dtypes to time")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time each feasible path / register limit / stream block size")
+    ap.add_argument("--json", default=None, help="write the report to this file")
+    ap.add_argument("--pytest-args", default="", help="extra arguments for pytest")
+    args = ap.parse_args(argv)
+    args.shape_list = ([tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+                       if args.shapes else list(SMOKE_SHAPES if args.sim_smoke else SHAPES))
+    for s in args.shape_list:
+        if len(s) != 2 or min(s) < 1:
+            ap.error(f"--shapes wants NxC pairs of positive integers; got {s}")
+    args.dtype_list = [np.dtype(d.strip()) for d in args.dtypes.split(",") if d.strip()]
+    if args.sim_smoke:
+        args.skip_tests = True
+        args.warmup, args.reps = 0, 1
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if "cuda" not in xentfast.available_backends():
+        from xentfast import _dispatch
+
+        print(f"the cuda backend is unavailable: {_dispatch.unavailable_reason('cuda')}")
+        return 2
+    report = Report(machine=machine_info())
+    print(json.dumps(report.machine, indent=1, default=str))
+    status = 0
+    if not args.skip_tests:
+        rc = run_pytest(args.pytest_args.split())
+        report.checks.append({"check": "pytest tests -k cuda", "ok": rc == 0, "rc": rc})
+        status |= rc != 0
+    if not args.skip_checks:
+        check_shapes = (SMOKE_SHAPES if args.sim_smoke
+                        else ((4_096, 1_000), (256, 32_000), (64, 128_000), (300, 33_000)))
+        dtypes = ("float32",) if args.sim_smoke else ("float16", "float32", "float64")
+        if not kernel_checks(check_shapes, dtypes, report, rows_checked=3 if args.sim_smoke else 48):
+            status = 1
+    if not args.skip_timing:
+        for n, c in args.shape_list:
+            for dt in args.dtype_list:
+                print(f"timing {n}x{c} {dt.name} ...", flush=True)
+                try:
+                    time_shape(n, c, dt, args.warmup, args.reps, report, args.sweep)
+                except Exception:
+                    traceback.print_exc()
+                    status = 1
+        fill_derived(report.rows)
+        print()
+        print(format_table(report.rows))
+        print()
+        for line in verdicts(report.rows):
+            print(line)
+        for name, why in report.skipped.items():
+            print(f"skipped {name}: {why}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"machine": report.machine, "checks": report.checks,
+                       "rows": [asdict(r) for r in report.rows], "skipped": report.skipped},
+                      fh, indent=1, default=str)
+    print("gpu_check:", "OK" if status == 0 else "PROBLEMS (see above)")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

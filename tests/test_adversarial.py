@@ -1,0 +1,254 @@
+"""Adversarial inputs: special values, empty batches, and every memory layout.
+
+Value cases and layouts come from helpers.py (adversarial_values, LAYOUTS), each with
+the reason it is there.  Layouts must give bitwise the results of the contiguous call
+and leave their memory untouched; inplace=True / out= must write the caller's memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import naive
+import xentfast as xf
+from helpers import (
+    DTYPE_IDS,
+    DTYPES,
+    LAYOUTS,
+    MARKER,
+    REDUCTIONS,
+    adversarial_values,
+    assert_bitwise_equal,
+    assert_close,
+    grad_atol,
+    loss_atol,
+    rtol_for,
+    unmap_rows,
+)
+
+
+def _dtype(name):
+    return next(d for d in DTYPES if d.name == name)
+
+
+def _dense_labels(rng, x, y, case):
+    """Probability labels for a value case: zero on -inf masks (so they contribute
+    nothing), all mass on the -inf true class for "inf_label", one-hot for "huge"."""
+    n, c = x.shape
+    t = rng.random((n, c)) + 0.1
+    if case == "neg_inf":
+        t[np.isneginf(x)] = 0.0
+    if case in ("huge", "inf_label"):
+        rows = slice(None) if case == "huge" else slice(0, 1)
+        t[rows] = 0.0
+        t[np.arange(n)[rows], y[rows]] = 1.0
+    return t / t.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+@pytest.mark.parametrize("dtype_name", DTYPE_IDS)
+def test_value_cases(backend, value_case, dtype_name, kind, rng):
+    dtype = _dtype(dtype_name)
+    x64, y = adversarial_values(rng, 4, 6, dtype, value_case)
+    x = x64.astype(dtype)
+    labels = y if kind == "sparse" else _dense_labels(rng, x64, y, value_case).astype(dtype)
+    loss, grad = xf.cross_entropy_with_grad(x, labels, reduction="none", backend=backend)
+    exp_loss, exp_grad, _ = naive.cross_entropy(x, labels, reduction="none")
+    assert loss.dtype == dtype and grad.dtype == dtype
+    if value_case == "huge":  # exact: the oracle rounded once to the dtype
+        assert_bitwise_equal(loss, exp_loss.astype(dtype), "loss of huge logits")
+        assert_bitwise_equal(grad, exp_grad.astype(dtype), "grad of huge logits")
+    else:
+        assert_close(loss, exp_loss, rtol=rtol_for(dtype),
+                     atol=loss_atol(x, labels, {}, "none", dtype), what="loss")
+        assert_close(grad, exp_grad, rtol=rtol_for(dtype),
+                     atol=grad_atol(x, labels, {}, "none", dtype), what="grad")
+
+    others = [i for i in range(4) if i != 1]
+    if value_case in ("nan", "all_neg_inf", "pos_inf"):
+        # only row 1 is poisoned, entirely; every other row is finite
+        assert np.isnan(loss[1]) and np.all(np.isnan(grad[1]))
+        assert np.all(np.isfinite(loss[others])) and np.all(np.isfinite(grad[others]))
+        for reduction in ("mean", "sum"):
+            assert np.isnan(xf.cross_entropy(x, labels, reduction=reduction, backend=backend))
+    elif value_case == "neg_inf":
+        masked = np.isneginf(x)
+        assert masked.any()
+        assert np.all(grad[masked] == 0), "a -inf logit has probability 0 and gradient 0"
+        assert np.all(np.isfinite(loss)) and np.all(np.isfinite(grad))
+        assert np.all(xf.softmax(x, backend=backend)[masked] == 0)
+    elif value_case == "inf_label":
+        assert loss[0] == np.inf and np.all(np.isfinite(grad))
+        assert xf.cross_entropy(x, labels, reduction="sum", backend=backend) == np.inf
+
+
+@pytest.mark.parametrize("with_grad", [False, True], ids=["loss", "grad"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+@pytest.mark.parametrize("shape,axis", [((0, 5), -1), ((2, 5, 0), 1), ((0, 3, 4), -1)],
+                         ids=["0xC", "2xCx0_axis1", "0x3xC"])
+def test_empty_batch(backend, shape, axis, kind, reduction, with_grad):
+    """No rows: "none" gives an empty batch-shaped array, "mean" and "sum" give 0."""
+    x = np.zeros(shape, np.float32)
+    batch = tuple(s for i, s in enumerate(shape) if i != axis % len(shape))
+    labels = np.zeros(batch, np.int64) if kind == "sparse" else np.zeros(shape, np.float32)
+    if with_grad:
+        loss, grad = xf.cross_entropy_with_grad(x, labels, axis=axis, reduction=reduction,
+                                                backend=backend)
+        assert grad.shape == shape and grad.dtype == np.float32
+    else:
+        loss = xf.cross_entropy(x, labels, axis=axis, reduction=reduction, backend=backend)
+    assert np.asarray(loss).dtype == np.float32
+    if reduction == "none":
+        assert loss.shape == batch
+    else:
+        assert np.ndim(loss) == 0 and loss == 0.0
+
+
+def test_empty_batch_other_apis(backend):
+    x = np.zeros((0, 4), np.float64)
+    assert xf.sparse_softmax_cross_entropy_with_logits(np.zeros(0, np.int32), x,
+                                                       backend=backend).shape == (0,)
+    assert xf.softmax_cross_entropy_with_logits(x, x, backend=backend).shape == (0,)
+    assert xf.softmax(x, backend=backend).shape == (0, 4)
+    assert xf.logsumexp(x, backend=backend).shape == (0,)
+
+
+# ----------------------------------------------------------------------- layouts
+
+
+def _layout_inputs(rng, dtype, kind):
+    """(6, 5) logits with a -inf mask and a NaN row (so a layout that mixes rows up is
+    seen), and labels."""
+    x = rng.standard_normal((6, 5)) * 3
+    y = rng.integers(0, 5, size=6)
+    x[2, (y[2] + 1) % 5] = -np.inf
+    x[4, 0] = np.nan
+    t = rng.random((6, 5)) + 0.1
+    t[2, (y[2] + 1) % 5] = 0.0
+    t = t / t.sum(axis=1, keepdims=True)
+    return x.astype(dtype), (y if kind == "sparse" else t.astype(dtype))
+
+
+def _labels_in_layout(labels, layout, arr, axis):
+    if labels.dtype.kind in "iu":
+        batch = tuple(s for i, s in enumerate(arr.shape) if i != axis % arr.ndim)
+        return labels.reshape(batch)
+    t, t_axis, _ = layout.make(labels)
+    assert t_axis == axis
+    return t
+
+
+def _layout_dtype_params(layouts):
+    # ml_dtypes' bfloat16 has no byte-swapped form (newbyteorder gives a void dtype),
+    # so that one combination is not generated.
+    return [pytest.param(layout, name, id=f"{layout.id}-{name}")
+            for layout in layouts for name in DTYPE_IDS
+            if layout.bfloat16_ok or name != "bfloat16"]
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+@pytest.mark.parametrize("layout,dtype_name", _layout_dtype_params(LAYOUTS))
+def test_layouts_match_contiguous_and_are_never_modified(backend, layout, dtype_name, kind, rng):
+    dtype = _dtype(dtype_name)
+    x, labels = _layout_inputs(rng, dtype, kind)
+    ref_loss, ref_grad = xf.cross_entropy_with_grad(x, labels, reduction="none", backend=backend)
+    ref_mean = xf.cross_entropy(x, labels, backend=backend)
+
+    arr, axis, owner = layout.make(x)
+    lab = _labels_in_layout(labels, layout, arr, axis)
+    owner_before = owner.copy()
+    lab_before = lab.copy()
+    loss, grad = xf.cross_entropy_with_grad(arr, lab, axis=axis, reduction="none", backend=backend)
+    mean = xf.cross_entropy(arr, lab, axis=axis, backend=backend)
+
+    assert loss.dtype == dtype and grad.dtype == dtype  # native order out
+    assert grad.shape == arr.shape
+    assert_bitwise_equal(unmap_rows(loss, axis), ref_loss, f"loss ({layout.id})")
+    assert_bitwise_equal(unmap_rows(grad, axis, 5), ref_grad, f"grad ({layout.id})")
+    assert_bitwise_equal(mean, ref_mean, f"mean ({layout.id})")
+    assert_bitwise_equal(owner, owner_before, f"the logits' memory ({layout.id})")
+    assert_bitwise_equal(lab, lab_before, f"the labels ({layout.id})")
+    exp_loss, _, _ = naive.cross_entropy(x, labels, reduction="none")
+    assert_close(ref_loss, exp_loss, rtol=rtol_for(dtype),
+                 atol=loss_atol(x, labels, {}, "none", dtype), what="loss")
+
+
+@pytest.mark.parametrize("label_layout", ["strided", "reversed", "byteswapped", "readonly", "int32"])
+def test_label_layouts(backend, label_layout, rng):
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    y = rng.integers(0, 5, size=6)
+    if label_layout == "strided":
+        big = np.zeros(12, np.int64)
+        big[::2] = y
+        lab = big[::2]
+    elif label_layout == "reversed":
+        lab = np.ascontiguousarray(y[::-1])[::-1]
+    elif label_layout == "byteswapped":
+        lab = y.astype(y.dtype.newbyteorder())
+    elif label_layout == "readonly":
+        lab = y.copy()
+        lab.setflags(write=False)
+    else:
+        lab = y.astype(np.int32)
+    before = lab.copy()
+    ref = xf.cross_entropy_with_grad(x, y, reduction="none", backend=backend)
+    got = xf.cross_entropy_with_grad(x, lab, reduction="none", backend=backend)
+    assert_bitwise_equal(got[0], ref[0], "loss")
+    assert_bitwise_equal(got[1], ref[1], "grad")
+    assert_bitwise_equal(lab, before, "labels")
+
+
+def test_readonly_weight_and_labels(backend, rng):
+    x = rng.standard_normal((4, 3))
+    x.setflags(write=False)
+    w = np.array([1.0, 2.0, 0.5])
+    w.setflags(write=False)
+    y = np.array([0, 1, 2, 1])
+    y.setflags(write=False)
+    loss, grad = xf.cross_entropy_with_grad(x, y, weight=w, backend=backend)
+    exp, exp_grad, _ = naive.cross_entropy(x, y, weight=w)
+    assert_close(loss, exp, rtol=1e-10, atol=1e-12)
+    assert_close(grad, exp_grad, rtol=1e-10, atol=1e-12)
+
+
+WRITEABLE = [layout for layout in LAYOUTS if layout.writeable]
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+@pytest.mark.parametrize("layout,dtype_name", _layout_dtype_params(WRITEABLE))
+def test_inplace_writes_the_logits_memory(backend, layout, dtype_name, kind, rng):
+    """inplace=True returns the logits array itself, holding the gradient (written back
+    for layouts the kernel cannot fill directly); gaps of strided views stay as they were."""
+    dtype = _dtype(dtype_name)
+    x, labels = _layout_inputs(rng, dtype, kind)
+    ref_loss, ref_grad = xf.cross_entropy_with_grad(x, labels, reduction="mean", backend=backend)
+    arr, axis, owner = layout.make(x)
+    lab = _labels_in_layout(labels, layout, arr, axis)
+    gaps = int(np.sum(owner == MARKER))
+    loss, grad = xf.cross_entropy_with_grad(arr, lab, axis=axis, reduction="mean",
+                                            inplace=True, backend=backend)
+    assert grad is arr
+    assert_bitwise_equal(unmap_rows(arr, axis, 5).astype(dtype), ref_grad, f"logits memory ({layout.id})")
+    assert_bitwise_equal(loss, ref_loss, "loss")
+    assert int(np.sum(owner == MARKER)) == gaps, "a gap between strided elements was written"
+
+
+OUT_LAYOUTS = [layout for layout in WRITEABLE if layout.id != "byteswapped"]
+
+
+@pytest.mark.parametrize("layout", OUT_LAYOUTS, ids=[layout.id for layout in OUT_LAYOUTS])
+def test_out_in_any_layout(backend, layout, rng):
+    x, labels = _layout_inputs(rng, np.float32, "sparse")
+    arr, axis, _ = layout.make(x)
+    lab = _labels_in_layout(labels, layout, arr, axis)
+    _, ref_grad = xf.cross_entropy_with_grad(arr, lab, axis=axis, backend=backend)
+    out, _, owner = layout.make(np.full_like(x, 5.0))
+    gaps = int(np.sum(owner == MARKER))
+    before = arr.copy()
+    _, grad = xf.cross_entropy_with_grad(arr, lab, axis=axis, out=out, backend=backend)
+    assert grad is out
+    assert_bitwise_equal(out, ref_grad, "out")
+    assert int(np.sum(owner == MARKER)) == gaps
+    assert_bitwise_equal(arr, before, "logits")

@@ -1,0 +1,318 @@
+"""Every bad input raises the right exception type, with a message that names what was
+expected and what was given -- on every backend."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import xentfast as xf
+from xentfast import _dispatch
+
+X = np.zeros((4, 5), np.float32)
+Y = np.array([0, 1, 2, 3])
+
+
+def ce(backend, logits=X, labels=Y, **kw):
+    return xf.cross_entropy(logits, labels, backend=backend, **kw)
+
+
+def ceg(backend, logits=X, labels=Y, **kw):
+    return xf.cross_entropy_with_grad(logits, labels, backend=backend, **kw)
+
+
+# ----------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64", "uint8", "bool"])
+def test_integer_logits(backend, dtype):
+    with pytest.raises(TypeError, match=rf"logits must be a floating-point array .*got dtype {dtype}.*astype"):
+        ce(backend, X.astype(dtype))
+
+
+def test_complex_logits(backend):
+    with pytest.raises(TypeError, match=r"floating-point .*got dtype complex128.*real"):
+        ce(backend, X.astype(np.complex128))
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax", "logsumexp"])
+def test_integer_input_to_primitives(backend, op):
+    with pytest.raises(TypeError, match=r"x must be a floating-point array.*got dtype int64"):
+        getattr(xf, op)(np.arange(6).reshape(2, 3), backend=backend)
+
+
+# ----------------------------------------------------------------------- labels
+
+
+def test_label_shape_mismatch_names_both_shapes(backend):
+    with pytest.raises(ValueError, match=r"labels of shape \(3,\) do not fit logits of shape \(4, 5\)"
+                                         r".*integer array of shape \(4,\).*\(4, 5\)"):
+        ce(backend, labels=np.array([0, 1, 2]))
+
+
+def test_dense_label_shape_mismatch(backend):
+    with pytest.raises(ValueError, match=r"labels of shape \(4, 4\) do not fit logits of shape \(4, 5\)"):
+        ce(backend, labels=np.zeros((4, 4)))
+
+
+def test_float_labels_with_batch_shape(backend):
+    with pytest.raises(TypeError, match=r"read as class indices.*dtype is float64.*astype\(np.int64\)"):
+        ce(backend, labels=Y.astype(np.float64))
+
+
+def test_int_labels_with_logits_shape(backend):
+    with pytest.raises(TypeError, match=r"read as\s+probabilities.*dtype is int64.*astype\(np.float32\)"):
+        ce(backend, labels=np.eye(5, dtype=np.int64)[Y])
+
+
+def test_bool_labels(backend):
+    with pytest.raises(TypeError, match=r"integer class ids or float probabilities; got dtype bool"):
+        ce(backend, labels=np.ones(4, bool))
+
+
+@pytest.mark.parametrize("bad,where", [(5, "labels[2]"), (-1, "labels[2]"), (-7, "labels[2]"),
+                                       (2**40, "labels[2]")])
+def test_out_of_range_label_names_value_and_position(backend, bad, where):
+    labels = Y.copy()
+    labels[2] = bad
+    pattern = rf"label value of {bad} at {re.escape(where)} .*\[0, 5\)"
+    with pytest.raises(ValueError, match=pattern):
+        ce(backend, labels=labels)
+    with pytest.raises(ValueError, match=pattern):
+        ceg(backend, labels=labels)
+
+
+def test_out_of_range_label_in_higher_rank(backend):
+    x = np.zeros((2, 3, 4), np.float32)
+    y = np.zeros((2, 3), np.int64)
+    y[1, 2] = 4
+    with pytest.raises(ValueError, match=r"label value of 4 at labels\[1, 2\]"):
+        ce(backend, x, y)
+    x1 = np.zeros((2, 4, 3), np.float32)  # class axis 1: labels (2, 3)
+    with pytest.raises(ValueError, match=r"label value of 4 at labels\[1, 2\]"):
+        ce(backend, x1, y, axis=1)
+
+
+def test_out_of_range_single_row(backend):
+    with pytest.raises(ValueError, match=r"label value of 9 at labels which is outside"):
+        ce(backend, np.zeros(5), np.array(9))
+
+
+def test_out_of_range_message_mentions_ignore_index(backend):
+    with pytest.raises(ValueError, match=r"is not ignore_index=-1"):
+        ce(backend, labels=np.array([0, 1, 2, -2]), ignore_index=-1)
+
+
+def test_huge_unsigned_label_is_not_wrapped(backend):
+    """2**64 - 1 must not become -1 (and match ignore_index=-1 silently)."""
+    labels = np.array([0, 1, 2, 2**64 - 1], dtype=np.uint64)
+    with pytest.raises(ValueError, match=r"label value of 18446744073709551615 at labels\[3\]"):
+        ce(backend, labels=labels, ignore_index=-1)
+
+
+def test_out_of_range_tf_sparse(backend):
+    with pytest.raises(ValueError, match=r"label value of 5 at labels\[3\].*\[0, 5\)"):
+        xf.sparse_softmax_cross_entropy_with_logits(np.array([0, 1, 2, 5]), X, backend=backend)
+
+
+def test_out_of_range_keras_sparse(backend):
+    with pytest.raises(ValueError, match=r"label value of 7 at labels\[1\].*\[0, 5\)"):
+        xf.sparse_categorical_crossentropy(np.array([[0], [7], [1], [1]]), X, from_logits=True,
+                                           backend=backend)
+    with pytest.raises(ValueError, match=r"label value of 7 at labels\[1\]"):
+        xf.SparseCategoricalCrossentropy(from_logits=True, backend=backend)(np.array([0, 7, 1, 1]), X)
+
+
+# ----------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("weight,shape", [(np.ones(4), r"\(4,\)"), (np.ones((5, 1)), r"\(5, 1\)"),
+                                          (np.ones(6), r"\(6,\)")])
+def test_wrong_weight_shape(backend, weight, shape):
+    with pytest.raises(ValueError, match=rf"weight must be a 1-D array .*shape \(5,\); got shape {shape}"):
+        ce(backend, weight=weight)
+
+
+def test_complex_weight(backend):
+    with pytest.raises(TypeError, match=r"weight must be a real numeric array; got dtype complex128"):
+        ce(backend, weight=np.ones(5, complex))
+
+
+@pytest.mark.parametrize("reduction", ["avg", "Mean", None, "sum_over_batch_size"])
+def test_unknown_reduction(backend, reduction):
+    with pytest.raises(ValueError, match=rf"reduction must be one of 'mean', 'sum', 'none'; got {reduction!r}"):
+        ce(backend, reduction=reduction)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
+def test_label_smoothing_out_of_range(backend, value):
+    with pytest.raises(ValueError, match=rf"label_smoothing must lie in \[0, 1\]; got {value}"):
+        ce(backend, label_smoothing=value)
+
+
+@pytest.mark.parametrize("value", ["0.1", True, None])
+def test_label_smoothing_wrong_type(backend, value):
+    with pytest.raises(TypeError, match=r"label_smoothing must be a real number in \[0, 1\]"):
+        ce(backend, label_smoothing=value)
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_bad_z_loss(backend, value):
+    with pytest.raises(ValueError, match=rf"z_loss must be a finite real number >= 0; got {value}"):
+        ce(backend, z_loss=value)
+    with pytest.raises(TypeError, match=r"z_loss must be a finite real number"):
+        ce(backend, z_loss="0.1")
+
+
+@pytest.mark.parametrize("value", [1.5, "x", True])
+def test_bad_ignore_index(backend, value):
+    with pytest.raises(TypeError, match=r"ignore_index must be an integer class id; got"):
+        ce(backend, ignore_index=value)
+
+
+# ----------------------------------------------------------------------- shapes and axes
+
+
+def test_zero_classes(backend):
+    with pytest.raises(ValueError, match=r"logits of shape \(4, 0\) have zero classes along axis 1"):
+        ce(backend, np.zeros((4, 0), np.float32), Y)
+
+
+def test_zero_dimensional_logits(backend):
+    with pytest.raises(ValueError, match=r"at least one dimension.*0-d"):
+        ce(backend, np.float32(1.0), np.array(0))
+    with pytest.raises(ValueError, match=r"x must have at least one dimension"):
+        xf.softmax(np.float64(1.0), backend=backend)
+
+
+@pytest.mark.parametrize("axis", [2, -3, 5])
+def test_axis_out_of_bounds(backend, axis):
+    with pytest.raises(ValueError, match=rf"axis {axis} is out of bounds for logits with 2 dimension\(s\); "
+                                         r"expected an axis in \[-2, 2\)"):
+        ce(backend, axis=axis)
+    with pytest.raises(ValueError, match=rf"axis {axis} is out of bounds for x"):
+        xf.logsumexp(X, axis=axis, backend=backend)
+
+
+@pytest.mark.parametrize("axis", [1.0, "1", True, (0, 1)])
+def test_axis_wrong_type(backend, axis):
+    with pytest.raises(TypeError, match=r"axis must be an integer; got"):
+        ce(backend, axis=axis)
+
+
+def test_keras_positional_from_logits_in_axis(backend):
+    """(y_true, y_pred, from_logits, label_smoothing, axis): a bool for axis is caught."""
+    with pytest.raises(ValueError, match=r"axis must be an integer; got the boolean True"):
+        xf.categorical_crossentropy(np.eye(5)[Y], X, True, 0.0, True, backend=backend)
+
+
+def test_keras_categorical_shape_mismatch(backend):
+    with pytest.raises(ValueError, match=r"y_true of shape \(4,\) must have y_pred's shape \(4, 5\)"):
+        xf.categorical_crossentropy(Y.astype(np.float32), np.full((4, 5), 0.2), backend=backend)
+
+
+# ----------------------------------------------------------------------- out= and inplace
+
+
+@pytest.mark.parametrize("out,given", [
+    (np.empty((4, 4), np.float32), r"shape \(4, 4\) and dtype float32"),
+    (np.empty((4, 5), np.float64), r"shape \(4, 5\) and dtype float64"),
+    (np.empty((5, 4), np.float32), r"shape \(5, 4\) and dtype float32"),
+], ids=["shape", "dtype", "transposed_shape"])
+def test_out_wrong_shape_or_dtype(backend, out, given):
+    with pytest.raises(ValueError, match=rf"out must have the logits' shape \(4, 5\) and dtype float32; got {given}"):
+        ceg(backend, out=out)
+
+
+def test_out_read_only(backend):
+    out = np.empty((4, 5), np.float32)
+    out.setflags(write=False)
+    with pytest.raises(ValueError, match=r"out is read-only"):
+        ceg(backend, out=out)
+
+
+def test_out_and_inplace_together(backend):
+    with pytest.raises(ValueError, match=r"either out= or inplace=True, not both"):
+        ceg(backend, X.copy(), out=np.empty((4, 5), np.float32), inplace=True)
+
+
+def test_inplace_read_only(backend):
+    x = X.copy()
+    x.setflags(write=False)
+    with pytest.raises(ValueError, match=r"inplace=True .*writeable array; got a read-only array"):
+        ceg(backend, x, inplace=True)
+    assert np.all(x == 0)
+
+
+def test_inplace_list(backend):
+    with pytest.raises(ValueError, match=r"inplace=True .*writeable array; got a read-only array or a non-array"):
+        ceg(backend, X.tolist(), inplace=True)
+
+
+def test_failed_call_leaves_out_and_logits_untouched(backend):
+    """A validation error is raised before anything is written."""
+    x = np.ones((4, 5), np.float32)
+    out = np.full((4, 5), 3.0, np.float32)
+    with pytest.raises(ValueError):
+        ceg(backend, x, np.array([0, 1, 2, 9]), out=out)
+    with pytest.raises(ValueError):
+        ceg(backend, x, np.array([0, 1, 2, 9]), inplace=True)
+    assert np.all(out == 3.0) and np.all(x == 1.0)
+
+
+# ----------------------------------------------------------------------- backends
+
+
+@pytest.mark.parametrize("call", [
+    lambda: xf.cross_entropy(X, Y, backend="gpu"),
+    lambda: xf.softmax(X, backend="gpu"),
+    lambda: xf.set_backend("gpu"),
+    lambda: xf.use_backend("gpu").__enter__(),
+], ids=["cross_entropy", "softmax", "set_backend", "use_backend"])
+def test_unknown_backend_lists_known_names(call):
+    with pytest.raises(ValueError, match=r"unknown backend 'gpu'; expected one of 'cuda', 'cpu', 'cython', 'numpy'"):
+        call()
+
+
+def test_unavailable_backend_raises_with_reason(monkeypatch):
+    """Made unavailable on purpose, so this runs wherever the suite runs."""
+    monkeypatch.setitem(_dispatch._reasons, "cython", "the test said so")
+    monkeypatch.delitem(_dispatch._modules, "cython", raising=False)
+    for call in (lambda: xf.cross_entropy(X, Y, backend="cython"),
+                 lambda: xf.set_backend("cython"),
+                 lambda: xf.use_backend("cython").__enter__()):
+        with pytest.raises(xf.BackendUnavailableError, match=r"backend 'cython' is unavailable: the test said so") as info:
+            call()
+        assert isinstance(info.value, RuntimeError)
+        assert "Available here:" in str(info.value)
+    assert "cython" not in xf.available_backends()
+
+
+def test_really_unavailable_backends_raise():
+    """Whatever is unavailable on this machine says why (nothing to check if all are)."""
+    unavailable = [b for b in _dispatch.KNOWN_BACKENDS if b not in xf.available_backends()]
+    for name in unavailable:
+        with pytest.raises(xf.BackendUnavailableError, match=rf"backend '{name}' is unavailable: \S"):
+            xf.cross_entropy(X, Y, backend=name)
+
+
+class FakeDeviceArray:
+    """Just enough of a CUDA array to be recognised as one (never touched)."""
+
+    shape = (4, 5)
+    dtype = np.dtype(np.float32)
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": "<f4", "data": (0, False), "version": 3}
+
+
+@pytest.mark.parametrize("host", ["cpu", "numpy", "cython"])
+def test_device_array_on_a_host_backend(host):
+    with pytest.raises(ValueError, match=rf"backend='{host}' runs on the host, but the input is a CUDA "
+                                         r"device array; use backend='cuda'"):
+        xf.cross_entropy(FakeDeviceArray(), Y, backend=host)
+    with pytest.raises(ValueError, match=r"runs on the host, but the input is a CUDA device array"):
+        xf.softmax(FakeDeviceArray(), backend=host)

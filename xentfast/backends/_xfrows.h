@@ -1,0 +1,98 @@
+/*
+ * _xfrows.h -- row passes of the Cython backend (see _xfrows_tmpl.h for the scheme and
+ * _fastexp.h for exp/log), instantiated for float (16 lanes) and double (8 lanes).
+ *
+ * Multiversioning: on x86-64 Linux/glibc with gcc >= 8 or clang >= 14, the out-of-line
+ * xf_* functions are compiled three times (baseline SSE2, x86-64-v3 = AVX2+FMA,
+ * x86-64-v4 = AVX-512) with
+ * target_clones; the loader picks the best one for the CPU once (an ifunc).  The
+ * baseline build flags stay portable (no -march=native), so a wheel built here runs on
+ * any x86-64.  Elsewhere (macOS, Windows, musl, other CPUs) XF_MV is empty and the
+ * baseline vectorisation (SSE2 / NEON) is used.  Define XENTFAST_NO_MULTIVERSION to
+ * turn the clones off.  All clones compute bitwise identical results: the lanes fix the
+ * order of every sum, so the only difference between clones is FMA contraction (the
+ * x86-64-v3/v4 clones fuse a*b+c, the baseline cannot): results are bitwise
+ * reproducible on a given machine at any thread count, and agree across machines to
+ * within an ulp or two.
+ */
+#ifndef XENTFAST_XFROWS_H
+#define XENTFAST_XFROWS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <math.h>
+#include "_fastexp.h"
+
+#if defined(_MSC_VER)
+#define XF_RESTRICT __restrict
+#else
+#define XF_RESTRICT __restrict__
+#endif
+
+#if defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define XF_HAVE_TARGET_CLONES 1
+#endif
+#endif
+
+#if !defined(XENTFAST_NO_MULTIVERSION) && defined(XF_HAVE_TARGET_CLONES) \
+    && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) \
+    && ((defined(__clang__) && __clang_major__ >= 14) \
+        || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 8))
+#define XF_MV static __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), unused, noinline))
+#define XF_MULTIVERSIONED 1
+#else
+#define XF_MV static
+#define XF_MULTIVERSIONED 0
+#endif
+
+XF_INLINE double xf_log_d_(double s) { return log(s); }
+
+/* Order-preserving integer keys of floats (an involution; see xfi_rowmax).  The right
+ * shift of a negative signed integer is arithmetic on every compiler we build with. */
+XF_INLINE int32_t xf_key_f(float f)
+{ int32_t s = (int32_t)xf_f2u(f); return s ^ ((s >> 31) & 0x7fffffff); }
+XF_INLINE float xf_unkey_f(int32_t k)
+{ return xf_u2f((uint32_t)(k ^ ((k >> 31) & 0x7fffffff))); }
+XF_INLINE int64_t xf_key_d(double f)
+{ int64_t s = (int64_t)xf_d2u(f); return s ^ ((s >> 63) & INT64_C(0x7fffffffffffffff)); }
+XF_INLINE double xf_unkey_d(int64_t k)
+{ return xf_u2d((uint64_t)(k ^ ((k >> 63) & INT64_C(0x7fffffffffffffff)))); }
+
+#define XF_T float
+#define XF_L 16
+#define XF_SUF _f
+#define XF_EXP xf_expf
+#define XF_LOG xf_logf
+#define XF_KEY int32_t
+#define XF_KEY_OF xf_key_f
+#define XF_FROM_KEY xf_unkey_f
+#include "_xfrows_tmpl.h"
+#undef XF_T
+#undef XF_L
+#undef XF_SUF
+#undef XF_EXP
+#undef XF_LOG
+#undef XF_KEY
+#undef XF_KEY_OF
+#undef XF_FROM_KEY
+
+#define XF_T double
+#define XF_L 8
+#define XF_SUF _d
+#define XF_EXP xf_exp
+#define XF_LOG xf_log_d_
+#define XF_KEY int64_t
+#define XF_KEY_OF xf_key_d
+#define XF_FROM_KEY xf_unkey_d
+#include "_xfrows_tmpl.h"
+#undef XF_T
+#undef XF_L
+#undef XF_SUF
+#undef XF_EXP
+#undef XF_LOG
+#undef XF_KEY
+#undef XF_KEY_OF
+#undef XF_FROM_KEY
+
+#endif /* XENTFAST_XFROWS_H */

@@ -1,0 +1,107 @@
+"""Backend ``cython``: the compiled kernels of ``_cython.pyx`` behind the contract's API.
+
+The extension ``xentfast.backends._cython`` (Cython + OpenMP, built by ``setup.py``;
+optional) does the work; this module gives it exactly the signatures of the kernel
+contract in ``xentfast/backends/__init__.py`` and turns the extension's count of
+out-of-range class ids into the ``ValueError`` the rest of xentfast raises.  (The public
+layer checks labels before any kernel runs, so that normally never fires; the extension
+itself never indexes with a bad label.)
+
+Importing this module raises ``ImportError`` with the reason when the extension was not
+built.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    from xentfast.backends import _cython as _ext
+except ImportError as exc:  # pragma: no cover - depends on how xentfast was installed
+    raise ImportError(
+        "the Cython backend is unavailable: the compiled extension "
+        f"xentfast.backends._cython cannot be imported ({exc}). It is built by setup.py "
+        "at install time when a C compiler, Cython>=3.0 and NumPy are present; a failed "
+        "build only warns. Reinstall from source (`pip install -v .`, or "
+        "`python setup.py build_ext --inplace` in a checkout) and read the warning, or "
+        "set XENTFAST_REQUIRE_CYTHON=1 to make a failed build an error."
+    ) from exc
+
+NAME = "cython"
+NATIVE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+#: True when the row passes were compiled as target_clones (SSE2 / AVX2+FMA / AVX-512).
+MULTIVERSIONED = _ext.MULTIVERSIONED
+
+
+def _c1(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a)
+
+
+def _raise_bad_labels(labels: np.ndarray, num_classes: int, ignore_index: int) -> None:
+    ids = np.asarray(labels).reshape(-1)
+    bad = ((ids < 0) | (ids >= num_classes)) & (ids != ignore_index)
+    first = int(np.flatnonzero(bad)[0])
+    try:
+        from xentfast._validate import out_of_range_message
+    except ImportError:  # pragma: no cover - the shim used on its own
+        raise ValueError(
+            f"labels[{first}] = {int(ids[first])} is outside the valid range "
+            f"[0, {num_classes}) of class indices (and is not ignore_index={ignore_index}); "
+            "class indices must lie in [0, num_classes), mark entries to skip with "
+            "ignore_index"
+        ) from None
+    raise ValueError(out_of_range_message(int(ids[first]), (first,), num_classes, ignore_index))
+
+
+def _into(out: np.ndarray, compute) -> None:
+    """Run ``compute(dst)`` on ``out`` itself when it is C-contiguous, else on a copy."""
+    if out.flags.c_contiguous:
+        compute(out)
+    else:  # pragma: no cover - the public layer allocates contiguous outputs
+        tmp = np.empty(out.shape, out.dtype)
+        compute(tmp)
+        out[...] = tmp
+
+
+def sparse(logits, labels, weight, ignore_index, label_smoothing, z_loss, grad_scale,
+           loss, lse, grad):
+    """Index labels: fill loss (n,), lse (n,) and, unless None, grad (n, c)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if not (loss.flags.c_contiguous and lse.flags.c_contiguous):
+        loss_c, lse_c = np.empty_like(loss), np.empty_like(lse)  # pragma: no cover
+    else:
+        loss_c, lse_c = loss, lse
+    bad = _ext.sparse(logits, labels, _c1(weight), int(ignore_index), float(label_smoothing),
+                      float(z_loss), float(grad_scale), loss_c, lse_c, grad)
+    if loss_c is not loss:  # pragma: no cover
+        loss[...], lse[...] = loss_c, lse_c
+    if bad:
+        _raise_bad_labels(labels, logits.shape[1], int(ignore_index))
+
+
+def dense(logits, labels, weight, label_smoothing, z_loss, grad_scale, loss, lse, grad):
+    """Probability labels: fill loss (n,), lse (n,) and, unless None, grad (n, c)."""
+    if not (loss.flags.c_contiguous and lse.flags.c_contiguous):
+        loss_c, lse_c = np.empty_like(loss), np.empty_like(lse)  # pragma: no cover
+    else:
+        loss_c, lse_c = loss, lse
+    _ext.dense(logits, _c1(labels), _c1(weight), float(label_smoothing), float(z_loss),
+               float(grad_scale), loss_c, lse_c, grad)
+    if loss_c is not loss:  # pragma: no cover
+        loss[...], lse[...] = loss_c, lse_c
+
+
+def logsumexp(x, out):
+    """out (n,) = log(sum(exp(x), axis=1))."""
+    _into(out, lambda dst: _ext.logsumexp(x, dst))
+
+
+def log_softmax(x, out):
+    """out (n, c) = x - logsumexp(x)[:, None]."""
+    _into(out, lambda dst: _ext.log_softmax(x, dst))
+
+
+def softmax(x, out):
+    """out (n, c) = exp(x - logsumexp(x)[:, None])."""
+    _into(out, lambda dst: _ext.softmax(x, dst))

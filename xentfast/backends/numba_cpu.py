@@ -1,0 +1,1601 @@
+"""Backend ``cpu``: fused softmax cross-entropy kernels compiled by Numba (``parallel=True``).
+
+Same destination-passing kernel set, signatures and semantics as ``numpy_ref`` (see the
+contract and the derivations in ``xentfast/backends/__init__.py``), but each row is done
+in a few passes over memory and with no (n, c) temporary:
+
+    pass A   m = max_j x_j                                         (read x)
+    pass B   e_j = exp(x_j - m);  s = sum_j e_j  (+ weighted sums)  (read x; with a
+             gradient, write e_j into grad: exp is computed once per element)
+             lse = m + log(s);  the loss from lse, m, s, x_y
+    pass C   grad_j = e_j * a - b_j                                (read/write grad while
+                                                                    the row is in cache)
+
+Paths (chosen in the Python wrappers at the bottom, from the shape and the options only,
+never from the thread count):
+
+* serial   -- n*c <= SERIAL_MAX_ELEMS: the row-range body is called directly (a parallel
+              launch costs more than it saves on tiny inputs).
+* rows     -- c > SMALL_C_MAX: ``prange`` over chunks of rows, one row per pass A/B/C
+              sequence, SIMD along the row.
+* small C  -- c <= SMALL_C_MAX: blocks of SMALL_C_BLOCK rows are transposed into a
+              class-major scratch buffer so the SIMD lanes run across rows.
+* split    -- n <= SPLIT_MAX_ROWS and c >= SPLIT_MIN_C (few, very long rows: fewer rows
+              than cores): every row is cut into SPLIT_SEGMENTS segments (a constant),
+              the segments run in parallel and are combined in segment order.
+              Used for logsumexp, log_softmax, softmax and sparse without smoothing;
+              the rarer dense / label-smoothing cases use the row path there.
+
+Layout of this module
+---------------------
+1. Numba options, all in one place (``_JIT``, ``_PJIT``, ``_EXP_JIT``), the choice of a
+   thread-safe threading layer, and the dispatch tunables.
+2. Two LLVM intrinsics (bit-casts, ``llvm.maxnum``), the vectorisable exponential
+   ``_exp`` and logarithm ``_log`` with their error analysis.
+3. Row passes (``_row_*``): the inner loops, written so that LLVM vectorises them.
+4. Row-range bodies (``_*_rows(r0, r1, ...)``): everything one row needs, for rows
+   [r0, r1); and 5. their parallel drivers (``_*_par``).
+6. Small-C bodies and drivers.
+7. Split-row kernels.
+8. The public kernel functions (plain Python): pick a path and call it.
+
+Precision rule
+--------------
+Arithmetic happens in the accumulation dtype: float32 for float32 logits, float64 for
+float64 logits (this backend has no native float16; the public layer upcasts).  Outputs
+have the same dtype, so each per-element value is rounded once.  The true-class
+gradient term ``p_y * coef - (1 - eps) w_y`` (``p_y - 1`` in the common case) is formed
+in that dtype from ``p_y = e_y / s`` before it is scaled by grad_scale and stored.
+``lse - x_y`` is computed as ``(m - x_y) + log s``: exact when x_y is the max (+-1e30
+logits give exact losses) and never the difference of two rounded large numbers.
+Row sums are accumulated in blocks of 1024 terms (SIMD partial sums inside a block,
+blocks added in order), so the rounding error grows like c/1024 + 1024/lanes ulps.
+
+Determinism
+-----------
+A row is reduced by one thread, in an order fixed by the compiled loop (vector width and
+unrolling are compile-time constants), so results do not depend on the thread count or
+on which thread takes the row.  The split path cuts a row into SPLIT_SEGMENTS segments --
+a constant, not the thread count -- and combines them in segment order.  Which path runs
+depends only on the shape and the options.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+NAME = "cpu"
+NATIVE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# ---------------------------------------------------------------------------------------
+# 1. Numba options (the only place they are set), threading layer, tunables
+# ---------------------------------------------------------------------------------------
+# fastmath WITHOUT "nnan"/"ninf": NaN and -inf are data here (a NaN row must give NaN, a
+# -inf logit is a mask), and with those flags LLVM may fold x != x or x == -inf away.
+#   reassoc  lets LLVM vectorise the sum reductions (several partial sums, in an order
+#            fixed at compile time, so still deterministic);
+#   contract fuses a*b + c into FMA;  nsz, arcp, afn are harmless here.
+_FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
+# The exponential and logarithm get no "reassoc": with it LLVM may rewrite the Cody-Waite
+# reduction (x - k*LN2_HI) - k*LN2_LO as x - k*(LN2_HI + LN2_LO), losing the extra bits.
+# (Numba applies fastmath flags per compiled function, and they stay on the instructions
+# when LLVM inlines the function into a kernel.)
+_EXP_FASTMATH = frozenset({"nsz", "arcp", "contract"})
+
+_JIT = dict(
+    fastmath=set(_FASTMATH),
+    cache=True,           # compiled code is stored next to this file (or NUMBA_CACHE_DIR)
+    nogil=True,           # several Python threads may run kernels at once
+    error_model="numpy",  # no ZeroDivisionError checks inside the loops (they block SIMD)
+    boundscheck=False,
+)
+_PJIT = dict(_JIT, parallel=True)
+_EXP_JIT = dict(_JIT, fastmath=set(_EXP_FASTMATH))
+
+# Numba's default threading layer, "workqueue", is not thread-safe: two Python threads
+# launching parallel kernels at the same time abort the process ("Terminating: Nested
+# parallel kernel launch detected, the workqueue threading layer does not supported
+# nested parallelism") or corrupt its queue.  The public API promises that calls are
+# thread-safe, so unless the user chose a layer with NUMBA_THREADING_LAYER we ask Numba
+# for a thread-safe one: "threadsafe" = OpenMP if available, else TBB.  Numba fixes the
+# layer when the first parallel kernel of the process runs; nothing here runs at import,
+# so this holds unless other code already ran a parallel Numba kernel (then that code
+# chose the layer).
+if not os.environ.get("NUMBA_THREADING_LAYER"):
+    numba.config.THREADING_LAYER = "threadsafe"
+
+# Tunables of the Python-level dispatch (kernels receive them as arguments; none of them
+# changes results, only which rows run where -- except the path choice itself, which
+# depends on the shape alone).  Measured on a 2-core AVX-512 VM: see
+# benchmarks/NOTES_cpu_kernels.md.
+SERIAL_MAX_ELEMS = 1 << 14      # n*c at most this: serial path (no parallel launch)
+CHUNK_ELEMS = 1 << 14           # row path: rows per parallel chunk ~ CHUNK_ELEMS / c
+SMALL_C_MAX = 64                # c at most this: small-C path
+SMALL_C_BLOCK = 64              # small-C path: rows per transposed block
+SMALL_C_CHUNK_ELEMS = 1 << 14   # small-C path: elements per parallel chunk (>= 1 block)
+SPLIT_MIN_C = 1 << 15           # split path: c at least this ...
+SPLIT_MAX_ROWS = 4              # ... and n at most this
+SPLIT_SEGMENTS = 16             # split path: segments per row (a constant, NOT the
+                                # thread count, so results do not depend on it)
+
+# ---------------------------------------------------------------------------------------
+# 2. Intrinsics and the exponential
+# ---------------------------------------------------------------------------------------
+
+
+@intrinsic
+def _bits_to_float(typingctx, bits):
+    """Reinterpret int32 bits as float32 (int64 as float64): 2**k from its exponent."""
+    if bits == types.int32:
+        sig, lltype = types.float32(bits), ir.FloatType()
+    elif bits == types.int64:
+        sig, lltype = types.float64(bits), ir.DoubleType()
+    else:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], lltype)
+
+    return sig, codegen
+
+
+@intrinsic
+def _maxnum(typingctx, a, b):
+    """``llvm.maxnum``: max ignoring a NaN operand.  Unlike ``a if a > b else b`` it is
+    exactly associative, so LLVM vectorises the row-max reduction without ``nnan``.
+    (Ignoring NaN is fine: a NaN in the row still poisons the sum in pass B.)"""
+    if isinstance(a, types.Float) and a == b:
+        def codegen(context, builder, signature, args):
+            lt = args[0].type
+            fn = builder.module.declare_intrinsic(
+                "llvm.maxnum", [lt], ir.FunctionType(lt, [lt, lt]))
+            return builder.call(fn, args)
+
+        return a(a, b), codegen
+    return None
+
+
+def _exp(x):  # pragma: no cover - replaced by the overload below inside jitted code
+    """exp(x) for x <= 0 (or NaN), vectorisable; see the overload."""
+    raise NotImplementedError
+
+
+# The exponential, for arguments x = x_j - m <= 0 (and NaN, -inf):
+#
+#   1. Clamp: x <- max(x, X_MIN) written as ``X_MIN if x < X_MIN else x`` so that a NaN
+#      passes through (the comparison is false) and -inf becomes X_MIN (whose exp is
+#      flushed to 0 in step 4).
+#   2. Range reduction: k = rint(x * log2(e)),  r = x - k ln2 with |r| <= ln2/2 + tiny.
+#      Cody-Waite: ln2 = LN2_HI + LN2_LO where LN2_HI has trailing zero bits, so k*LN2_HI
+#      is exact for the |k| that occur and r = (x - k*LN2_HI) - k*LN2_LO loses nothing.
+#   3. exp(r) ~ P(r) = 1 + c1 r + ... + cd r^d, Horner with FMA.  The coefficients are
+#      the minimax (Remez, relative error, c0 fixed to 1 so exp(0) == 1 exactly) fit
+#      on [-ln2/2, ln2/2] computed with mpmath at 50 digits:
+#        float32, d = 6: max |P/exp - 1| = 1.98e-9 (0.017 ulp)
+#        float64, d = 11: max |P/exp - 1| = 3.4e-18 (0.03 ulp)
+#      Measured end to end (approximation + float rounding of the evaluation):
+#        float32: exhaustively over every float32 x in [-87, 0]: max error 1.05 ulp
+#                 (a degree-5 polynomial measures 2.01 ulp; see benchmarks/NOTES).
+#        float64: see the notes file for the sampled maximum.
+#   4. 2**k: build the float with biased exponent k + BIAS directly ((k + 127) << 23 for
+#      float32, (k + 1023) << 52 for float64) and bit-cast.  k is first clamped to
+#      K_MIN - 1 below K_MIN, giving exponent field 0, i.e. 2**k == +0.0: results that
+#      would be below ~2**(K_MIN - 0.5) are flushed to exactly 0 (they are < 2e-38 for
+#      float32, < 4e-308 for float64: invisible next to the sum s >= 1, and it keeps
+#      subnormals, which are slow on x86, out of the loops).  The clamp
+#      ``k if k > K_MIN - 1 else K_MIN - 1`` also maps NaN k to a number, so the float ->
+#      int conversion never sees NaN; the NaN still propagates through r and P(r), and
+#      NaN * 0 = NaN.
+#   Result: P(r) * 2**k.   exp(-inf) = 0 exactly, exp(NaN) = NaN, exp(0) = 1 exactly.
+
+
+@overload(_exp, jit_options=_EXP_JIT)
+def _exp_impl(x):
+    if x == types.float32:
+        f = np.float32
+        X_MIN = f(-104.0)
+        LOG2E = f(1.4426950408889634)
+        LN2_HI = f(0.693359375)             # 0x3f318000: 9 significant bits
+        LN2_LO = f(-2.12194440e-4)          # ln2 - LN2_HI
+        C1 = f(1.0000000321837212264)
+        C2 = f(0.49999994205572518698)
+        C3 = f(0.16666431170308225796)
+        C4 = f(0.041668002573200951491)
+        C5 = f(0.0083741633659085793689)
+        C6 = f(0.0013843644148874706763)
+        ONE = f(1.0)
+        K_LOW = f(-126.0)                   # k must be > K_LOW, i.e. k >= -125
+        K_ZERO = f(-127.0)                  # exponent field 0: 2**k -> +0.0
+
+        def impl(x):
+            x = X_MIN if x < X_MIN else x
+            k = np.rint(x * LOG2E)
+            r = x - k * LN2_HI
+            r = r - k * LN2_LO
+            p = C6 * r + C5
+            p = p * r + C4
+            p = p * r + C3
+            p = p * r + C2
+            p = p * r + C1
+            p = p * r + ONE
+            kk = k if k > K_LOW else K_ZERO
+            scale = _bits_to_float(np.int32((np.int32(kk) + 127) << 23))
+            return p * scale
+
+        return impl
+    if x == types.float64:
+        f = np.float64
+        X_MIN = f(-1000.0)
+        LOG2E = f(1.4426950408889634)
+        LN2_HI = f(6.93147180369123816490e-01)   # 0x3fe62e42fee00000: 32 low bits zero
+        LN2_LO = f(1.90821492927058770002e-10)   # ln2 - LN2_HI
+        C2 = f(0.5000000000000012)
+        C3 = f(0.16666666666666216)
+        C4 = f(0.04166666666651771)
+        C5 = f(0.008333333333549863)
+        C6 = f(0.0013888888946386997)
+        C7 = f(0.00019841269436554447)
+        C8 = f(2.4801490598024487e-05)
+        C9 = f(2.755762682108275e-06)
+        C10 = f(2.763104871737513e-07)
+        C11 = f(2.499142007903852e-08)
+        ONE = f(1.0)                             # c0 and c1 (c1 = 1 + 2.4e-17 rounds to 1)
+        K_LOW = f(-1022.0)
+        K_ZERO = f(-1023.0)
+
+        def impl(x):
+            x = X_MIN if x < X_MIN else x
+            k = np.rint(x * LOG2E)
+            r = x - k * LN2_HI
+            r = r - k * LN2_LO
+            p = C11 * r + C10
+            p = p * r + C9
+            p = p * r + C8
+            p = p * r + C7
+            p = p * r + C6
+            p = p * r + C5
+            p = p * r + C4
+            p = p * r + C3
+            p = p * r + C2
+            p = p * r + ONE
+            p = p * r + ONE
+            kk = k if k > K_LOW else K_ZERO
+            scale = _bits_to_float((np.int64(kk) + 1023) << 52)
+            return p * scale
+
+        return impl
+    return None
+
+
+@intrinsic
+def _float_to_bits(typingctx, x):
+    """Reinterpret float32 as int32 (float64 as int64)."""
+    if x == types.float32:
+        sig, lltype = types.int32(x), ir.IntType(32)
+    elif x == types.float64:
+        sig, lltype = types.int64(x), ir.IntType(64)
+    else:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], lltype)
+
+    return sig, codegen
+
+
+def _log(x):  # pragma: no cover - replaced by the overload below inside jitted code
+    """log(x) for positive normal x (or NaN), vectorisable; see the overload."""
+    raise NotImplementedError
+
+
+# The logarithm, for s = sum_j exp(x_j - m) in [1, C] (or NaN) -- vectorisable, used by
+# the small-C path for a whole block of rows at once (np.log is a scalar libm call):
+#   1. x = 2**e * f with f in [sqrt(1/2), sqrt(2)): subtract the bits of sqrt(1/2) from the
+#      bits of x, e = (difference >> mantissa bits), f = bits of (difference's mantissa +
+#      bits of sqrt(1/2)).  Exact.
+#   2. log f = 2 atanh(u),  u = (f - 1) / (f + 1),  |u| <= (sqrt2 - 1)/(sqrt2 + 1) = 0.1716;
+#      2 atanh(u) = 2u + u^3 (2/3 + u^2 (2/5 + ...)), the Taylor series truncated after
+#      u^9 (float32: next term / log f <= 2.0e-9) or u^19 (float64: <= 2.3e-17).
+#      f - 1 is exact (Sterbenz); the division and f + 1 add ~1 ulp.
+#   3. log x = e*LN2_HI + (e*LN2_LO + log f)  (Cody-Waite split again: e*LN2_HI exact).
+#   4. NaN in -> NaN out (explicit select: the bit tricks would make a number of it).
+#   Measured: float32 max error 1.0 ulp on [1, 2**20]; float64 see the notes.
+
+
+@overload(_log, jit_options=_EXP_JIT)
+def _log_impl(x):
+    if x == types.float32:
+        f = np.float32
+        SQRTH = np.int32(0x3F3504F3)        # bits of sqrt(1/2)
+        MANT = np.int32(0x007FFFFF)
+        LN2_HI = f(0.693359375)
+        LN2_LO = f(-2.12194440e-4)
+        ONE = f(1.0)
+        TWO = f(2.0)
+        A1 = f(2.0 / 3.0)
+        A2 = f(2.0 / 5.0)
+        A3 = f(2.0 / 7.0)
+        A4 = f(2.0 / 9.0)
+
+        def impl(x):
+            ix = _float_to_bits(x) - SQRTH
+            e = f(np.int32(ix >> 23))
+            fm = _bits_to_float(np.int32((ix & MANT) + SQRTH))
+            u = (fm - ONE) / (fm + ONE)
+            u2 = u * u
+            q = A4 * u2 + A3
+            q = q * u2 + A2
+            q = q * u2 + A1
+            logf = TWO * u + (u * u2) * q
+            r = e * LN2_HI + (e * LN2_LO + logf)
+            return x if x != x else r
+
+        return impl
+    if x == types.float64:
+        f = np.float64
+        SQRTH = np.int64(0x3FE6A09E667F3BCD)
+        MANT = np.int64(0x000FFFFFFFFFFFFF)
+        LN2_HI = f(6.93147180369123816490e-01)
+        LN2_LO = f(1.90821492927058770002e-10)
+        ONE = f(1.0)
+        TWO = f(2.0)
+        A1 = f(2.0 / 3.0)
+        A2 = f(2.0 / 5.0)
+        A3 = f(2.0 / 7.0)
+        A4 = f(2.0 / 9.0)
+        A5 = f(2.0 / 11.0)
+        A6 = f(2.0 / 13.0)
+        A7 = f(2.0 / 15.0)
+        A8 = f(2.0 / 17.0)
+        A9 = f(2.0 / 19.0)
+
+        def impl(x):
+            ix = _float_to_bits(x) - SQRTH
+            e = f(ix >> 52)
+            fm = _bits_to_float((ix & MANT) + SQRTH)
+            u = (fm - ONE) / (fm + ONE)
+            u2 = u * u
+            q = A9 * u2 + A8
+            q = q * u2 + A7
+            q = q * u2 + A6
+            q = q * u2 + A5
+            q = q * u2 + A4
+            q = q * u2 + A3
+            q = q * u2 + A2
+            q = q * u2 + A1
+            logf = TWO * u + (u * u2) * q
+            r = e * LN2_HI + (e * LN2_LO + logf)
+            return x if x != x else r
+
+        return impl
+    return None
+
+
+@njit(**_JIT)
+def log_array(x, out):
+    """out[i] = _log(x[i]) for a 1-D array (a test hook for the logarithm)."""
+    for i in range(x.shape[0]):
+        out[i] = _log(x[i])
+
+
+@njit(**_JIT)
+def exp_array(x, out):
+    """out[i] = _exp(x[i]) for a 1-D array (a test hook for the exponential)."""
+    for i in range(x.shape[0]):
+        out[i] = _exp(x[i])
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Row passes.  ``xr``, ``gr`` ... are 1-D contiguous views of one row (or segment).
+#    Sums run over blocks of 1024 elements (``xr[j0:j0 + 1024]``: a view with a plain
+#    0-based index, which LLVM vectorises; an index like range(j0, j1) it could not prove
+#    non-negative and turned into gathers).  The block size is a literal, not a tunable:
+#    it is part of the fixed summation order.
+#    The *_ip variants are the in-place versions (grad is logits): they take the one
+#    array, so LLVM sees a single pointer.  Given two arguments that happen to be the
+#    same array, the vectoriser's run-time overlap check fails and the scalar loop runs
+#    (measured 3-4x slower).
+# ---------------------------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def _row_max(xr):
+    """Pass A: m = max_j x_j (NaN ignored; -inf for an all-(-inf)/NaN row)."""
+    m = xr.dtype.type(-np.inf)
+    for j in range(xr.shape[0]):
+        m = _maxnum(m, xr[j])
+    return m
+
+
+@njit(**_JIT)
+def _row_sumexp(xr, m):
+    """Pass B, loss only: s = sum_j exp(x_j - m)."""
+    T = xr.dtype.type
+    s = T(0)
+    for j0 in range(0, xr.shape[0], 1024):
+        xb = xr[j0:j0 + 1024]
+        b = T(0)
+        for j in range(xb.shape[0]):
+            b += _exp(xb[j] - m)
+        s += b
+    return s
+
+
+@njit(**_JIT)
+def _row_sumexp_store(xr, m, gr):
+    """Pass B with gradient: gr_j = e_j = exp(x_j - m), returns s = sum_j e_j."""
+    T = xr.dtype.type
+    s = T(0)
+    for j0 in range(0, xr.shape[0], 1024):
+        xb = xr[j0:j0 + 1024]
+        gb = gr[j0:j0 + 1024]
+        b = T(0)
+        for j in range(xb.shape[0]):
+            e = _exp(xb[j] - m)
+            gb[j] = e
+            b += e
+        s += b
+    return s
+
+
+@njit(**_JIT)
+def _row_sumexp_store_ip(gr, m):
+    """_row_sumexp_store in place: gr_j <- exp(gr_j - m) (x_j read before written)."""
+    T = gr.dtype.type
+    s = T(0)
+    for j0 in range(0, gr.shape[0], 1024):
+        gb = gr[j0:j0 + 1024]
+        b = T(0)
+        for j in range(gb.shape[0]):
+            e = _exp(gb[j] - m)
+            gb[j] = e
+            b += e
+        s += b
+    return s
+
+
+@njit(**_JIT)
+def _row_sumexp_wsum(xr, m, w):
+    """Pass B, sparse + label smoothing, loss only: returns (s, sm) with
+    sm = sum_{w_j > 0} w_j (m - x_j)  (every term >= 0: no cancellation)."""
+    T = xr.dtype.type
+    zero = T(0)
+    s = T(0)
+    sm = T(0)
+    for j0 in range(0, xr.shape[0], 1024):
+        xb = xr[j0:j0 + 1024]
+        wb = w[j0:j0 + 1024]
+        b = T(0)
+        bm = T(0)
+        for j in range(xb.shape[0]):
+            xj = xb[j]
+            b += _exp(xj - m)
+            wj = wb[j]
+            bm += wj * (m - xj) if wj > zero else zero
+        s += b
+        sm += bm
+    return s, sm
+
+
+@njit(**_JIT)
+def _row_sumexp_wsum_store(xr, m, w, gr):
+    """_row_sumexp_wsum, also storing e_j into gr."""
+    T = xr.dtype.type
+    zero = T(0)
+    s = T(0)
+    sm = T(0)
+    for j0 in range(0, xr.shape[0], 1024):
+        xb = xr[j0:j0 + 1024]
+        wb = w[j0:j0 + 1024]
+        gb = gr[j0:j0 + 1024]
+        b = T(0)
+        bm = T(0)
+        for j in range(xb.shape[0]):
+            xj = xb[j]
+            e = _exp(xj - m)
+            gb[j] = e
+            b += e
+            wj = wb[j]
+            bm += wj * (m - xj) if wj > zero else zero
+        s += b
+        sm += bm
+    return s, sm
+
+
+@njit(**_JIT)
+def _row_sumexp_wsum_store_ip(gr, m, w):
+    """_row_sumexp_wsum_store in place."""
+    T = gr.dtype.type
+    zero = T(0)
+    s = T(0)
+    sm = T(0)
+    for j0 in range(0, gr.shape[0], 1024):
+        gb = gr[j0:j0 + 1024]
+        wb = w[j0:j0 + 1024]
+        b = T(0)
+        bm = T(0)
+        for j in range(gb.shape[0]):
+            xj = gb[j]
+            e = _exp(xj - m)
+            gb[j] = e
+            b += e
+            wj = wb[j]
+            bm += wj * (m - xj) if wj > zero else zero
+        s += b
+        sm += bm
+    return s, sm
+
+
+@njit(**_JIT)
+def _row_sumexp_dense(xr, tr, w, one_m_eps, eps_c, m):
+    """Pass B, probability labels, loss only: returns (s, tw, el) with
+    wt_j = w_j ((1 - eps) t_j + eps/C),  tw = sum_j wt_j,
+    el = sum_{wt_j != 0} wt_j (m - x_j)   (a class with wt_j == 0 adds nothing, even
+    where x_j = -inf)."""
+    T = xr.dtype.type
+    zero = T(0)
+    s = T(0)
+    tw = T(0)
+    el = T(0)
+    for j0 in range(0, xr.shape[0], 1024):
+        xb = xr[j0:j0 + 1024]
+        tb = tr[j0:j0 + 1024]
+        wb = w[j0:j0 + 1024]
+        b = T(0)
+        bt = T(0)
+        bl = T(0)
+        for j in range(xb.shape[0]):
+            xj = xb[j]
+            b += _exp(xj - m)
+            wt = wb[j] * (one_m_eps * tb[j] + eps_c)
+            bt += wt
+            bl += wt * (m - xj) if wt != zero else zero
+        s += b
+        tw += bt
+        el += bl
+    return s, tw, el
+
+
+@njit(**_JIT)
+def _row_sumexp_dense_store(xr, tr, w, one_m_eps, eps_c, m, gr):
+    """_row_sumexp_dense, also storing e_j into gr."""
+    T = xr.dtype.type
+    zero = T(0)
+    s = T(0)
+    tw = T(0)
+    el = T(0)
+    for j0 in range(0, xr.shape[0], 1024):
+        xb = xr[j0:j0 + 1024]
+        tb = tr[j0:j0 + 1024]
+        wb = w[j0:j0 + 1024]
+        gb = gr[j0:j0 + 1024]
+        b = T(0)
+        bt = T(0)
+        bl = T(0)
+        for j in range(xb.shape[0]):
+            xj = xb[j]
+            e = _exp(xj - m)
+            gb[j] = e
+            b += e
+            wt = wb[j] * (one_m_eps * tb[j] + eps_c)
+            bt += wt
+            bl += wt * (m - xj) if wt != zero else zero
+        s += b
+        tw += bt
+        el += bl
+    return s, tw, el
+
+
+@njit(**_JIT)
+def _row_sumexp_dense_store_ip(gr, tr, w, one_m_eps, eps_c, m):
+    """_row_sumexp_dense_store in place."""
+    T = gr.dtype.type
+    zero = T(0)
+    s = T(0)
+    tw = T(0)
+    el = T(0)
+    for j0 in range(0, gr.shape[0], 1024):
+        gb = gr[j0:j0 + 1024]
+        tb = tr[j0:j0 + 1024]
+        wb = w[j0:j0 + 1024]
+        b = T(0)
+        bt = T(0)
+        bl = T(0)
+        for j in range(gb.shape[0]):
+            xj = gb[j]
+            e = _exp(xj - m)
+            gb[j] = e
+            b += e
+            wt = wb[j] * (one_m_eps * tb[j] + eps_c)
+            bt += wt
+            bl += wt * (m - xj) if wt != zero else zero
+        s += b
+        tw += bt
+        el += bl
+    return s, tw, el
+
+
+@njit(**_JIT)
+def _row_scale(gr, a):
+    """Pass C: gr_j <- gr_j * a."""
+    for j in range(gr.shape[0]):
+        gr[j] = gr[j] * a
+
+
+@njit(**_JIT)
+def _row_scale_sub(gr, a, bvec):
+    """Pass C: gr_j <- gr_j * a - bvec_j."""
+    for j in range(gr.shape[0]):
+        gr[j] = gr[j] * a - bvec[j]
+
+
+@njit(**_JIT)
+def _row_scale_sub_dense(gr, a, tr, w, one_m_eps, eps_c, gs):
+    """Pass C, probability labels: gr_j <- gr_j * a - wt_j * gs."""
+    for j in range(gr.shape[0]):
+        gr[j] = gr[j] * a - (w[j] * (one_m_eps * tr[j] + eps_c)) * gs
+
+
+@njit(**_JIT)
+def _row_fill(gr, v):
+    for j in range(gr.shape[0]):
+        gr[j] = v
+
+
+@njit(**_JIT)
+def _row_logsm(xr, m, log_s, out):
+    """out_j = (x_j - m) - log s  (= x_j - lse; x_j - m is exact near the max)."""
+    for j in range(xr.shape[0]):
+        out[j] = (xr[j] - m) - log_s
+
+
+@njit(**_JIT)
+def _zterm(z, ls):
+    """z lse^2, exactly 0 when z == 0 (so lse = 1e30 does not give 0 * inf = NaN)."""
+    return (z * ls) * ls if z != 0 else z
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Row-range bodies: rows [r0, r1).  Step numbers refer to the contract's derivation.
+# ---------------------------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def _lse_rows(r0, r1, x, out):
+    # Step 1: m = max x;  s = sum exp(x - m) >= 1;  lse = m + log s.
+    for i in range(r0, r1):
+        xr = x[i]
+        m = _row_max(xr)
+        out[i] = m + np.log(_row_sumexp(xr, m))
+
+
+@njit(**_JIT)
+def _log_softmax_rows(r0, r1, x, out):
+    # log p_j = x_j - lse = (x_j - m) - log s.
+    for i in range(r0, r1):
+        xr = x[i]
+        m = _row_max(xr)
+        _row_logsm(xr, m, np.log(_row_sumexp(xr, m)), out[i])
+
+
+@njit(**_JIT)
+def _softmax_rows(r0, r1, x, out):
+    # p_j = e_j / s: e_j stored in pass B, scaled by 1/s in pass C while in cache.
+    T = x.dtype.type
+    for i in range(r0, r1):
+        orow = out[i]
+        m = _row_max(x[i])
+        s = _row_sumexp_store(x[i], m, orow)
+        _row_scale(orow, T(1) / s)
+
+
+@njit(**_JIT)
+def _sparse_loss_rows(r0, r1, x, labels, w, ignore_index, z, loss, lse):
+    # Step 2, eps = 0:  loss = w_y (lse - x_y) + z lse^2,
+    # with lse - x_y = (m - x_y) + log s.   Ignored rows: loss 0, lse still computed.
+    T = x.dtype.type
+    has_w = w.shape[0] != 0
+    for i in range(r0, r1):
+        xr = x[i]
+        m = _row_max(xr)
+        log_s = np.log(_row_sumexp(xr, m))
+        ls = m + log_s
+        lse[i] = ls
+        y = labels[i]
+        if y == ignore_index:
+            loss[i] = T(0)
+        else:
+            wy = w[y] if has_w else T(1)
+            loss[i] = wy * ((m - xr[y]) + log_s) + _zterm(z, ls)
+
+
+@njit(**_JIT)
+def _sparse_grad_rows(r0, r1, x, labels, w, ignore_index, z, gs, loss, lse, g, inplace):
+    # Step 2, eps = 0, with the gradient (x is g when inplace):
+    #   d loss / d x_j = p_j coef - w_y [j == y],  coef = w_y + 2 z lse,  times gs.
+    # Pass B stores e_j in g; pass C multiplies by a = coef gs / s; then the true class
+    # gets (p_y coef - w_y) gs, p_y = e_y / s, formed in the accumulation dtype.
+    T = x.dtype.type
+    has_w = w.shape[0] != 0
+    for i in range(r0, r1):
+        gr = g[i]
+        y = labels[i]
+        m = _row_max(x[i])
+        if y == ignore_index:
+            lse[i] = m + np.log(_row_sumexp(x[i], m))
+            loss[i] = T(0)
+            _row_fill(gr, T(0))
+            continue
+        xy = x[i, y]                      # read before pass B overwrites it (in place)
+        if inplace:
+            s = _row_sumexp_store_ip(gr, m)
+        else:
+            s = _row_sumexp_store(x[i], m, gr)
+        log_s = np.log(s)
+        ls = m + log_s
+        lse[i] = ls
+        wy = w[y] if has_w else T(1)
+        loss[i] = wy * ((m - xy) + log_s) + _zterm(z, ls)
+        coef = wy + T(2) * z * ls
+        py = gr[y] / s
+        _row_scale(gr, coef * gs / s)
+        gr[y] = (py * coef - wy) * gs
+
+
+@njit(**_JIT)
+def _sparse_smooth_loss_rows(r0, r1, x, labels, w, ignore_index, one_m_eps, eps_c,
+                             w_sum, w_pos, z, loss, lse):
+    # Step 2 with smoothing (w = class weights, ones when the user gave none):
+    #   loss = (1 - eps) w_y (lse - x_y) + (eps/C) sum_c w_c (lse - x_c) + z lse^2, and
+    #   sum_c w_c (lse - x_c) = W+ log s + sum_{w_c>0} w_c (m - x_c) [+ (W - W+) lse]
+    #   with W = w_sum, W+ = w_pos = sum of the positive weights; the bracket follows
+    #   the reference for negative weights (it drops their x_c terms).
+    T = x.dtype.type
+    for i in range(r0, r1):
+        xr = x[i]
+        m = _row_max(xr)
+        s, sm = _row_sumexp_wsum(xr, m, w)
+        log_s = np.log(s)
+        ls = m + log_s
+        lse[i] = ls
+        y = labels[i]
+        if y == ignore_index:
+            loss[i] = T(0)
+            continue
+        smooth = w_pos * log_s + sm
+        if w_sum != w_pos:
+            smooth += (w_sum - w_pos) * ls
+        loss[i] = one_m_eps * w[y] * ((m - xr[y]) + log_s) + eps_c * smooth + _zterm(z, ls)
+
+
+@njit(**_JIT)
+def _sparse_smooth_grad_rows(r0, r1, x, labels, w, bvec, ignore_index, one_m_eps, eps_c,
+                             w_sum, w_pos, z, gs, loss, lse, g, inplace):
+    #   d loss / d x_j = p_j coef - (1 - eps) w_y [j == y] - (eps/C) w_j,  times gs,
+    #   coef = (1 - eps) w_y + eps W / C + 2 z lse;   bvec_j = (eps/C) w_j gs.
+    T = x.dtype.type
+    for i in range(r0, r1):
+        gr = g[i]
+        y = labels[i]
+        m = _row_max(x[i])
+        if y == ignore_index:
+            s, sm = _row_sumexp_wsum(x[i], m, w)
+            lse[i] = m + np.log(s)
+            loss[i] = T(0)
+            _row_fill(gr, T(0))
+            continue
+        xy = x[i, y]
+        if inplace:
+            s, sm = _row_sumexp_wsum_store_ip(gr, m, w)
+        else:
+            s, sm = _row_sumexp_wsum_store(x[i], m, w, gr)
+        log_s = np.log(s)
+        ls = m + log_s
+        lse[i] = ls
+        smooth = w_pos * log_s + sm
+        if w_sum != w_pos:
+            smooth += (w_sum - w_pos) * ls
+        wy = one_m_eps * w[y]
+        loss[i] = wy * ((m - xy) + log_s) + eps_c * smooth + _zterm(z, ls)
+        coef = wy + eps_c * w_sum + T(2) * z * ls
+        py = gr[y] / s
+        _row_scale_sub(gr, coef * gs / s, bvec)
+        gr[y] = (py * coef - wy) * gs - bvec[y]
+
+
+@njit(**_JIT)
+def _dense_loss_rows(r0, r1, x, t, w, one_m_eps, eps_c, z, loss, lse):
+    # Step 3: loss = sum_{wt_c != 0} wt_c (lse - x_c) + z lse^2
+    #              = el + tw log s + z lse^2,   el = sum wt_c (m - x_c), tw = sum wt_c.
+    for i in range(r0, r1):
+        xr = x[i]
+        m = _row_max(xr)
+        s, tw, el = _row_sumexp_dense(xr, t[i], w, one_m_eps, eps_c, m)
+        log_s = np.log(s)
+        ls = m + log_s
+        lse[i] = ls
+        loss[i] = el + tw * log_s + _zterm(z, ls)
+
+
+@njit(**_JIT)
+def _dense_grad_rows(r0, r1, x, t, w, one_m_eps, eps_c, z, gs, loss, lse, g, inplace):
+    #   d loss / d x_j = p_j (tw + 2 z lse) - wt_j,  times gs.
+    T = x.dtype.type
+    for i in range(r0, r1):
+        tr = t[i]
+        gr = g[i]
+        m = _row_max(x[i])
+        if inplace:
+            s, tw, el = _row_sumexp_dense_store_ip(gr, tr, w, one_m_eps, eps_c, m)
+        else:
+            s, tw, el = _row_sumexp_dense_store(x[i], tr, w, one_m_eps, eps_c, m, gr)
+        log_s = np.log(s)
+        ls = m + log_s
+        lse[i] = ls
+        loss[i] = el + tw * log_s + _zterm(z, ls)
+        a = (tw + T(2) * z * ls) * gs / s
+        _row_scale_sub_dense(gr, a, tr, w, one_m_eps, eps_c, gs)
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Parallel drivers: prange over `nchunks` chunks of `chunk` consecutive rows.  Numba
+#    splits the chunk range statically among its threads; a row is always done whole by
+#    one thread, so the result does not depend on the thread count.
+# ---------------------------------------------------------------------------------------
+
+
+@njit(**_PJIT)
+def _lse_par(nchunks, chunk, x, out):
+    n = x.shape[0]
+    for k in prange(nchunks):
+        _lse_rows(k * chunk, min(n, (k + 1) * chunk), x, out)
+
+
+@njit(**_PJIT)
+def _log_softmax_par(nchunks, chunk, x, out):
+    n = x.shape[0]
+    for k in prange(nchunks):
+        _log_softmax_rows(k * chunk, min(n, (k + 1) * chunk), x, out)
+
+
+@njit(**_PJIT)
+def _softmax_par(nchunks, chunk, x, out):
+    n = x.shape[0]
+    for k in prange(nchunks):
+        _softmax_rows(k * chunk, min(n, (k + 1) * chunk), x, out)
+
+
+@njit(**_PJIT)
+def _sparse_loss_par(nchunks, chunk, x, labels, w, ignore_index, z, loss, lse):
+    n = x.shape[0]
+    for k in prange(nchunks):
+        _sparse_loss_rows(k * chunk, min(n, (k + 1) * chunk), x, labels, w, ignore_index,
+                          z, loss, lse)
+
+
+@njit(**_PJIT)
+def _sparse_grad_par(nchunks, chunk, x, labels, w, ignore_index, z, gs, loss, lse, g,
+                     inplace):
+    n = x.shape[0]
+    for k in prange(nchunks):
+        _sparse_grad_rows(k * chunk, min(n, (k + 1) * chunk), x, labels, w, ignore_index,
+                          z, gs, loss, lse, g, inplace)
+
+
+@njit(**_PJIT)
+def _sparse_smooth_loss_par(nchunks, chunk, x, labels, w, ignore_index, one_m_eps, eps_c,
+                            w_sum, w_pos, z, loss, lse):
+    n = x.shape[0]
+    for k in prange(nchunks):
+        _sparse_smooth_loss_rows(k * chunk, min(n, (k + 1) * chunk), x, labels, w,
+                                 ignore_index, one_m_eps, eps_c, w_sum, w_pos, z, loss, lse)
+
+
+@njit(**_PJIT)
+def _sparse_smooth_grad_par(nchunks, chunk, x, labels, w, bvec, ignore_index, one_m_eps,
+                            eps_c, w_sum, w_pos, z, gs, loss, lse, g, inplace):
+    n = x.shape[0]
+    for k in prange(nchunks):
+        _sparse_smooth_grad_rows(k * chunk, min(n, (k + 1) * chunk), x, labels, w, bvec,
+                                 ignore_index, one_m_eps, eps_c, w_sum, w_pos, z, gs,
+                                 loss, lse, g, inplace)
+
+
+@njit(**_PJIT)
+def _dense_loss_par(nchunks, chunk, x, t, w, one_m_eps, eps_c, z, loss, lse):
+    n = x.shape[0]
+    for k in prange(nchunks):
+        _dense_loss_rows(k * chunk, min(n, (k + 1) * chunk), x, t, w, one_m_eps, eps_c, z,
+                         loss, lse)
+
+
+@njit(**_PJIT)
+def _dense_grad_par(nchunks, chunk, x, t, w, one_m_eps, eps_c, z, gs, loss, lse, g,
+                    inplace):
+    n = x.shape[0]
+    for k in prange(nchunks):
+        _dense_grad_rows(k * chunk, min(n, (k + 1) * chunk), x, t, w, one_m_eps, eps_c, z,
+                         gs, loss, lse, g, inplace)
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Small C (c <= SMALL_C_MAX): a row is shorter than a few SIMD registers, so vectorising
+#    along it wastes lanes on remainders, and the per-row overhead (loop set-up, a libm
+#    log call) dominates.  Instead a block of `blk` rows is transposed into a class-major
+#    scratch buffer buf[j, b] = x[b0 + b, j], and every pass runs over b (rows) in SIMD:
+#      max:  m_b = max_j buf[j, b]  (fused with the transpose)
+#      exp:  buf[j, b] = e_jb,  s_b += e_jb;   log: log s_b with the vectorised _log
+#      scale (gradient): g[b0 + b, j] = buf[j, b] * a_b  (fused with the transpose back)
+#    The whole block is read into buf before any of its grad rows is written, so grad may
+#    be logits.  Same formulas as the row bodies; a row's sum runs over j in order.
+#    Scratch (c*blk + a few blk-vectors) is allocated once per chunk.
+# ---------------------------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def _blk_load_max(x, b0, nb, buf, mv):
+    """buf[j, b] = x[b0 + b, j];  mv[b] = max_j x[b0 + b, j].  Loop order j-outer,
+    b-inner (strided reads, unit-stride writes) measured fastest for the transpose."""
+    xs = x[b0:b0 + nb]
+    mb = mv[:nb]
+    for b in range(nb):
+        mb[b] = mv.dtype.type(-np.inf)
+    for j in range(x.shape[1]):
+        bj = buf[j, :nb]
+        for b in range(nb):
+            v = xs[b, j]
+            bj[b] = v
+            mb[b] = _maxnum(mb[b], v)
+
+
+@njit(**_JIT)
+def _blk_load(t, b0, nb, buf):
+    """buf[j, b] = t[b0 + b, j]."""
+    ts = t[b0:b0 + nb]
+    for j in range(t.shape[1]):
+        bj = buf[j, :nb]
+        for b in range(nb):
+            bj[b] = ts[b, j]
+
+
+@njit(**_JIT)
+def _blk_sumexp(buf, nb, mv, sv, lv, store):
+    """sv[b] = sum_j exp(buf[j, b] - mv[b]) (and buf[j, b] <- e_jb when store);
+    lv[b] = log sv[b]."""
+    T = buf.dtype.type
+    mb = mv[:nb]
+    sb = sv[:nb]
+    for b in range(nb):
+        sb[b] = T(0)
+    for j in range(buf.shape[0]):
+        bj = buf[j, :nb]
+        if store:
+            for b in range(nb):
+                e = _exp(bj[b] - mb[b])
+                bj[b] = e
+                sb[b] += e
+        else:
+            for b in range(nb):
+                sb[b] += _exp(bj[b] - mb[b])
+    lb = lv[:nb]
+    for b in range(nb):
+        lb[b] = _log(sb[b])
+
+
+@njit(**_JIT)
+def _blk_wsum(buf, nb, mv, w, smv):
+    """smv[b] = sum_{w_j > 0} w_j (m_b - x_jb)   (before buf is overwritten)."""
+    T = buf.dtype.type
+    zero = T(0)
+    mb = mv[:nb]
+    smb = smv[:nb]
+    for b in range(nb):
+        smb[b] = zero
+    for j in range(buf.shape[0]):
+        wj = w[j]
+        if wj > zero:
+            bj = buf[j, :nb]
+            for b in range(nb):
+                smb[b] += wj * (mb[b] - bj[b])
+
+
+@njit(**_JIT)
+def _blk_scale_store(buf, nb, av, g, b0):
+    """g[b0 + b, j] = buf[j, b] * av[b]."""
+    ab = av[:nb]
+    gs = g[b0:b0 + nb]
+    for j in range(buf.shape[0]):
+        bj = buf[j, :nb]
+        for b in range(nb):
+            gs[b, j] = bj[b] * ab[b]
+
+
+@njit(**_JIT)
+def _small_lse_rows(r0, r1, x, out, blk):
+    c = x.shape[1]
+    T = x.dtype.type
+    buf = np.empty((c, blk), T)
+    mv = np.empty(blk, T)
+    sv = np.empty(blk, T)
+    lv = np.empty(blk, T)
+    for b0 in range(r0, r1, blk):
+        nb = min(blk, r1 - b0)
+        _blk_load_max(x, b0, nb, buf, mv)
+        _blk_sumexp(buf, nb, mv, sv, lv, False)
+        ob = out[b0:b0 + nb]
+        for b in range(nb):
+            ob[b] = mv[b] + lv[b]
+
+
+@njit(**_JIT)
+def _small_log_softmax_rows(r0, r1, x, out, blk):
+    c = x.shape[1]
+    T = x.dtype.type
+    buf = np.empty((c, blk), T)
+    mv = np.empty(blk, T)
+    sv = np.empty(blk, T)
+    lv = np.empty(blk, T)
+    for b0 in range(r0, r1, blk):
+        nb = min(blk, r1 - b0)
+        _blk_load_max(x, b0, nb, buf, mv)
+        _blk_sumexp(buf, nb, mv, sv, lv, False)
+        for b in range(nb):
+            _row_logsm(x[b0 + b], mv[b], lv[b], out[b0 + b])
+
+
+@njit(**_JIT)
+def _small_softmax_rows(r0, r1, x, out, blk):
+    c = x.shape[1]
+    T = x.dtype.type
+    buf = np.empty((c, blk), T)
+    mv = np.empty(blk, T)
+    sv = np.empty(blk, T)
+    lv = np.empty(blk, T)
+    for b0 in range(r0, r1, blk):
+        nb = min(blk, r1 - b0)
+        _blk_load_max(x, b0, nb, buf, mv)
+        _blk_sumexp(buf, nb, mv, sv, lv, True)
+        for b in range(nb):
+            sv[b] = T(1) / sv[b]
+        _blk_scale_store(buf, nb, sv, out, b0)
+
+
+@njit(**_JIT)
+def _small_sparse_rows(r0, r1, x, labels, w, bvec, ignore_index, one_m_eps, eps_c, w_sum,
+                       w_pos, smooth, z, gs, loss, lse, g, want_grad, blk):
+    """Small-C index labels, every option (formulas of _sparse_grad_rows and
+    _sparse_smooth_grad_rows).  smooth: eps > 0, then w is a full weight vector and
+    bvec_j = (eps/C) w_j gs; otherwise w may be empty (no weights)."""
+    c = x.shape[1]
+    T = x.dtype.type
+    has_w = w.shape[0] != 0
+    buf = np.empty((c, blk), T)
+    mv = np.empty(blk, T)
+    sv = np.empty(blk, T)
+    lv = np.empty(blk, T)
+    smv = np.empty(blk, T)
+    av = np.empty(blk, T)
+    fix = np.empty(blk, T)
+    for b0 in range(r0, r1, blk):
+        nb = min(blk, r1 - b0)
+        _blk_load_max(x, b0, nb, buf, mv)
+        if smooth:
+            _blk_wsum(buf, nb, mv, w, smv)
+        _blk_sumexp(buf, nb, mv, sv, lv, want_grad)
+        for b in range(nb):
+            i = b0 + b
+            y = labels[i]
+            m = mv[b]
+            s = sv[b]
+            log_s = lv[b]
+            ls = m + log_s
+            lse[i] = ls
+            if y == ignore_index:
+                loss[i] = T(0)
+                av[b] = T(0)
+                continue
+            xy = x[i, y]                    # this block's grad rows are not written yet
+            wy = (w[y] if has_w else T(1)) * one_m_eps
+            el = wy * ((m - xy) + log_s) + _zterm(z, ls)
+            coef = wy + T(2) * z * ls
+            if smooth:
+                sm = w_pos * log_s + smv[b]
+                if w_sum != w_pos:
+                    sm += (w_sum - w_pos) * ls
+                el += eps_c * sm
+                coef += eps_c * w_sum
+            loss[i] = el
+            if want_grad:
+                av[b] = coef * gs / s
+                fix[b] = (buf[y, b] / s * coef - wy) * gs
+        if not want_grad:
+            continue
+        _blk_scale_store(buf, nb, av, g, b0)
+        for b in range(nb):
+            i = b0 + b
+            y = labels[i]
+            gr = g[i]
+            if y == ignore_index:
+                _row_fill(gr, T(0))          # also for a NaN row (0 * NaN is NaN)
+            elif smooth:
+                for j in range(c):
+                    gr[j] -= bvec[j]
+                gr[y] = fix[b] - bvec[y]
+            else:
+                gr[y] = fix[b]
+
+
+@njit(**_JIT)
+def _small_dense_rows(r0, r1, x, t, w, one_m_eps, eps_c, z, gs, loss, lse, g, want_grad,
+                      blk):
+    """Small-C probability labels (formulas of _dense_grad_rows)."""
+    c = x.shape[1]
+    T = x.dtype.type
+    zero = T(0)
+    buf = np.empty((c, blk), T)
+    tbuf = np.empty((c, blk), T)
+    mv = np.empty(blk, T)
+    sv = np.empty(blk, T)
+    lv = np.empty(blk, T)
+    twv = np.empty(blk, T)
+    elv = np.empty(blk, T)
+    av = np.empty(blk, T)
+    for b0 in range(r0, r1, blk):
+        nb = min(blk, r1 - b0)
+        _blk_load_max(x, b0, nb, buf, mv)
+        _blk_load(t, b0, nb, tbuf)
+        mb = mv[:nb]
+        twb = twv[:nb]
+        elb = elv[:nb]
+        for b in range(nb):
+            twb[b] = zero
+            elb[b] = zero
+        for j in range(c):
+            wj = w[j]
+            bj = buf[j, :nb]
+            tj = tbuf[j, :nb]
+            for b in range(nb):
+                wt = wj * (one_m_eps * tj[b] + eps_c)
+                tj[b] = wt
+                twb[b] += wt
+                elb[b] += wt * (mb[b] - bj[b]) if wt != zero else zero
+        _blk_sumexp(buf, nb, mv, sv, lv, want_grad)
+        for b in range(nb):
+            i = b0 + b
+            log_s = lv[b]
+            ls = mv[b] + log_s
+            lse[i] = ls
+            loss[i] = elb[b] + twb[b] * log_s + _zterm(z, ls)
+            av[b] = (twb[b] + T(2) * z * ls) * gs / sv[b]
+        if not want_grad:
+            continue
+        ab = av[:nb]
+        gsl = g[b0:b0 + nb]
+        for j in range(c):
+            bj = buf[j, :nb]
+            tj = tbuf[j, :nb]
+            for b in range(nb):
+                gsl[b, j] = bj[b] * ab[b] - tj[b] * gs
+
+
+@njit(**_PJIT)
+def _small_lse_par(nchunks, chunk, x, out, blk):
+    n = x.shape[0]
+    for k in prange(nchunks):
+        _small_lse_rows(k * chunk, min(n, (k + 1) * chunk), x, out, blk)
+
+
+@njit(**_PJIT)
+def _small_log_softmax_par(nchunks, chunk, x, out, blk):
+    n = x.shape[0]
+    for k in prange(nchunks):
+        _small_log_softmax_rows(k * chunk, min(n, (k + 1) * chunk), x, out, blk)
+
+
+@njit(**_PJIT)
+def _small_softmax_par(nchunks, chunk, x, out, blk):
+    n = x.shape[0]
+    for k in prange(nchunks):
+        _small_softmax_rows(k * chunk, min(n, (k + 1) * chunk), x, out, blk)
+
+
+@njit(**_PJIT)
+def _small_sparse_par(nchunks, chunk, x, labels, w, bvec, ignore_index, one_m_eps, eps_c,
+                      w_sum, w_pos, smooth, z, gs, loss, lse, g, want_grad, blk):
+    n = x.shape[0]
+    for k in prange(nchunks):
+        _small_sparse_rows(k * chunk, min(n, (k + 1) * chunk), x, labels, w, bvec,
+                           ignore_index, one_m_eps, eps_c, w_sum, w_pos, smooth, z, gs,
+                           loss, lse, g, want_grad, blk)
+
+
+@njit(**_PJIT)
+def _small_dense_par(nchunks, chunk, x, t, w, one_m_eps, eps_c, z, gs, loss, lse, g,
+                     want_grad, blk):
+    n = x.shape[0]
+    for k in prange(nchunks):
+        _small_dense_rows(k * chunk, min(n, (k + 1) * chunk), x, t, w, one_m_eps, eps_c, z,
+                          gs, loss, lse, g, want_grad, blk)
+
+
+# ---------------------------------------------------------------------------------------
+# 7. Split rows (n <= SPLIT_MAX_ROWS, c >= SPLIT_MIN_C): fewer rows than cores, so every
+#    row is cut into `nseg` segments of `seglen` (nseg = SPLIT_SEGMENTS: a constant) and
+#    the (row, segment) tasks run in parallel:
+#      phase 1  m_ip = max over segment p;   m_i = max_p m_ip  (max is exact: any order)
+#      phase 2  s_ip = sum over segment p of exp(x - m_i)  (e stored when needed);
+#               s_i = sum_p s_ip, p ascending (fixed order);  lse_i = m_i + log s_i
+#      phase 3  per-row scalars (serial, n values), then the scaling pass per segment.
+# ---------------------------------------------------------------------------------------
+
+
+@njit(**_PJIT)
+def _seg_max_par(x, seglen, nseg, mseg):
+    n, c = x.shape
+    for task in prange(n * nseg):
+        i = task // nseg
+        p = task - i * nseg
+        mseg[i, p] = _row_max(x[i, p * seglen:min(c, (p + 1) * seglen)])
+
+
+@njit(**_PJIT)
+def _seg_sumexp_par(x, m, seglen, nseg, sseg, g, mode):
+    """mode 0: sums only;  1: also e -> g;  2: in place (g is x; only g is used)."""
+    n, c = x.shape
+    for task in prange(n * nseg):
+        i = task // nseg
+        p = task - i * nseg
+        lo = p * seglen
+        hi = min(c, lo + seglen)
+        if mode == 0:
+            sseg[i, p] = _row_sumexp(x[i, lo:hi], m[i])
+        elif mode == 1:
+            sseg[i, p] = _row_sumexp_store(x[i, lo:hi], m[i], g[i, lo:hi])
+        else:
+            sseg[i, p] = _row_sumexp_store_ip(g[i, lo:hi], m[i])
+
+
+@njit(**_PJIT)
+def _seg_scale_par(g, a, seglen, nseg):
+    n, c = g.shape
+    for task in prange(n * nseg):
+        i = task // nseg
+        p = task - i * nseg
+        _row_scale(g[i, p * seglen:min(c, (p + 1) * seglen)], a[i])
+
+
+@njit(**_PJIT)
+def _seg_logsm_par(x, m, log_s, seglen, nseg, out):
+    n, c = x.shape
+    for task in prange(n * nseg):
+        i = task // nseg
+        p = task - i * nseg
+        lo = p * seglen
+        hi = min(c, lo + seglen)
+        _row_logsm(x[i, lo:hi], m[i], log_s[i], out[i, lo:hi])
+
+
+@njit(**_JIT)
+def _seg_combine(sseg, m, log_s, lse):
+    """s_i = sum_p s_ip in segment order; fills log_s and lse, returns s."""
+    n, nseg = sseg.shape
+    T = sseg.dtype.type
+    s = np.empty(n, sseg.dtype)
+    for i in range(n):
+        acc = T(0)
+        for p in range(nseg):
+            acc += sseg[i, p]
+        s[i] = acc
+        log_s[i] = np.log(acc)
+        lse[i] = m[i] + log_s[i]
+    return s
+
+
+@njit(**_JIT)
+def _seg_rowmax(mseg, m):
+    n, nseg = mseg.shape
+    for i in range(n):
+        acc = mseg.dtype.type(-np.inf)
+        for p in range(nseg):
+            acc = _maxnum(acc, mseg[i, p])
+        m[i] = acc
+
+
+@njit(**_JIT)
+def _split_sparse_scalars(labels, w, ignore_index, z, gs, m, s, log_s, xy, loss, a):
+    """Per-row loss and scale factor a_i = coef gs / s of _sparse_grad_rows, for the
+    split path (xy[i] = x[i, y_i], read before phase 2)."""
+    T = m.dtype.type
+    has_w = w.shape[0] != 0
+    for i in range(m.shape[0]):
+        y = labels[i]
+        ls = m[i] + log_s[i]
+        if y == ignore_index:
+            loss[i] = T(0)
+            a[i] = T(0)
+            continue
+        wy = w[y] if has_w else T(1)
+        loss[i] = wy * ((m[i] - xy[i]) + log_s[i]) + _zterm(z, ls)
+        a[i] = (wy + T(2) * z * ls) * gs / s[i]
+
+
+@njit(**_JIT)
+def _split_sparse_fix(labels, ignore_index, z, gs, m, s, log_s, w, g, ey):
+    """True class after the scaling pass: g[i, y] = (p_y coef - w_y) gs, p_y = e_y / s
+    with e_y saved before scaling; ignored rows are zeroed."""
+    T = m.dtype.type
+    has_w = w.shape[0] != 0
+    for i in range(m.shape[0]):
+        y = labels[i]
+        if y == ignore_index:
+            _row_fill(g[i], T(0))
+            continue
+        ls = m[i] + log_s[i]
+        wy = w[y] if has_w else T(1)
+        coef = wy + T(2) * z * ls
+        g[i, y] = (ey[i] / s[i] * coef - wy) * gs
+
+
+# ---------------------------------------------------------------------------------------
+# 8. Public kernels (plain Python): choose the path, convert scalars to the accumulation
+#    dtype (so no float64 constant sneaks into float32 arithmetic), call.
+# ---------------------------------------------------------------------------------------
+
+
+def _chunking(n: int, c: int):
+    """(nchunks, rows per chunk), or None for the serial path.  Depends on the shape only;
+    a row is never split across chunks, so chunking never changes results."""
+    if n * c <= SERIAL_MAX_ELEMS or n == 1:
+        return None
+    if c <= SMALL_C_MAX:
+        chunk = max(SMALL_C_BLOCK,
+                    (SMALL_C_CHUNK_ELEMS // c) // SMALL_C_BLOCK * SMALL_C_BLOCK)
+    else:
+        chunk = max(1, CHUNK_ELEMS // c)
+    return (n + chunk - 1) // chunk, chunk
+
+
+def _split(n: int, c: int):
+    """(seglen, nseg) for the split path, or None."""
+    if n > SPLIT_MAX_ROWS or c < SPLIT_MIN_C or n * c <= SERIAL_MAX_ELEMS:
+        return None
+    seglen = -(-c // SPLIT_SEGMENTS)
+    return seglen, -(-c // seglen)
+
+
+def _is_inplace(x: np.ndarray, g) -> bool:
+    """True when g is x (in place).  Any other overlap is outside the contract."""
+    if g is None:
+        return False
+    if g is x or (g.__array_interface__["data"][0] == x.__array_interface__["data"][0]
+                  and g.shape == x.shape and g.strides == x.strides):
+        return True
+    if np.shares_memory(x, g):
+        raise ValueError("grad/out overlaps the logits without being the same array; "
+                         "pass the logits array itself for an in-place call, or a "
+                         "separate array")
+    return False
+
+
+def _split_lse(x, sp, store=None):
+    """Phases 1-2 of the split path: (m, s, log_s, lse); e stored into `store`."""
+    n = x.shape[0]
+    seglen, nseg = sp
+    T = x.dtype
+    mseg = np.empty((n, nseg), T)
+    sseg = np.empty((n, nseg), T)
+    m = np.empty(n, T)
+    log_s = np.empty(n, T)
+    lse = np.empty(n, T)
+    _seg_max_par(x, seglen, nseg, mseg)
+    _seg_rowmax(mseg, m)
+    if store is None:
+        _seg_sumexp_par(x, m, seglen, nseg, sseg, x, 0)
+    elif store is x:
+        _seg_sumexp_par(x, m, seglen, nseg, sseg, x, 2)
+    else:
+        _seg_sumexp_par(x, m, seglen, nseg, sseg, store, 1)
+    s = _seg_combine(sseg, m, log_s, lse)
+    return m, s, log_s, lse
+
+
+def logsumexp(x, out):
+    n, c = x.shape
+    sp = _split(n, c)
+    if sp is not None:
+        out[...] = _split_lse(x, sp)[3]
+        return
+    ch = _chunking(n, c)
+    if c <= SMALL_C_MAX:
+        if ch is None:
+            _small_lse_rows(0, n, x, out, SMALL_C_BLOCK)
+        else:
+            _small_lse_par(ch[0], ch[1], x, out, SMALL_C_BLOCK)
+    elif ch is None:
+        _lse_rows(0, n, x, out)
+    else:
+        _lse_par(ch[0], ch[1], x, out)
+
+
+def log_softmax(x, out):
+    n, c = x.shape
+    if _is_inplace(x, out):
+        x = x.copy()
+    sp = _split(n, c)
+    if sp is not None:
+        m, _, log_s, _ = _split_lse(x, sp)
+        _seg_logsm_par(x, m, log_s, sp[0], sp[1], out)
+        return
+    ch = _chunking(n, c)
+    if c <= SMALL_C_MAX:
+        if ch is None:
+            _small_log_softmax_rows(0, n, x, out, SMALL_C_BLOCK)
+        else:
+            _small_log_softmax_par(ch[0], ch[1], x, out, SMALL_C_BLOCK)
+    elif ch is None:
+        _log_softmax_rows(0, n, x, out)
+    else:
+        _log_softmax_par(ch[0], ch[1], x, out)
+
+
+def softmax(x, out):
+    n, c = x.shape
+    if _is_inplace(x, out):
+        x = x.copy()
+    sp = _split(n, c)
+    if sp is not None:
+        _, s, _, _ = _split_lse(x, sp, store=out)
+        _seg_scale_par(out, (1 / s).astype(x.dtype), sp[0], sp[1])
+        return
+    ch = _chunking(n, c)
+    if c <= SMALL_C_MAX:
+        if ch is None:
+            _small_softmax_rows(0, n, x, out, SMALL_C_BLOCK)
+        else:
+            _small_softmax_par(ch[0], ch[1], x, out, SMALL_C_BLOCK)
+    elif ch is None:
+        _softmax_rows(0, n, x, out)
+    else:
+        _softmax_par(ch[0], ch[1], x, out)
+
+
+def _sparse_split(x, labels, w, ii, z, gs, loss, lse, grad, inplace, sp):
+    n = x.shape[0]
+    kept = labels != ii
+    xy = np.zeros(n, x.dtype)
+    xy[kept] = x[np.nonzero(kept)[0], labels[kept]]        # before phase 2 (in place)
+    store = None if grad is None else (x if inplace else grad)
+    m, s, log_s, row_lse = _split_lse(x, sp, store=store)
+    lse[...] = row_lse
+    a = np.empty(n, x.dtype)
+    _split_sparse_scalars(labels, w, ii, z, gs, m, s, log_s, xy, loss, a)
+    if grad is None:
+        return
+    ey = np.zeros(n, x.dtype)
+    ey[kept] = grad[np.nonzero(kept)[0], labels[kept]]      # e_y, before scaling
+    _seg_scale_par(grad, a, sp[0], sp[1])
+    _split_sparse_fix(labels, ii, z, gs, m, s, log_s, w, grad, ey)
+
+
+def _sparse_small(x, labels, w, ii, eps, z, gs, loss, lse, grad, ch):
+    n, c = x.shape
+    T = x.dtype.type
+    smooth = bool(eps != 0)
+    if smooth:
+        if w.shape[0] == 0:
+            w = np.ones(c, dtype=T)
+        one_m_eps = T(1) - eps
+        eps_c = eps / T(c)
+        w_sum = w.sum(dtype=T)
+        w_pos = w[w > 0].sum(dtype=T)
+        bvec = (w * (eps_c * gs)).astype(T)
+    else:
+        one_m_eps, eps_c, w_sum, w_pos = T(1), T(0), T(0), T(0)
+        bvec = np.empty(0, dtype=T)
+    want_grad = grad is not None
+    g = grad if want_grad else np.empty((0, 0), dtype=T)
+    if ch is None:
+        _small_sparse_rows(0, n, x, labels, w, bvec, ii, one_m_eps, eps_c, w_sum, w_pos,
+                           smooth, z, gs, loss, lse, g, want_grad, SMALL_C_BLOCK)
+    else:
+        _small_sparse_par(ch[0], ch[1], x, labels, w, bvec, ii, one_m_eps, eps_c, w_sum,
+                          w_pos, smooth, z, gs, loss, lse, g, want_grad, SMALL_C_BLOCK)
+
+
+def sparse(logits, labels, weight, ignore_index, label_smoothing, z_loss, grad_scale,
+           loss, lse, grad):
+    n, c = logits.shape
+    T = np.dtype(logits.dtype).type
+    inplace = _is_inplace(logits, grad)
+    ii = np.int64(ignore_index)
+    eps = T(label_smoothing)
+    z = T(z_loss)
+    gs = T(grad_scale)
+    w = np.ascontiguousarray(weight, dtype=T)
+    if c <= SMALL_C_MAX:
+        _sparse_small(logits, labels, w, ii, eps, z, gs, loss, lse, grad, _chunking(n, c))
+        return
+    if eps == 0:
+        sp = _split(n, c)
+        if sp is not None:
+            _sparse_split(logits, labels, w, ii, z, gs, loss, lse, grad, inplace, sp)
+            return
+    ch = _chunking(n, c)
+    if eps == 0:
+        if grad is None:
+            if ch is None:
+                _sparse_loss_rows(0, n, logits, labels, w, ii, z, loss, lse)
+            else:
+                _sparse_loss_par(ch[0], ch[1], logits, labels, w, ii, z, loss, lse)
+        elif ch is None:
+            _sparse_grad_rows(0, n, logits, labels, w, ii, z, gs, loss, lse, grad, inplace)
+        else:
+            _sparse_grad_par(ch[0], ch[1], logits, labels, w, ii, z, gs, loss, lse, grad,
+                             inplace)
+        return
+    # label smoothing: a full weight vector (ones when the user gave none)
+    if w.shape[0] == 0:
+        w = np.ones(c, dtype=T)
+    one_m_eps = T(1) - eps
+    eps_c = eps / T(c)
+    w_sum = w.sum(dtype=T)
+    w_pos = w[w > 0].sum(dtype=T)
+    if grad is None:
+        if ch is None:
+            _sparse_smooth_loss_rows(0, n, logits, labels, w, ii, one_m_eps, eps_c, w_sum,
+                                     w_pos, z, loss, lse)
+        else:
+            _sparse_smooth_loss_par(ch[0], ch[1], logits, labels, w, ii, one_m_eps, eps_c,
+                                    w_sum, w_pos, z, loss, lse)
+        return
+    bvec = (w * (eps_c * gs)).astype(T)
+    if ch is None:
+        _sparse_smooth_grad_rows(0, n, logits, labels, w, bvec, ii, one_m_eps, eps_c,
+                                 w_sum, w_pos, z, gs, loss, lse, grad, inplace)
+    else:
+        _sparse_smooth_grad_par(ch[0], ch[1], logits, labels, w, bvec, ii, one_m_eps,
+                                eps_c, w_sum, w_pos, z, gs, loss, lse, grad, inplace)
+
+
+def dense(logits, labels, weight, label_smoothing, z_loss, grad_scale, loss, lse, grad):
+    n, c = logits.shape
+    T = np.dtype(logits.dtype).type
+    inplace = _is_inplace(logits, grad)
+    t = labels if labels.dtype == logits.dtype else labels.astype(T)
+    if grad is not None and np.shares_memory(t, grad):
+        t = t.copy()                     # grad must not overwrite the labels we read
+    z = T(z_loss)
+    gs = T(grad_scale)
+    w = np.ascontiguousarray(weight, dtype=T)
+    if w.shape[0] == 0:
+        w = np.ones(c, dtype=T)
+    eps = T(label_smoothing)
+    one_m_eps = T(1) - eps
+    eps_c = eps / T(c)
+    ch = _chunking(n, c)
+    if c <= SMALL_C_MAX:
+        want_grad = grad is not None
+        g = grad if want_grad else np.empty((0, 0), dtype=T)
+        if ch is None:
+            _small_dense_rows(0, n, logits, t, w, one_m_eps, eps_c, z, gs, loss, lse, g,
+                              want_grad, SMALL_C_BLOCK)
+        else:
+            _small_dense_par(ch[0], ch[1], logits, t, w, one_m_eps, eps_c, z, gs, loss,
+                             lse, g, want_grad, SMALL_C_BLOCK)
+    elif grad is None:
+        if ch is None:
+            _dense_loss_rows(0, n, logits, t, w, one_m_eps, eps_c, z, loss, lse)
+        else:
+            _dense_loss_par(ch[0], ch[1], logits, t, w, one_m_eps, eps_c, z, loss, lse)
+    elif ch is None:
+        _dense_grad_rows(0, n, logits, t, w, one_m_eps, eps_c, z, gs, loss, lse, grad,
+                         inplace)
+    else:
+        _dense_grad_par(ch[0], ch[1], logits, t, w, one_m_eps, eps_c, z, gs, loss, lse,
+                        grad, inplace)
