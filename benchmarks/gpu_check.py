@@ -61,6 +61,10 @@ except ImportError:  # run from a source checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import xentfast
 
+# A module global (the CUDA simulator swaps ``cuda`` in a kernel's globals); reading
+# NUMBA_ENABLE_CUDASIM happens here, so set it before running this script.
+from numba import cuda
+
 SHAPES = ((65_536, 1_000), (32_768, 32_000), (4_096, 128_000))
 SMOKE_SHAPES = ((8, 40), (3, 300))
 TARGETS = {"copy_fraction_small_c": 0.75, "copy_fraction_128k": 0.55, "vs_torch": 2.0}
@@ -191,8 +195,6 @@ def _fill_kernel():
     """A counter-hash filler (compiled once): logits uniform in [-4, 4), labels in [0, C)."""
     global _FILL
     if _FILL is None:
-        from numba import cuda
-
         from xentfast.backends import _cuda_kernels as K
 
         @K.jit()
@@ -227,7 +229,9 @@ def device_inputs(n: int, c: int, dtype, seed: int = 0):
     x = cuda.device_array((n, c), dtype=dtype)
     y = cuda.device_array(n, dtype=np.int64)
     blocks = min(65_535, max(1, (n * c + 255) // 256))
-    _fill_kernel()[blocks, 256](x, y, np.uint64(seed))
+    from xentfast.backends._cuda_kernels import launch
+
+    launch(_fill_kernel(), blocks, 256, x, y, np.uint64(seed))
     cuda.synchronize()
     return x, y
 
@@ -352,12 +356,13 @@ def time_shape(n: int, c: int, dtype, warmup: int, reps: int, report: Report,
     add("xentfast api", "loss", lambda: xf.cross_entropy(x, y), "mean")
 
     if sweep:
+        stream_shapes = [(t, u) for t in (256, 512, 1024) for u in (4, 8)]
         for path in ("warp", "block", "stream"):
             for words in ((20, 32) if path != "stream" else (32,)):
-                for threads in ((256, 512, 1024) if path == "stream" else (None,)):
+                for threads, unroll in (stream_shapes if path == "stream" else [(None, None)]):
                     changes = {"force_path": path, "max_cached_words": words}
                     if threads:
-                        changes["stream_threads"] = threads
+                        changes.update(stream_threads=threads, stream_unroll=unroll)
                     try:
                         with B.tuning(**changes):
                             p = B.plan(c, acc, False)
@@ -369,7 +374,7 @@ def time_shape(n: int, c: int, dtype, warmup: int, reps: int, report: Report,
                             B.sparse(x, y, w0, -100, 0.0, 0.0, 1.0 / n, loss, lse, grad)
 
                     add(f"sweep {path}", "loss+grad", run,
-                        f"{p.team}x{p.vpt} threads={p.threads} words={words}")
+                        f"team {p.team} x vpt/unroll {p.vpt}, threads={p.threads}, words={words}")
 
     torch, why = _torch()
     if torch is None:

@@ -20,8 +20,20 @@ import zlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before any TensorFlow import
 
+import warnings
+
 import numpy as np
 import pytest
+
+# Hypothesis imports libcst lazily when it reports a failure, and libcst triggers a
+# DeprecationWarning from mypy_extensions; under filterwarnings=error that turns a
+# failing example into an INTERNALERROR that hides it.  Import it now, warnings off.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    try:
+        import hypothesis.extra._patching  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the installed extras
+        pass
 
 import xentfast
 from xentfast import _dispatch

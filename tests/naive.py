@@ -128,7 +128,7 @@ def _rows(a: np.ndarray, axis: int):
     """(list of rows as lists of Python floats, batch shape) with ``axis`` last."""
     moved = np.moveaxis(np.asarray(a), axis, -1)
     batch_shape = moved.shape[:-1]
-    flat = moved.astype(np.float64).reshape(-1, moved.shape[-1])
+    flat = moved.astype(np.float64).reshape(int(np.prod(batch_shape)), moved.shape[-1])
     return flat.tolist(), batch_shape
 
 
@@ -300,19 +300,26 @@ def keras_sparse(y_true, y_pred, *, from_logits=False, ignore_class=None, axis=-
 def keras_reduce(values, sample_weight=None, mask=None, reduction="sum_over_batch_size"):
     """Keras ``Loss.__call__``: weight by sample_weight and the mask, then reduce.
 
-    With a mask and a mean-like reduction Keras scales kept entries by
+    As Keras does: an (N, 1) sample_weight turns rank-1 losses into (N, 1); the
+    "mean_with_sample_weight" divisor is the sum of the weights as given (a scalar
+    weight counts once), or of mask * weight when there is a mask.  With a mask and a mean-like reduction Keras scales kept entries by
     ``size / (kept + epsilon)`` so that the mean runs over the kept entries.
     """
     values = np.asarray(values, dtype=np.float64)
+    sw = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if sw is not None and sw.ndim == values.ndim + 1 and sw.shape[-1] == 1:
+        if values.ndim == 1:
+            values = values[:, None]  # Keras expands rank-1 losses to (N, 1)
+        else:
+            sw = sw.reshape(sw.shape[:-1])
     flat = values.reshape(-1).tolist()
     n = len(flat)
     weights = [1.0] * n
     have_weight = False
-    if sample_weight is not None:
-        sw = np.asarray(sample_weight, dtype=np.float64)
-        if sw.ndim == values.ndim + 1 and sw.shape[-1] == 1:
-            sw = sw.reshape(sw.shape[:-1])
+    divisor_weights: list[float] = []
+    if sw is not None:
         weights = np.broadcast_to(sw, values.shape).reshape(-1).tolist()
+        divisor_weights = sw.reshape(-1).tolist()  # Keras: sum of the weights as given
         have_weight = True
     if mask is not None:
         m = [1.0 if bool(v) else 0.0 for v in np.asarray(mask).reshape(-1).tolist()]
@@ -320,6 +327,7 @@ def keras_reduce(values, sample_weight=None, mask=None, reduction="sum_over_batc
             factor = n / (math.fsum(m) + KERAS_EPSILON)
             m = [v * factor for v in m]
         weights = [a * b for a, b in zip(weights, m)]
+        divisor_weights = weights
         have_weight = True
     weighted = [v * w for v, w in zip(flat, weights)]
     if reduction in (None, "none") or values.ndim == 0 or values.shape == (0,):
@@ -328,7 +336,7 @@ def keras_reduce(values, sample_weight=None, mask=None, reduction="sum_over_batc
     if reduction == "sum":
         return total
     if reduction == "mean_with_sample_weight" and have_weight:
-        divisor = math.fsum(weights)
+        divisor = math.fsum(divisor_weights)
     else:
         divisor = float(n)
     return total / divisor if divisor else 0.0

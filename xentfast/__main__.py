@@ -279,6 +279,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Show xentfast's configuration, check every backend against the NumPy "
                     "reference, and time it against plain NumPy and the installed peers "
                     "(PyTorch, TensorFlow, JAX). With no command: all three.",
+        epilog="examples:\n  python -m xentfast check --backends cpu\n"
+               "  python -m xentfast bench --shape 8192 50257 --ops loss+grad --rounds 3\n"
+               "  python -m xentfast bench --shape 4096 32000 --threads 1 --json > out.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--no-timing", action="store_true",
                         help="skip the timing table (configuration and self-check only)")
@@ -297,7 +301,7 @@ def _parser() -> argparse.ArgumentParser:
                     "the np.copyto roofline, each contender in its own process.")
     bench.add_argument("--shape", nargs=2, type=int, metavar=("N", "C"),
                        default=list(_bench.QUICK_SHAPE),
-                       help="rows and classes (default: %(default)s)")
+                       help="rows and classes (default: %d %d)" % _bench.QUICK_SHAPE)
     bench.add_argument("--ops", nargs="+", choices=_bench.ALL_OPS, default=list(_bench.OPS),
                        help="operations (default: loss loss+grad)")
     bench.add_argument("--dtype", choices=_bench.DTYPES, default="float32")

@@ -93,7 +93,9 @@ def _cross_entropy(
 
     y = arrays.asarray(labels)
     if labels_as_probabilities and tuple(y.shape) == shape and y.dtype.kind in "iub":
-        y = y.astype(call.compute_dtype)  # TF casts one-hot labels to the logits' dtype
+        # TF casts one-hot labels to the logits' dtype; to_rows casts any array kind
+        # (Numba device arrays have no .astype), the reshape restores the layout.
+        y = arrays.to_rows(y, len(shape) - 1, call.compute_dtype).reshape(shape)
     kind = _validate.label_kind(np.dtype(y.dtype), tuple(y.shape), shape, axis)
     if labels_as_probabilities and kind != "dense":
         raise ValueError(

@@ -14,6 +14,12 @@ import numpy as np
 from . import _validate
 
 
+def _class_axis_last(x: np.ndarray, axis: int) -> np.ndarray:
+    """``np.moveaxis(x, axis, -1)``, skipped when it is already last (the common case:
+    moveaxis costs more than the whole call on small inputs)."""
+    return x if axis == x.ndim - 1 else np.moveaxis(x, axis, -1)
+
+
 def accumulation_dtype(dtype: np.dtype) -> np.dtype:
     """float64 arithmetic for float64 data, float32 for everything narrower."""
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
@@ -35,7 +41,7 @@ class HostArrays:
         No copy when ``x`` already has that layout and dtype; otherwise exactly one.
         Byte-swapped input comes out in native order.
         """
-        moved = np.moveaxis(x, axis, -1)
+        moved = _class_axis_last(x, axis)
         rows = np.ascontiguousarray(moved, dtype=dtype)
         return rows.reshape(-1, moved.shape[-1])
 
@@ -110,21 +116,21 @@ class HostArrays:
     def from_rows(rows: np.ndarray, batch_shape, axis: int, dtype: np.dtype, like):
         """Inverse of ``to_rows``: shape back, class axis back to ``axis``, in ``dtype``."""
         shaped = rows.reshape(tuple(batch_shape) + rows.shape[1:])
-        if rows.ndim == 2:
+        if rows.ndim == 2 and axis != shaped.ndim - 1:
             shaped = np.moveaxis(shaped, -1, axis)
         return shaped.astype(dtype, copy=False)
 
     @staticmethod
     def rows_view(target: np.ndarray, axis: int, dtype: np.dtype):
         """A writeable (n, c) view of ``target`` the kernel can fill, or None."""
-        moved = np.moveaxis(target, axis, -1)
+        moved = _class_axis_last(target, axis)
         if target.dtype != dtype or not moved.flags.c_contiguous or not target.flags.writeable:
             return None
         return moved.reshape(-1, moved.shape[-1])
 
     @staticmethod
     def write_back(target: np.ndarray, rows: np.ndarray, axis: int) -> None:
-        moved = np.moveaxis(target, axis, -1)
+        moved = _class_axis_last(target, axis)
         np.copyto(moved, rows.reshape(moved.shape), casting="same_kind")
 
     @staticmethod

@@ -395,7 +395,7 @@ class Contender:
         Rows of kind ``"peer"`` define the "x best peer" column; ``"roofline"`` rows
         define "% of copy".
     summary : str
-        What exactly is called, for the tables' legend.
+        What exactly is called, for the timing table's legend.
     build : callable
         ``build(case, logits, labels) -> fn``; ``fn()`` does one timed call.
     ops : tuple of str
@@ -1150,6 +1150,9 @@ def format_time_table(records: Sequence[dict[str, Any]]) -> str:
     legend = ("\nms: median across rounds of each process's median; GB/s: (logits read + labels "
               "read + gradient written) / time; x best peer: fastest peer's time / this time; "
               "% of copy: this GB/s / np.copyto's GB/s (read + write).")
+    shown = dict.fromkeys(r["contender"] for r in records if r["status"] == "ok")
+    legend += "\n\nContenders:\n" + "\n".join(
+        f"- {name}: {registry[name].summary}" for name in shown)
     return table + legend + ("\n\nNot measured:\n" + "\n".join(notes) if notes else "")
 
 
@@ -1163,7 +1166,7 @@ def format_memory_table(records: Sequence[dict[str, Any]]) -> str:
                              f"{r['status']}: {r['reason']}")
             continue
         logits = r["n"] * r["c"] * np.dtype(r["dtype"]).itemsize
-        temporaries = r["extra_peak_bytes"] - r["outputs_bytes"]
+        temporaries = max(r["extra_peak_bytes"] - r["outputs_bytes"], 0)  # page rounding
         rows.append([
             f"{r['n']}x{r['c']}", r["op"], r["contender"], f"{r['inputs_bytes'] / 1e6:.0f}",
             f"{r['outputs_bytes'] / 1e6:.0f}", f"{r['extra_peak_bytes'] / 1e6:.0f}"

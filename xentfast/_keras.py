@@ -139,10 +139,20 @@ def _reduce(values: np.ndarray, sample_weight, mask, reduction):
     values = np.asarray(values)
     dtype = values.dtype
     weight = None
+    divisor_weight = None  # what "mean_with_sample_weight" divides by the sum of
     if sample_weight is not None:
         weight = np.asarray(sample_weight, dtype=dtype)
         if weight.ndim == values.ndim + 1 and weight.shape[-1] == 1:
-            weight = weight.reshape(weight.shape[:-1])
+            if values.ndim == 1:
+                # Keras (squeeze_or_expand_to_same_rank) expands rank-1 losses to the
+                # weight's (N, 1), which is the shape reduction="none" then returns.
+                values = values[:, None]
+                if mask is not None:
+                    mask = np.asarray(mask).reshape(values.shape)
+            else:
+                weight = weight.reshape(weight.shape[:-1])
+        # Keras sums sample_weight as given, before broadcasting: a scalar counts once.
+        divisor_weight = weight
         try:
             weight = np.broadcast_to(weight, values.shape)
         except ValueError:
@@ -158,6 +168,7 @@ def _reduce(values: np.ndarray, sample_weight, mask, reduction):
             total = mask.size
             mask = mask * (total / (mask.sum() + EPSILON))
         weight = mask if weight is None else mask * weight
+        divisor_weight = weight
     if weight is not None:
         values = values * weight
     if reduction in (None, "none") or values.ndim == 0 or values.shape == (0,):
@@ -166,7 +177,7 @@ def _reduce(values: np.ndarray, sample_weight, mask, reduction):
     if reduction == "sum":
         return dtype.type(loss)
     if reduction == "mean_with_sample_weight" and weight is not None:
-        divisor = float(np.sum(weight, dtype=np.float64))
+        divisor = float(np.sum(divisor_weight, dtype=np.float64))
     else:
         divisor = float(values.size)
     return dtype.type(loss / divisor if divisor else 0.0)

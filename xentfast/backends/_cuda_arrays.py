@@ -41,7 +41,7 @@ from numba import cuda
 
 from .. import _validate
 from .._arrays import HOST
-from ._cuda_kernels import INT64_MAX, SIMULATED, jit, prologue
+from ._cuda_kernels import INT64_MAX, SIMULATED, jit, launch, prologue
 
 if SIMULATED:
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _NumbaArray
@@ -73,6 +73,11 @@ def as_numba(obj):
     """A Numba view of a device array (no copy); see the module docstring for streams."""
     if _is_numba(obj):
         return obj
+    if not hasattr(obj, "__cuda_array_interface__"):
+        raise TypeError(
+            f"expected a CUDA device array (Numba, CuPy, PyTorch CUDA); got {type(obj).__name__}. "
+            "The public functions copy NumPy input to the device; the kernels do not"
+        )
     if SIMULATED:  # pragma: no cover - the simulator only has its own arrays
         raise TypeError(f"the CUDA simulator cannot read {type(obj).__name__} arrays")
     if hasattr(obj, "detach") and getattr(obj, "requires_grad", False):
@@ -200,7 +205,7 @@ def copy_into(src, dst) -> None:
         src, dst = _view(src, (1,), (src.dtype.itemsize,)), _view(dst, (1,), (dst.dtype.itemsize,))
     kernel = _copy_kernel(src.ndim)
     blocks = min((total + COPY_THREADS - 1) // COPY_THREADS, 65536 if not SIMULATED else 8)
-    kernel[blocks, COPY_THREADS](src, dst, np.int64(total))
+    launch(kernel, blocks, COPY_THREADS, src, dst, np.int64(total))
 
 
 def contiguous(a, dtype=None):
@@ -334,14 +339,26 @@ def _first_negative(values, first):
         first[b] = sh[0]
 
 
-_DUMMY: dict = {}
+def device_key() -> int:
+    """The current CUDA device (allocations belong to one device)."""
+    return 0 if SIMULATED else cuda.current_context().device.id
+
+
+_DUMMIES: dict = {}
+
+
+def dummy(dtype, ndim: int = 1, size: int = 1):
+    """A tiny device array standing in for an argument a kernel variant never reads
+    (``size=0``: the empty weight vector meaning "no class weights"); one per device."""
+    key = (device_key(), np.dtype(dtype).str, ndim, size)
+    d = _DUMMIES.get(key)
+    if d is None:
+        d = _DUMMIES.setdefault(key, _empty((size,) * ndim, dtype))
+    return d
 
 
 def _dummy(dtype):
-    key = np.dtype(dtype).str
-    if key not in _DUMMY:
-        _DUMMY[key] = _empty(1, dtype)
-    return _DUMMY[key]
+    return dummy(dtype)
 
 
 def device_total(values) -> float:
@@ -350,8 +367,8 @@ def device_total(values) -> float:
         return 0.0
     blocks = _reduce_grid(n)
     partials = _empty(blocks, np.float64)
-    _sum_partials[blocks, REDUCE_THREADS](values, _dummy(np.int64), _dummy(np.float64),
-                                           np.int64(0), np.int64(0), partials)
+    launch(_sum_partials, blocks, REDUCE_THREADS, values, _dummy(np.int64), _dummy(np.float64),
+           np.int64(0), np.int64(0), partials)
     host = partials.copy_to_host()
     total = 0.0
     for p in host:  # fixed order
@@ -365,8 +382,8 @@ def device_weight_total(labels, weight, ignore_index: int) -> float:
         return 0.0
     blocks = _reduce_grid(n)
     partials = _empty(blocks, np.float64)
-    _sum_partials[blocks, REDUCE_THREADS](_dummy(np.float64), labels, weight,
-                                           np.int64(ignore_index), np.int64(1), partials)
+    launch(_sum_partials, blocks, REDUCE_THREADS, _dummy(np.float64), labels, weight,
+           np.int64(ignore_index), np.int64(1), partials)
     host = partials.copy_to_host()
     total = 0.0
     for p in host:
@@ -379,7 +396,7 @@ def device_first_negative(labels) -> int:
     n = labels.shape[0]
     blocks = _reduce_grid(n)
     out = _empty(blocks, np.int64)
-    _first_negative[blocks, REDUCE_THREADS](labels, out)
+    launch(_first_negative, blocks, REDUCE_THREADS, labels, out)
     bad = int(out.copy_to_host().min())
     return -1 if bad == INT64_MAX else bad
 
@@ -391,8 +408,8 @@ def device_scan(labels, num_classes: int, ignore_index: int) -> tuple[int, int]:
         return -1, 0
     blocks = _reduce_grid(n)
     out = _empty((2, blocks), np.int64)
-    _scan_labels[blocks, REDUCE_THREADS](labels, np.int64(num_classes), np.int64(ignore_index),
-                                         out[0], out[1])
+    launch(_scan_labels, blocks, REDUCE_THREADS, labels, np.int64(num_classes),
+           np.int64(ignore_index), out[0], out[1])
     host = out.copy_to_host()
     bad = int(host[0].min())
     return (-1 if bad == INT64_MAX else bad), int(host[1].sum())

@@ -29,12 +29,12 @@ The vector passes live in C (``_xfrows.h``, ``_fastexp.h``): a vectorisable exp/
 identical at any thread count), and on x86-64 Linux ``target_clones`` copies for
 AVX2+FMA and AVX-512.
 
-Short rows (c <= _SMALL_C, e.g. 10 classes) are too short to vectorise along, so a
-block of up to _BLOCK_ELEMS elements (_BLOCK_ROWS rows at most) is handled together:
-per-row maxima, then ONE flat exp over the whole contiguous block (the row max
-broadcast per element), then per-row sums, then one vectorised log over the block's
-sums.  The per-row arithmetic is identical to the long-row path (same exp, same lanes
-for the sum), so the block size never changes a result.
+Short rows (c <= XF_SMALL_C = 64, e.g. 10 classes) are too short to vectorise along,
+so XF_TILE = 16 consecutive rows are copied into a class-major tile and every pass runs
+"vertically", one SIMD lane per row: max, exp, sum and log for 16 rows at once, no
+horizontal reductions; the gradient is scaled while being copied back row-major.  The
+same numbered steps, on a different layout.  Per-row arithmetic never depends on which
+tile or thread a row is in.
 
 Inputs with fewer than _PAR_MIN_ELEMS elements run on the calling thread only (an
 OpenMP fork/join costs more than such a call).  Thread-safety: kernels hold no state
@@ -58,7 +58,7 @@ from cython.parallel cimport prange
 from libc.stdint cimport int64_t
 from libc.stddef cimport ptrdiff_t
 from libc.string cimport memset
-from libc.math cimport NAN
+from libc.math cimport NAN, log, logf
 
 import numpy as np
 
@@ -69,26 +69,12 @@ ctypedef fused floating:
 
 cdef extern from "_xfrows.h" nogil:
     int XF_MULTIVERSIONED
-    # inline (baseline ISA) helpers, for the short-row block path
-    float xfi_rowmax_f(const float *x, ptrdiff_t n)
-    double xfi_rowmax_d(const double *x, ptrdiff_t n)
-    float xfi_rowsum_f(const float *e, ptrdiff_t n)
-    double xfi_rowsum_d(const double *e, ptrdiff_t n)
-    float xfi_wdist_f(const float *x, const float *w, ptrdiff_t n, float m)
-    double xfi_wdist_d(const double *x, const double *w, ptrdiff_t n, double m)
-    void xfi_dense_sums_f(const float *x, const float *t, const float *w, ptrdiff_t n,
-                          float m, float keep, float add, float *A, float *B)
-    void xfi_dense_sums_d(const double *x, const double *t, const double *w, ptrdiff_t n,
-                          double m, double keep, double add, double *A, double *B)
-    void xfi_scale_f(float *g, ptrdiff_t n, float a)
-    void xfi_scale_d(double *g, ptrdiff_t n, double a)
-    void xfi_scale_sub_f(float *g, const float *w, ptrdiff_t n, float a, float b)
-    void xfi_scale_sub_d(double *g, const double *w, ptrdiff_t n, double a, double b)
-    void xfi_dense_grad_f(float *g, const float *t, const float *w, ptrdiff_t n,
-                          float a, float sc, float keep, float add)
-    void xfi_dense_grad_d(double *g, const double *t, const double *w, ptrdiff_t n,
-                          double a, double sc, double keep, double add)
-    # out-of-line, multiversioned: long rows and whole blocks
+    enum:
+        XF_TILE            # rows per tile of short rows (16)
+        XF_SMALL_C         # rows of at most this many classes use tiles (64)
+    float xf_logf(float s)
+    double xf_log_d_(double s)
+    # long rows: one pass over one row per call
     float xf_rowmax_f(const float *x, ptrdiff_t n)
     double xf_rowmax_d(const double *x, ptrdiff_t n)
     float xf_expsum_f(const float *x, ptrdiff_t n, float m)
@@ -111,42 +97,66 @@ cdef extern from "_xfrows.h" nogil:
                          double a, double sc, double keep, double add)
     void xf_sub_f(const float *x, float *out, ptrdiff_t n, float v)
     void xf_sub_d(const double *x, double *out, ptrdiff_t n, double v)
-    void xf_block_exp_f(const float *x, float *e, ptrdiff_t rows, ptrdiff_t c,
-                        const float *m, float *mb)
-    void xf_block_exp_d(const double *x, double *e, ptrdiff_t rows, ptrdiff_t c,
-                        const double *m, double *mb)
-    void xf_block_log_f(const float *s, float *out, ptrdiff_t rows)
-    void xf_block_log_d(const double *s, double *out, ptrdiff_t rows)
-    float xf_logf(float s)
-    double xf_log_d_(double s)
+    # short rows: XF_TILE rows at a time, class-major tiles
+    void xf_tile_load_f(const float *x, float *tile, ptrdiff_t rows, ptrdiff_t c)
+    void xf_tile_load_d(const double *x, double *tile, ptrdiff_t rows, ptrdiff_t c)
+    void xf_tile_max_f(const float *tile, ptrdiff_t c, float *m)
+    void xf_tile_max_d(const double *tile, ptrdiff_t c, double *m)
+    void xf_tile_expsum_f(float *tile, ptrdiff_t c, const float *m, float *s)
+    void xf_tile_expsum_d(double *tile, ptrdiff_t c, const double *m, double *s)
+    void xf_tile_wdist_f(const float *tile, const float *w, ptrdiff_t c, const float *m,
+                         float *A)
+    void xf_tile_wdist_d(const double *tile, const double *w, ptrdiff_t c, const double *m,
+                         double *A)
+    void xf_tile_dense_sums_f(const float *tx, const float *tt, const float *w, ptrdiff_t c,
+                              const float *m, float keep, float add, float *A, float *B)
+    void xf_tile_dense_sums_d(const double *tx, const double *tt, const double *w,
+                              ptrdiff_t c, const double *m, double keep, double add,
+                              double *A, double *B)
+    void xf_tile_log_f(const float *s, float *out)
+    void xf_tile_log_d(const double *s, double *out)
+    void xf_tile_store_f(const float *tile, float *g, ptrdiff_t rows, ptrdiff_t c,
+                         const float *a, float b, const float *w)
+    void xf_tile_store_d(const double *tile, double *g, ptrdiff_t rows, ptrdiff_t c,
+                         const double *a, double b, const double *w)
+    void xf_tile_store_dense_f(const float *te, const float *tt, float *g, ptrdiff_t rows,
+                               ptrdiff_t c, const float *a, float sc, float keep, float add,
+                               const float *w)
+    void xf_tile_store_dense_d(const double *te, const double *tt, double *g,
+                               ptrdiff_t rows, ptrdiff_t c, const double *a, double sc,
+                               double keep, double add, const double *w)
+    void xf_rows_sub_f(const float *x, float *out, ptrdiff_t rows, ptrdiff_t c,
+                       const float *v)
+    void xf_rows_sub_d(const double *x, double *out, ptrdiff_t rows, ptrdiff_t c,
+                       const double *v)
 
 
-# Tunables (compile-time constants, not module globals; see NOTES_cython_kernels.md).
+# Tunables: compile-time constants, not module globals (see NOTES_cython_kernels.md).
 cdef enum:
-    _SMALL_C = 64            # rows of at most this many classes take the block path
-    _BLOCK_ELEMS = 2048      # elements per block of short rows (fits L1 with scratch)
-    _BLOCK_ROWS = 256        # rows per block at most (sizes the per-row scratch)
     _PAR_MIN_ELEMS = 32768   # below this many elements one thread does the whole call
 
 MULTIVERSIONED = bool(XF_MULTIVERSIONED)
-SMALL_C = _SMALL_C
-BLOCK_ELEMS = _BLOCK_ELEMS
+SMALL_C = XF_SMALL_C
+TILE_ROWS = XF_TILE
 PAR_MIN_ELEMS = _PAR_MIN_ELEMS
 
 
-# ---- typed dispatch onto the C helpers (resolved at compile time per specialisation) ----
+# ---- typed dispatch onto the C functions (resolved at compile time per specialisation) ----
 
 cdef inline floating _log(floating s) noexcept nogil:
+    # One log per long row: libm's (< 1 ulp, and a much shorter dependency chain than
+    # the polynomial of xf_logf compiled for baseline SSE2 without FMA, which made the
+    # per-row tail latency-bound).  Tiles use the vectorised xf_logf on 16 rows at once.
     if floating is float:
-        return xf_logf(s)
+        return logf(s)
     else:
-        return xf_log_d_(s)
+        return log(s)
 
-cdef inline floating _rowmax(const floating *x, Py_ssize_t n, bint small) noexcept nogil:
+cdef inline floating _rowmax(const floating *x, Py_ssize_t n) noexcept nogil:
     if floating is float:
-        return xfi_rowmax_f(x, n) if small else xf_rowmax_f(x, n)
+        return xf_rowmax_f(x, n)
     else:
-        return xfi_rowmax_d(x, n) if small else xf_rowmax_d(x, n)
+        return xf_rowmax_d(x, n)
 
 cdef inline floating _expsum(const floating *x, Py_ssize_t n, floating m) noexcept nogil:
     if floating is float:
@@ -161,71 +171,41 @@ cdef inline floating _expsum_store(const floating *x, floating *e, Py_ssize_t n,
     else:
         return xf_expsum_store_d(x, e, n, m)
 
-cdef inline floating _rowsum(const floating *e, Py_ssize_t n) noexcept nogil:
-    if floating is float:
-        return xfi_rowsum_f(e, n)
-    else:
-        return xfi_rowsum_d(e, n)
-
 cdef inline floating _wdist(const floating *x, const floating *w, Py_ssize_t n,
-                            floating m, bint small) noexcept nogil:
+                            floating m) noexcept nogil:
     if floating is float:
-        return xfi_wdist_f(x, w, n, m) if small else xf_wdist_f(x, w, n, m)
+        return xf_wdist_f(x, w, n, m)
     else:
-        return xfi_wdist_d(x, w, n, m) if small else xf_wdist_d(x, w, n, m)
+        return xf_wdist_d(x, w, n, m)
 
 cdef inline void _dense_sums(const floating *x, const floating *t, const floating *w,
                              Py_ssize_t n, floating m, floating keep, floating add,
-                             floating *A, floating *B, bint small) noexcept nogil:
+                             floating *A, floating *B) noexcept nogil:
     if floating is float:
-        if small:
-            xfi_dense_sums_f(x, t, w, n, m, keep, add, A, B)
-        else:
-            xf_dense_sums_f(x, t, w, n, m, keep, add, A, B)
+        xf_dense_sums_f(x, t, w, n, m, keep, add, A, B)
     else:
-        if small:
-            xfi_dense_sums_d(x, t, w, n, m, keep, add, A, B)
-        else:
-            xf_dense_sums_d(x, t, w, n, m, keep, add, A, B)
+        xf_dense_sums_d(x, t, w, n, m, keep, add, A, B)
 
-cdef inline void _scale(floating *g, Py_ssize_t n, floating a, bint small) noexcept nogil:
+cdef inline void _scale(floating *g, Py_ssize_t n, floating a) noexcept nogil:
     if floating is float:
-        if small:
-            xfi_scale_f(g, n, a)
-        else:
-            xf_scale_f(g, n, a)
+        xf_scale_f(g, n, a)
     else:
-        if small:
-            xfi_scale_d(g, n, a)
-        else:
-            xf_scale_d(g, n, a)
+        xf_scale_d(g, n, a)
 
 cdef inline void _scale_sub(floating *g, const floating *w, Py_ssize_t n, floating a,
-                            floating b, bint small) noexcept nogil:
+                            floating b) noexcept nogil:
     if floating is float:
-        if small:
-            xfi_scale_sub_f(g, w, n, a, b)
-        else:
-            xf_scale_sub_f(g, w, n, a, b)
+        xf_scale_sub_f(g, w, n, a, b)
     else:
-        if small:
-            xfi_scale_sub_d(g, w, n, a, b)
-        else:
-            xf_scale_sub_d(g, w, n, a, b)
+        xf_scale_sub_d(g, w, n, a, b)
 
 cdef inline void _dense_grad(floating *g, const floating *t, const floating *w, Py_ssize_t n,
-                             floating a, floating sc, floating keep, floating add,
-                             bint small) noexcept nogil:
+                             floating a, floating sc, floating keep,
+                             floating add) noexcept nogil:
     if floating is float:
-        if small:
-            xfi_dense_grad_f(g, t, w, n, a, sc, keep, add)
-        else:
-            xf_dense_grad_f(g, t, w, n, a, sc, keep, add)
+        xf_dense_grad_f(g, t, w, n, a, sc, keep, add)
     else:
-        if small:
-            xfi_dense_grad_d(g, t, w, n, a, sc, keep, add)
-        else:
-            xf_dense_grad_d(g, t, w, n, a, sc, keep, add)
+        xf_dense_grad_d(g, t, w, n, a, sc, keep, add)
 
 cdef inline void _sub(const floating *x, floating *out, Py_ssize_t n, floating v) noexcept nogil:
     if floating is float:
@@ -233,29 +213,74 @@ cdef inline void _sub(const floating *x, floating *out, Py_ssize_t n, floating v
     else:
         xf_sub_d(x, out, n, v)
 
-cdef inline void _block_exp(const floating *x, floating *e, Py_ssize_t rows, Py_ssize_t c,
-                            const floating *m, floating *mb) noexcept nogil:
+cdef inline void _tile_load(const floating *x, floating *tile, Py_ssize_t rows,
+                            Py_ssize_t c) noexcept nogil:
     if floating is float:
-        xf_block_exp_f(x, e, rows, c, m, mb)
+        xf_tile_load_f(x, tile, rows, c)
     else:
-        xf_block_exp_d(x, e, rows, c, m, mb)
+        xf_tile_load_d(x, tile, rows, c)
 
-cdef inline void _block_log(const floating *s, floating *out, Py_ssize_t rows) noexcept nogil:
+cdef inline void _tile_max(const floating *tile, Py_ssize_t c, floating *m) noexcept nogil:
     if floating is float:
-        xf_block_log_f(s, out, rows)
+        xf_tile_max_f(tile, c, m)
     else:
-        xf_block_log_d(s, out, rows)
+        xf_tile_max_d(tile, c, m)
+
+cdef inline void _tile_expsum(floating *tile, Py_ssize_t c, const floating *m,
+                              floating *s) noexcept nogil:
+    if floating is float:
+        xf_tile_expsum_f(tile, c, m, s)
+    else:
+        xf_tile_expsum_d(tile, c, m, s)
+
+cdef inline void _tile_wdist(const floating *tile, const floating *w, Py_ssize_t c,
+                             const floating *m, floating *A) noexcept nogil:
+    if floating is float:
+        xf_tile_wdist_f(tile, w, c, m, A)
+    else:
+        xf_tile_wdist_d(tile, w, c, m, A)
+
+cdef inline void _tile_dense_sums(const floating *tx, const floating *tt, const floating *w,
+                                  Py_ssize_t c, const floating *m, floating keep,
+                                  floating add, floating *A, floating *B) noexcept nogil:
+    if floating is float:
+        xf_tile_dense_sums_f(tx, tt, w, c, m, keep, add, A, B)
+    else:
+        xf_tile_dense_sums_d(tx, tt, w, c, m, keep, add, A, B)
+
+cdef inline void _tile_log(const floating *s, floating *out) noexcept nogil:
+    if floating is float:
+        xf_tile_log_f(s, out)
+    else:
+        xf_tile_log_d(s, out)
+
+cdef inline void _tile_store(const floating *tile, floating *g, Py_ssize_t rows, Py_ssize_t c,
+                             const floating *a, floating b, const floating *w) noexcept nogil:
+    if floating is float:
+        xf_tile_store_f(tile, g, rows, c, a, b, w)
+    else:
+        xf_tile_store_d(tile, g, rows, c, a, b, w)
+
+cdef inline void _tile_store_dense(const floating *te, const floating *tt, floating *g,
+                                   Py_ssize_t rows, Py_ssize_t c, const floating *a,
+                                   floating sc, floating keep, floating add,
+                                   const floating *w) noexcept nogil:
+    if floating is float:
+        xf_tile_store_dense_f(te, tt, g, rows, c, a, sc, keep, add, w)
+    else:
+        xf_tile_store_dense_d(te, tt, g, rows, c, a, sc, keep, add, w)
+
+cdef inline void _rows_sub(const floating *x, floating *out, Py_ssize_t rows, Py_ssize_t c,
+                           const floating *v) noexcept nogil:
+    if floating is float:
+        xf_rows_sub_f(x, out, rows, c, v)
+    else:
+        xf_rows_sub_d(x, out, rows, c, v)
 
 
 cdef inline Py_ssize_t _rows_per_block(Py_ssize_t c) noexcept nogil:
-    """1 for long rows; for short rows as many as fit _BLOCK_ELEMS (<= _BLOCK_ROWS)."""
-    cdef Py_ssize_t r
-    if c > _SMALL_C:
-        return 1
-    if c <= 0:
-        return _BLOCK_ROWS
-    r = _BLOCK_ELEMS // c
-    return _BLOCK_ROWS if r > _BLOCK_ROWS else (r if r > 0 else 1)
+    """1 for long rows (one row per prange iteration), a tile of XF_TILE for short."""
+    return XF_TILE if c <= XF_SMALL_C else 1
 
 
 cdef inline void _zero_row(floating *g, Py_ssize_t c) noexcept nogil:
@@ -315,7 +340,7 @@ cdef Py_ssize_t _sparse_rows(const floating *X, floating *G, Py_ssize_t c,
             if G != NULL:
                 _zero_row(G + r * c, c)
             continue
-        m = _rowmax(x, c, False)                       # pass 1
+        m = _rowmax(x, c)                       # pass 1
         if y == ignore:
             lse[r] = m + _log(_expsum(x, c, m))        # pass 2, loss-only
             loss[r] = 0
@@ -325,7 +350,7 @@ cdef Py_ssize_t _sparse_rows(const floating *X, floating *G, Py_ssize_t c,
         xy = x[y]                                      # read before x may be overwritten
         A = 0
         if eps != 0:
-            A = _wdist(x, W, c, m, False)              # pass 1b
+            A = _wdist(x, W, c, m)              # pass 1b
         if G != NULL:
             g = G + r * c
             s = _expsum_store(x, g, c, m)              # pass 2: g_j = e_j (g may be x)
@@ -346,9 +371,9 @@ cdef Py_ssize_t _sparse_rows(const floating *X, floating *G, Py_ssize_t c,
             ey = g[y]
             a = coef * sc / s
             if eps != 0:
-                _scale_sub(g, W, c, a, sc * eps_c, False)
+                _scale_sub(g, W, c, a, sc * eps_c)
             else:
-                _scale(g, c, a, False)
+                _scale(g, c, a)
             gy = ey / s * coef - keep * wy
             if eps != 0:
                 gy = gy - eps_c * wy
@@ -356,86 +381,79 @@ cdef Py_ssize_t _sparse_rows(const floating *X, floating *G, Py_ssize_t c,
     return bad
 
 
-cdef Py_ssize_t _sparse_block(const floating *X, floating *G, Py_ssize_t c,
-                              const char *lab, Py_ssize_t lab_stride, int64_t ignore,
-                              const floating *W, floating Wsum, floating eps, floating z,
-                              floating sc, floating *loss, floating *lse,
-                              Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
-    """Short rows r0..r1 (at most _BLOCK_ROWS rows, _BLOCK_ELEMS elements): same
-    arithmetic as _sparse_rows, with pass 2's exp done flat over the block."""
-    cdef floating mv[_BLOCK_ROWS]
-    cdef floating sv[_BLOCK_ROWS]
-    cdef floating lsv[_BLOCK_ROWS]
-    cdef floating xyv[_BLOCK_ROWS]
-    cdef floating Av[_BLOCK_ROWS]
-    cdef int64_t yv[_BLOCK_ROWS]          # label, or -1 ignored, -2 bad
-    cdef floating ebuf[_BLOCK_ELEMS]
-    cdef floating mb[_BLOCK_ELEMS]
+cdef Py_ssize_t _sparse_tile(const floating *X, floating *G, Py_ssize_t c,
+                             const char *lab, Py_ssize_t lab_stride, int64_t ignore,
+                             const floating *W, floating Wsum, floating eps, floating z,
+                             floating sc, floating *loss, floating *lse,
+                             Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
+    """Short rows r0..r1 (at most XF_TILE of them): the same steps as _sparse_rows,
+    run on a class-major tile, one SIMD lane per row (see _xfrows_tmpl.h)."""
+    cdef floating tile[XF_SMALL_C * XF_TILE]
+    cdef floating mv[XF_TILE]
+    cdef floating sv[XF_TILE]
+    cdef floating lsv[XF_TILE]
+    cdef floating Av[XF_TILE]
+    cdef floating av[XF_TILE]
+    cdef floating gyv[XF_TILE]
+    cdef int64_t yv[XF_TILE]              # the label, or -1 ignored, -2 out of range
     cdef Py_ssize_t i, nr = r1 - r0, bad = 0
     cdef int64_t y
-    cdef const floating *x
-    cdef floating *e
-    cdef floating *g
-    cdef floating s, ls, l_se, wy, l, coef, a, ey, gy
+    cdef floating s, ls, l_se, wy, l, coef, gy
     cdef floating keep = 1 - eps
     cdef floating eps_c = eps / c
-    mv[0] = 0                                          # (nr >= 1; quiets -Wmaybe-uninitialized)
-    for i in range(nr):                                # pass 1 (+1b), row by row
-        x = X + (r0 + i) * c
+    _tile_load(X + r0 * c, tile, nr, c)
+    _tile_max(tile, c, mv)                             # pass 1
+    if eps != 0:
+        _tile_wdist(tile, W, c, mv, Av)                # pass 1b
+    for i in range(nr):                                # labels and x_y, before pass 3
         y = (<const int64_t *>(lab + (r0 + i) * lab_stride))[0]
-        mv[i] = _rowmax(x, c, True)
         if y == ignore:
             yv[i] = -1
-        elif y < 0 or y >= c:
+        elif y < 0 or y >= c:                          # never index with it
             yv[i] = -2
             bad += 1
         else:
             yv[i] = y
-            xyv[i] = x[y]
-            if eps != 0:
-                Av[i] = _wdist(x, W, c, mv[i], True)
-    e = G + r0 * c if G != NULL else ebuf
-    _block_exp(X + r0 * c, e, nr, c, mv, mb)           # pass 2: the exps, flat
-    for i in range(nr):
-        sv[i] = _rowsum(e + i * c, c)                  # pass 2: the sums, same lanes
-    _block_log(sv, lsv, nr)
-    for i in range(nr):
+            gyv[i] = X[(r0 + i) * c + y]               # x_y (X may become G in pass 3)
+    _tile_expsum(tile, c, mv, sv)                      # pass 2: e in the tile, s
+    _tile_log(sv, lsv)
+    for i in range(nr):                                # losses, pass-3 coefficients
         y = yv[i]
-        if y == -2:
-            loss[r0 + i] = NAN
-            lse[r0 + i] = NAN
-            if G != NULL:
-                _zero_row(e + i * c, c)
+        av[i] = 0
+        if y < 0:
+            loss[r0 + i] = NAN if y == -2 else 0
+            lse[r0 + i] = NAN if y == -2 else mv[i] + lsv[i]
             continue
         s = sv[i]
         ls = lsv[i]
         l_se = mv[i] + ls
         lse[r0 + i] = l_se
-        if y == -1:
-            loss[r0 + i] = 0
-            if G != NULL:
-                _zero_row(e + i * c, c)
-            continue
         wy = W[y] if W != NULL else 1
-        l = keep * wy * ((mv[i] - xyv[i]) + ls) + z * l_se * l_se
+        l = keep * wy * ((mv[i] - gyv[i]) + ls) + z * l_se * l_se
         if eps != 0:
             l = l + eps_c * (Av[i] + Wsum * ls)
         loss[r0 + i] = l
-        if G != NULL:                                  # pass 3
-            g = e + i * c
+        if G != NULL:
             coef = keep * wy + z * 2 * l_se
             if eps != 0:
                 coef = coef + eps * Wsum / c
-            ey = g[y]
-            a = coef * sc / s
-            if eps != 0:
-                _scale_sub(g, W, c, a, sc * eps_c, True)
-            else:
-                _scale(g, c, a, True)
-            gy = ey / s * coef - keep * wy
+            av[i] = coef * sc / s
+            gy = tile[y * XF_TILE + i] / s * coef - keep * wy      # e_y / s = p_y
             if eps != 0:
                 gy = gy - eps_c * wy
-            g[y] = gy * sc
+            gyv[i] = gy * sc
+    if G == NULL:
+        return bad
+    if eps != 0:                                       # pass 3, written back row-major
+        _tile_store(tile, G + r0 * c, nr, c, av, sc * eps_c, W)
+    else:
+        _tile_store(tile, G + r0 * c, nr, c, av, 0, <const floating *>NULL)
+    for i in range(nr):                                # g_y in full precision; zero rows
+        y = yv[i]
+        if y >= 0:
+            G[(r0 + i) * c + y] = gyv[i]
+        else:
+            _zero_row(G + (r0 + i) * c, c)
     return bad
 
 
@@ -487,8 +505,8 @@ def sparse(const floating[:, ::1] logits, const int64_t[:] labels,
             if r1 > n:
                 r1 = n
             if R > 1:
-                bad += _sparse_block(xp, gp, c, lp, ls, ignore_index, wp, Wsum, eps, z,
-                                     sc, lossp, lsep, r0, r1)
+                bad += _sparse_tile(xp, gp, c, lp, ls, ignore_index, wp, Wsum, eps, z,
+                                    sc, lossp, lsep, r0, r1)
             else:
                 bad += _sparse_rows(xp, gp, c, lp, ls, ignore_index, wp, Wsum, eps, z,
                                     sc, lossp, lsep, r0, r1)
@@ -509,41 +527,35 @@ def sparse(const floating[:, ::1] logits, const int64_t[:] labels,
 #   a = (B + 2 z lse) sc / s.  With sum_c t_c = 1 and no weights this is TF's p - t.
 # A and B are taken in pass 1b (before x may be overwritten); pass 3 re-reads t.
 
-cdef void _dense_block(const floating *X, const floating *T, floating *G, Py_ssize_t c,
-                       const floating *W, floating eps, floating z, floating sc,
-                       floating *loss, floating *lse, Py_ssize_t r0,
-                       Py_ssize_t r1) noexcept nogil:
-    """Short rows r0..r1 of the dense kernel, with a flat exp over the block."""
-    cdef floating mv[_BLOCK_ROWS]
-    cdef floating sv[_BLOCK_ROWS]
-    cdef floating lsv[_BLOCK_ROWS]
-    cdef floating Av[_BLOCK_ROWS]
-    cdef floating Bv[_BLOCK_ROWS]
-    cdef floating ebuf[_BLOCK_ELEMS]
-    cdef floating mb[_BLOCK_ELEMS]
+cdef void _dense_tile(const floating *X, const floating *T, floating *G, Py_ssize_t c,
+                      const floating *W, floating eps, floating z, floating sc,
+                      floating *loss, floating *lse, Py_ssize_t r0,
+                      Py_ssize_t r1) noexcept nogil:
+    """Short rows r0..r1 (at most XF_TILE) of the dense kernel, on class-major tiles."""
+    cdef floating tx[XF_SMALL_C * XF_TILE]
+    cdef floating tt[XF_SMALL_C * XF_TILE]
+    cdef floating mv[XF_TILE]
+    cdef floating sv[XF_TILE]
+    cdef floating lsv[XF_TILE]
+    cdef floating Av[XF_TILE]
+    cdef floating Bv[XF_TILE]
     cdef Py_ssize_t i, nr = r1 - r0
-    cdef const floating *x
-    cdef floating *e
-    cdef floating l_se, a
+    cdef floating l_se
     cdef floating keep = 1 - eps
     cdef floating add = eps / c
-    mv[0] = 0                                          # (nr >= 1; quiets -Wmaybe-uninitialized)
-    for i in range(nr):
-        x = X + (r0 + i) * c
-        mv[i] = _rowmax(x, c, True)
-        _dense_sums(x, T + (r0 + i) * c, W, c, mv[i], keep, add, &Av[i], &Bv[i], True)
-    e = G + r0 * c if G != NULL else ebuf
-    _block_exp(X + r0 * c, e, nr, c, mv, mb)
-    for i in range(nr):
-        sv[i] = _rowsum(e + i * c, c)
-    _block_log(sv, lsv, nr)
+    _tile_load(X + r0 * c, tx, nr, c)
+    _tile_load(T + r0 * c, tt, nr, c)
+    _tile_max(tx, c, mv)                                       # pass 1
+    _tile_dense_sums(tx, tt, W, c, mv, keep, add, Av, Bv)      # pass 1b
+    _tile_expsum(tx, c, mv, sv)                                # pass 2
+    _tile_log(sv, lsv)
     for i in range(nr):
         l_se = mv[i] + lsv[i]
         lse[r0 + i] = l_se
         loss[r0 + i] = Av[i] + Bv[i] * lsv[i] + z * l_se * l_se
-        if G != NULL:
-            a = (Bv[i] + z * 2 * l_se) * sc / sv[i]
-            _dense_grad(e + i * c, T + (r0 + i) * c, W, c, a, sc, keep, add, True)
+        Av[i] = (Bv[i] + z * 2 * l_se) * sc / sv[i]           # pass-3 coefficient a
+    if G != NULL:                                              # pass 3, row-major
+        _tile_store_dense(tx, tt, G + r0 * c, nr, c, Av, sc, keep, add, W)
 
 
 cdef void _dense_rows(const floating *X, const floating *T, floating *G, Py_ssize_t c,
@@ -559,8 +571,8 @@ cdef void _dense_rows(const floating *X, const floating *T, floating *G, Py_ssiz
     cdef floating add = eps / c
     for r in range(r0, r1):
         x = X + r * c
-        m = _rowmax(x, c, False)                               # pass 1
-        _dense_sums(x, T + r * c, W, c, m, keep, add, &A, &B, False)   # pass 1b
+        m = _rowmax(x, c)                               # pass 1
+        _dense_sums(x, T + r * c, W, c, m, keep, add, &A, &B)   # pass 1b
         if G != NULL:
             g = G + r * c
             s = _expsum_store(x, g, c, m)                      # pass 2 (g may be x)
@@ -572,7 +584,7 @@ cdef void _dense_rows(const floating *X, const floating *T, floating *G, Py_ssiz
         loss[r] = A + B * ls + z * l_se * l_se
         if G != NULL:                                          # pass 3
             a = (B + z * 2 * l_se) * sc / s
-            _dense_grad(g, T + r * c, W, c, a, sc, keep, add, False)
+            _dense_grad(g, T + r * c, W, c, a, sc, keep, add)
 
 
 def dense(const floating[:, ::1] logits, const floating[:, ::1] labels,
@@ -620,7 +632,7 @@ def dense(const floating[:, ::1] logits, const floating[:, ::1] labels,
             if r1 > n:
                 r1 = n
             if R > 1:
-                _dense_block(xp, tp, gp, c, wp, eps, z, sc, lossp, lsep, r0, r1)
+                _dense_tile(xp, tp, gp, c, wp, eps, z, sc, lossp, lsep, r0, r1)
             else:
                 _dense_rows(xp, tp, gp, c, wp, eps, z, sc, lossp, lsep, r0, r1)
     return 0
@@ -637,37 +649,29 @@ cdef enum:
     _K_LOG_SOFTMAX = 1
     _K_SOFTMAX = 2
 
-cdef void _prim_block(int kind, const floating *X, floating *O, Py_ssize_t c,
-                      Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
-    cdef floating mv[_BLOCK_ROWS]
-    cdef floating sv[_BLOCK_ROWS]
-    cdef floating lsv[_BLOCK_ROWS]
-    cdef floating ebuf[_BLOCK_ELEMS]
-    cdef floating mb[_BLOCK_ELEMS]
-    cdef Py_ssize_t i, j, nr = r1 - r0
-    cdef const floating *x
-    cdef floating *o
-    cdef floating *e
-    cdef floating v
-    mv[0] = 0                                          # (nr >= 1; quiets -Wmaybe-uninitialized)
-    for i in range(nr):
-        mv[i] = _rowmax(X + (r0 + i) * c, c, True)
-    e = O + r0 * c if kind == _K_SOFTMAX else ebuf
-    _block_exp(X + r0 * c, e, nr, c, mv, mb)
-    for i in range(nr):
-        sv[i] = _rowsum(e + i * c, c)
-    _block_log(sv, lsv, nr)
-    for i in range(nr):
-        if kind == _K_LSE:
-            O[r0 + i] = mv[i] + lsv[i]
-        elif kind == _K_LOG_SOFTMAX:
-            x = X + (r0 + i) * c
-            o = O + (r0 + i) * c
-            v = mv[i] + lsv[i]
-            for j in range(c):
-                o[j] = x[j] - v
-        else:
-            _scale(e + i * c, c, 1 / sv[i], True)
+cdef void _prim_tile(int kind, const floating *X, floating *O, Py_ssize_t c,
+                     Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
+    cdef floating tile[XF_SMALL_C * XF_TILE]
+    cdef floating mv[XF_TILE]
+    cdef floating sv[XF_TILE]
+    cdef floating lsv[XF_TILE]
+    cdef Py_ssize_t i, nr = r1 - r0
+    _tile_load(X + r0 * c, tile, nr, c)
+    _tile_max(tile, c, mv)
+    _tile_expsum(tile, c, mv, sv)
+    if kind == _K_SOFTMAX:
+        for i in range(XF_TILE):
+            sv[i] = 1 / sv[i]
+        _tile_store(tile, O + r0 * c, nr, c, sv, 0, <const floating *>NULL)
+        return
+    _tile_log(sv, lsv)
+    for i in range(XF_TILE):
+        lsv[i] = mv[i] + lsv[i]
+    if kind == _K_LSE:
+        for i in range(nr):
+            O[r0 + i] = lsv[i]
+    else:
+        _rows_sub(X + r0 * c, O + r0 * c, nr, c, lsv)
 
 
 cdef void _prim_rows(int kind, const floating *X, floating *O, Py_ssize_t c,
@@ -677,10 +681,10 @@ cdef void _prim_rows(int kind, const floating *X, floating *O, Py_ssize_t c,
     cdef floating m, s
     for r in range(r0, r1):
         x = X + r * c
-        m = _rowmax(x, c, False)
+        m = _rowmax(x, c)
         if kind == _K_SOFTMAX:
             s = _expsum_store(x, O + r * c, c, m)
-            _scale(O + r * c, c, 1 / s, False)
+            _scale(O + r * c, c, 1 / s)
         else:
             s = _expsum(x, c, m)
             if kind == _K_LSE:
@@ -706,7 +710,7 @@ cdef _prim(int kind, const floating[:, ::1] x, floating *op, Py_ssize_t out_rows
             if r1 > n:
                 r1 = n
             if R > 1:
-                _prim_block(kind, xp, op, c, r0, r1)
+                _prim_tile(kind, xp, op, c, r0, r1)
             else:
                 _prim_rows(kind, xp, op, c, r0, r1)
 

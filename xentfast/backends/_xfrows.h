@@ -29,6 +29,14 @@
 #define XF_RESTRICT __restrict__
 #endif
 
+#if defined(_MSC_VER)
+#define XF_ALIGNED __declspec(align(64))
+#elif defined(__GNUC__) || defined(__clang__)
+#define XF_ALIGNED __attribute__((aligned(64)))
+#else
+#define XF_ALIGNED
+#endif
+
 #if defined(__has_attribute)
 #if __has_attribute(target_clones)
 #define XF_HAVE_TARGET_CLONES 1
@@ -47,6 +55,12 @@
 #endif
 
 XF_INLINE double xf_log_d_(double s) { return log(s); }
+
+/* Short rows: rows of at most XF_SMALL_C classes are processed XF_TILE at a time. */
+#define XF_TILE 16
+#ifndef XF_SMALL_C
+#define XF_SMALL_C 32
+#endif
 
 /* Order-preserving integer keys of floats (an involution; see xfi_rowmax).  The right
  * shift of a negative signed integer is arithmetic on every compiler we build with. */

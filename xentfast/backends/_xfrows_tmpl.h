@@ -20,22 +20,35 @@
  *   value (-inf for max and exp, 0 for weights), so the tail also runs as one vector
  *   step and lands in the same lanes -- no scalar exp loop of up to L-1 iterations.
  *
- * Naming: xfi_* are static inline (used inside the Cython block code, compiled for the
- * baseline ISA); xf_* (in _xfrows.h) are out-of-line copies, multiversioned with
- * target_clones where the platform supports it, used for long rows.
+ * Naming: xfi_* are the static inline bodies; xf_* are the out-of-line functions the
+ * Cython code calls, multiversioned with target_clones (XF_MV, see _xfrows.h) where
+ * the platform supports it.  Long rows (c > XF_SMALL_C) use the row passes; short
+ * rows the tile functions further down.
  */
 
 #define XF_CAT_(a, b) a##b
 #define XF_CAT(a, b) XF_CAT_(a, b)
 #define XF_FN(name) XF_CAT(name, XF_SUF)
 
-/* Fold the L lanes in a fixed order. */
-XF_INLINE XF_T XF_FN(xfi_fold_)(XF_T *acc)
+/* Fold the L lanes in a fixed order: acc[j] += acc[j + h] for h = L/2, ..., 1
+ * (written out: a loop over h made gcc keep acc in memory, with a store-forwarding
+ * stall at every level). */
+XF_INLINE XF_T XF_FN(xfi_fold_)(const XF_T *acc)
 {
-    for (int h = XF_L / 2; h >= 1; h /= 2)
-        for (int j = 0; j < h; j++)
-            acc[j] += acc[j + h];
-    return acc[0];
+    XF_T a[XF_L / 2];
+#if XF_L == 16
+    XF_T b[4];
+    for (int j = 0; j < 8; j++) a[j] = acc[j] + acc[j + 8];
+    for (int j = 0; j < 4; j++) b[j] = a[j] + a[j + 4];
+#elif XF_L == 8
+    XF_T b[4];
+    for (int j = 0; j < 4; j++) b[j] = acc[j] + acc[j + 4];
+    (void)a;
+#else
+#error "XF_L must be 8 or 16"
+#endif
+    XF_T c0 = b[0] + b[2], c1 = b[1] + b[3];
+    return c0 + c1;
 }
 
 /* ---- pass 1: m = max_j x_j ----
@@ -82,14 +95,47 @@ XF_INLINE void XF_FN(xfi_exp_inplace_step_)(XF_T *x, XF_T m, XF_T *XF_RESTRICT a
     }
 }
 
+/* Tails.  With r = n mod L > 0 and n >= L, the last step runs on the full window
+ * x[n-L .. n): lanes j < L - r hold elements the main loop already did and add 0, lanes
+ * j >= L - r add the r new ones.  A full (unmasked) vector step, and with a store the
+ * window is written whole: the overlapped elements get the very same values again.
+ * (Masked or buffered tail stores cost 3x on a 65-class row: a load that 4K-aliases a
+ * masked store cannot be forwarded and waits for it, i.e. for the whole exp chain, so
+ * consecutive rows stopped overlapping; and gcc makes a memcpy call of a copy loop.)
+ * Inplace, the window's first L - r elements are overwritten by the main loop, so the
+ * window is read into a buffer before it.  Rows shorter than L (not used by the
+ * kernels: short rows go to the tiles) pad a buffer with -inf instead.  All three
+ * variants put every element in the same lane, so s is bitwise the same whether or
+ * not e is stored. */
+XF_INLINE void XF_FN(xfi_exp_tail_)(const XF_T *x, XF_T m, XF_T *XF_RESTRICT acc, int first)
+{
+    for (int j = 0; j < XF_L; j++) {
+        XF_T v = XF_EXP(x[j] - m);
+        acc[j] += (j >= first) ? v : (XF_T)0;
+    }
+}
+
+XF_INLINE void XF_FN(xfi_exp_store_tail_)(const XF_T *XF_RESTRICT x, XF_T *XF_RESTRICT e,
+                                          XF_T m, XF_T *XF_RESTRICT acc, int first)
+{
+    for (int j = 0; j < XF_L; j++) {
+        XF_T v = XF_EXP(x[j] - m);
+        e[j] = v;
+        acc[j] += (j >= first) ? v : (XF_T)0;
+    }
+}
+
 XF_INLINE XF_T XF_FN(xfi_expsum)(const XF_T *x, ptrdiff_t n, XF_T m)
 {
-    XF_T acc[XF_L] = {0}, buf[XF_L];
+    XF_ALIGNED XF_T acc[XF_L] = {0};
+    XF_ALIGNED XF_T buf[XF_L];
     ptrdiff_t i = 0, nv = n - n % XF_L;
     for (; i < nv; i += XF_L) XF_FN(xfi_exp_step_)(x + i, m, acc);
-    if (i < n) {
-        for (int j = 0; j < XF_L; j++) buf[j] = (i + j < n) ? x[i + j] : -INFINITY;
-        XF_FN(xfi_exp_step_)(buf, m, acc);   /* exp(-inf - m) = +0: adds nothing */
+    if (i < n && n >= XF_L) {
+        XF_FN(xfi_exp_tail_)(x + n - XF_L, m, acc, (int)(XF_L - (n - i)));
+    } else if (i < n) {
+        for (int j = 0; j < XF_L; j++) buf[j] = (j < n) ? x[j] : -INFINITY;
+        XF_FN(xfi_exp_step_)(buf, m, acc);      /* exp(-inf - m) = +0: adds nothing */
     }
     return XF_FN(xfi_fold_)(acc);
 }
@@ -98,41 +144,37 @@ XF_INLINE XF_T XF_FN(xfi_expsum)(const XF_T *x, ptrdiff_t n, XF_T m)
 XF_INLINE XF_T XF_FN(xfi_expsum_store)(const XF_T *XF_RESTRICT x, XF_T *XF_RESTRICT e,
                                        ptrdiff_t n, XF_T m)
 {
-    XF_T acc[XF_L] = {0}, buf[XF_L], ebuf[XF_L];
+    XF_ALIGNED XF_T acc[XF_L] = {0};
+    XF_ALIGNED XF_T buf[XF_L];
+    XF_ALIGNED XF_T ebuf[XF_L];
     ptrdiff_t i = 0, nv = n - n % XF_L;
     for (; i < nv; i += XF_L) XF_FN(xfi_exp_store_step_)(x + i, e + i, m, acc);
-    if (i < n) {
-        for (int j = 0; j < XF_L; j++) buf[j] = (i + j < n) ? x[i + j] : -INFINITY;
+    if (i < n && n >= XF_L) {
+        XF_FN(xfi_exp_store_tail_)(x + n - XF_L, e + n - XF_L, m, acc, (int)(XF_L - (n - i)));
+    } else if (i < n) {
+        for (int j = 0; j < XF_L; j++) buf[j] = (j < n) ? x[j] : -INFINITY;
         XF_FN(xfi_exp_store_step_)(buf, ebuf, m, acc);
-        for (ptrdiff_t j = 0; j < n - i; j++) e[i + j] = ebuf[j];
+        for (int j = 0; j < XF_L; j++)
+            if (j < n) e[j] = ebuf[j];
     }
     return XF_FN(xfi_fold_)(acc);
 }
 
 XF_INLINE XF_T XF_FN(xfi_expsum_inplace)(XF_T *x, ptrdiff_t n, XF_T m)
 {
-    XF_T acc[XF_L] = {0}, buf[XF_L];
+    XF_ALIGNED XF_T acc[XF_L] = {0};
+    XF_ALIGNED XF_T buf[XF_L];
     ptrdiff_t i = 0, nv = n - n % XF_L;
+    if (nv < n)                                 /* the tail window, before it changes */
+        for (int j = 0; j < XF_L; j++) buf[j] = (n >= XF_L) ? x[n - XF_L + j]
+                                                           : ((j < n) ? x[j] : -INFINITY);
     for (; i < nv; i += XF_L) XF_FN(xfi_exp_inplace_step_)(x + i, m, acc);
-    if (i < n) {
-        for (int j = 0; j < XF_L; j++) buf[j] = (i + j < n) ? x[i + j] : -INFINITY;
+    if (i < n && n >= XF_L) {
+        XF_FN(xfi_exp_store_tail_)(buf, x + n - XF_L, m, acc, (int)(XF_L - (n - i)));
+    } else if (i < n) {
         XF_FN(xfi_exp_inplace_step_)(buf, m, acc);
-        for (ptrdiff_t j = 0; j < n - i; j++) x[i + j] = buf[j];
-    }
-    return XF_FN(xfi_fold_)(acc);
-}
-
-/* s = sum_j e_j with the same lanes as xfi_expsum_*: bitwise the same s as the fused
- * pass would give for the same e (used after the flat block exp of short rows). */
-XF_INLINE XF_T XF_FN(xfi_rowsum)(const XF_T *e, ptrdiff_t n)
-{
-    XF_T acc[XF_L] = {0}, buf[XF_L];
-    ptrdiff_t i = 0, nv = n - n % XF_L;
-    for (; i < nv; i += XF_L)
-        for (int j = 0; j < XF_L; j++) acc[j] += e[i + j];
-    if (i < n) {
-        for (int j = 0; j < XF_L; j++) buf[j] = (i + j < n) ? e[i + j] : (XF_T)0;
-        for (int j = 0; j < XF_L; j++) acc[j] += buf[j];
+        for (int j = 0; j < XF_L; j++)
+            if (j < n) x[j] = buf[j];
     }
     return XF_FN(xfi_fold_)(acc);
 }
@@ -230,34 +272,144 @@ XF_INLINE void XF_FN(xfi_sub_inplace)(XF_T *x, ptrdiff_t n, XF_T v)
     for (ptrdiff_t i = 0; i < n; i++) x[i] = x[i] - v;
 }
 
-/* ---- short rows: one flat exp over a block of `rows` rows of length c ----
- * e[r c + j] = exp(x[r c + j] - m[r]).  A row of 10 classes is too short to vectorise
- * along, but the block (rows * c elements, contiguous) is not: the row max is
- * broadcast into mb (scratch, rows * c) and the exp runs as one flat loop. */
-XF_INLINE void XF_FN(xfi_block_exp)(const XF_T *XF_RESTRICT x, XF_T *XF_RESTRICT e,
-                                    ptrdiff_t rows, ptrdiff_t c, const XF_T *XF_RESTRICT m,
-                                    XF_T *XF_RESTRICT mb)
+/* ---- short rows (c <= XF_SMALL_C): tiles of XF_TILE rows, transposed ----
+ * A row of 10 classes is too short to vectorise along: every per-row loop would be all
+ * prologue and epilogue.  So XF_TILE (16) consecutive rows are copied into a tile
+ * stored class-major, tile[j * XF_TILE + r] = x[r, j], and every step then runs
+ * "vertically", one SIMD lane per row, with no horizontal reductions at all:
+ *     m[r] = max_j tile[j][r]     (integer keys, as xfi_rowmax)
+ *     e    = exp(tile - m)        (in the tile)
+ *     s[r] = sum_j e[j][r]        (sequential over j: a fixed order)
+ *     log(s[r])                   (xf_logf over the 16 lanes)
+ * and the gradient is written back row-major while being scaled.  The copies in and
+ * out are the only scalar work (one load + one store per element).  Rows past `rows`
+ * in the last tile are zero-filled and their results ignored. */
+XF_MV void XF_FN(xf_tile_load)(const XF_T *XF_RESTRICT x, XF_T *XF_RESTRICT tile,
+                               ptrdiff_t rows, ptrdiff_t c)
 {
+    if (rows == XF_TILE) {      /* class-outer: a fixed 16-lane inner loop (gathers) */
+        for (ptrdiff_t j = 0; j < c; j++)
+            for (int r = 0; r < XF_TILE; r++) tile[j * XF_TILE + r] = x[r * c + j];
+        return;
+    }
     for (ptrdiff_t r = 0; r < rows; r++)
-        for (ptrdiff_t j = 0; j < c; j++) mb[r * c + j] = m[r];
-    ptrdiff_t n = rows * c;
-    for (ptrdiff_t i = 0; i < n; i++) e[i] = XF_EXP(x[i] - mb[i]);
+        for (ptrdiff_t j = 0; j < c; j++) tile[j * XF_TILE + r] = x[r * c + j];
+    for (ptrdiff_t r = rows; r < XF_TILE; r++)
+        for (ptrdiff_t j = 0; j < c; j++) tile[j * XF_TILE + r] = 0;
 }
 
-XF_INLINE void XF_FN(xfi_block_exp_inplace)(XF_T *XF_RESTRICT x, ptrdiff_t rows, ptrdiff_t c,
-                                            const XF_T *XF_RESTRICT m, XF_T *XF_RESTRICT mb)
+XF_MV void XF_FN(xf_tile_max)(const XF_T *XF_RESTRICT tile, ptrdiff_t c, XF_T *XF_RESTRICT m)
 {
-    for (ptrdiff_t r = 0; r < rows; r++)
-        for (ptrdiff_t j = 0; j < c; j++) mb[r * c + j] = m[r];
-    ptrdiff_t n = rows * c;
-    for (ptrdiff_t i = 0; i < n; i++) x[i] = XF_EXP(x[i] - mb[i]);
+    XF_KEY k[XF_TILE];
+    for (int r = 0; r < XF_TILE; r++) k[r] = XF_KEY_OF(-INFINITY);
+    for (ptrdiff_t j = 0; j < c; j++)
+        for (int r = 0; r < XF_TILE; r++) {
+            XF_KEY v = XF_KEY_OF(tile[j * XF_TILE + r]);
+            k[r] = v > k[r] ? v : k[r];
+        }
+    for (int r = 0; r < XF_TILE; r++) m[r] = XF_FROM_KEY(k[r]);
 }
 
-/* out[r] = log(s[r]) for a block of rows (vectorised for float). */
-XF_INLINE void XF_FN(xfi_block_log)(const XF_T *XF_RESTRICT s, XF_T *XF_RESTRICT out,
-                                    ptrdiff_t rows)
+/* e = exp(tile - m) into the tile, s[r] = sum_j e[j][r] */
+XF_MV void XF_FN(xf_tile_expsum)(XF_T *XF_RESTRICT tile, ptrdiff_t c,
+                                 const XF_T *XF_RESTRICT m, XF_T *XF_RESTRICT s)
 {
-    for (ptrdiff_t r = 0; r < rows; r++) out[r] = XF_LOG(s[r]);
+    XF_T acc[XF_TILE] = {0};
+    for (ptrdiff_t j = 0; j < c; j++)
+        for (int r = 0; r < XF_TILE; r++) {
+            XF_T v = XF_EXP(tile[j * XF_TILE + r] - m[r]);
+            tile[j * XF_TILE + r] = v;
+            acc[r] += v;
+        }
+    for (int r = 0; r < XF_TILE; r++) s[r] = acc[r];
+}
+
+/* A[r] = sum_{w_j != 0} w_j (m[r] - x[j][r])   (w == NULL: all w_j = 1) */
+XF_MV void XF_FN(xf_tile_wdist)(const XF_T *XF_RESTRICT tile, const XF_T *XF_RESTRICT w,
+                                ptrdiff_t c, const XF_T *XF_RESTRICT m, XF_T *XF_RESTRICT A)
+{
+    XF_T acc[XF_TILE] = {0};
+    for (ptrdiff_t j = 0; j < c; j++) {
+        XF_T wj = (w == NULL) ? (XF_T)1 : w[j];
+        if (wj == 0) continue;
+        for (int r = 0; r < XF_TILE; r++) acc[r] += wj * (m[r] - tile[j * XF_TILE + r]);
+    }
+    for (int r = 0; r < XF_TILE; r++) A[r] = acc[r];
+}
+
+/* Dense: wt = w_j (keep t + add); A[r] = sum_{wt != 0} wt (m[r] - x), B[r] = sum wt */
+XF_MV void XF_FN(xf_tile_dense_sums)(const XF_T *XF_RESTRICT tx, const XF_T *XF_RESTRICT tt,
+                                     const XF_T *XF_RESTRICT w, ptrdiff_t c,
+                                     const XF_T *XF_RESTRICT m, XF_T keep, XF_T add,
+                                     XF_T *XF_RESTRICT A, XF_T *XF_RESTRICT B)
+{
+    XF_T a[XF_TILE] = {0}, b[XF_TILE] = {0};
+    for (ptrdiff_t j = 0; j < c; j++) {
+        XF_T wj = (w == NULL) ? (XF_T)1 : w[j];
+        for (int r = 0; r < XF_TILE; r++) {
+            XF_T wt = keep * tt[j * XF_TILE + r] + add;
+            if (w != NULL) wt = wj * wt;
+            XF_T d = wt * (m[r] - tx[j * XF_TILE + r]);
+            a[r] += (wt != 0) ? d : (XF_T)0;
+            b[r] += wt;
+        }
+    }
+    for (int r = 0; r < XF_TILE; r++) { A[r] = a[r]; B[r] = b[r]; }
+}
+
+XF_MV void XF_FN(xf_tile_log)(const XF_T *XF_RESTRICT s, XF_T *XF_RESTRICT out)
+{
+    for (int r = 0; r < XF_TILE; r++) out[r] = XF_LOG(s[r]);
+}
+
+/* Pass 3 and write-back: g[r, j] = e[j][r] a[r] - b w_j  (w == NULL: - b). */
+XF_MV void XF_FN(xf_tile_store)(const XF_T *XF_RESTRICT tile, XF_T *XF_RESTRICT g,
+                                ptrdiff_t rows, ptrdiff_t c, const XF_T *XF_RESTRICT a,
+                                XF_T b, const XF_T *XF_RESTRICT w)
+{
+    if (w == NULL && b == 0 && rows == XF_TILE) {   /* the common case, class-outer */
+        for (ptrdiff_t j = 0; j < c; j++)
+            for (int r = 0; r < XF_TILE; r++) g[r * c + j] = tile[j * XF_TILE + r] * a[r];
+    } else if (w == NULL && b == 0) {
+        for (ptrdiff_t r = 0; r < rows; r++)
+            for (ptrdiff_t j = 0; j < c; j++) g[r * c + j] = tile[j * XF_TILE + r] * a[r];
+    } else if (w == NULL) {
+        for (ptrdiff_t r = 0; r < rows; r++)
+            for (ptrdiff_t j = 0; j < c; j++) g[r * c + j] = tile[j * XF_TILE + r] * a[r] - b;
+    } else {
+        for (ptrdiff_t r = 0; r < rows; r++)
+            for (ptrdiff_t j = 0; j < c; j++)
+                g[r * c + j] = tile[j * XF_TILE + r] * a[r] - b * w[j];
+    }
+}
+
+/* Dense pass 3 and write-back: g[r, j] = e[j][r] a[r] - sc wt,  wt = w_j (keep t + add). */
+XF_MV void XF_FN(xf_tile_store_dense)(const XF_T *XF_RESTRICT te, const XF_T *XF_RESTRICT tt,
+                                      XF_T *XF_RESTRICT g, ptrdiff_t rows, ptrdiff_t c,
+                                      const XF_T *XF_RESTRICT a, XF_T sc, XF_T keep,
+                                      XF_T add, const XF_T *XF_RESTRICT w)
+{
+    if (w == NULL) {
+        for (ptrdiff_t r = 0; r < rows; r++)
+            for (ptrdiff_t j = 0; j < c; j++)
+                g[r * c + j] = te[j * XF_TILE + r] * a[r]
+                               - sc * (keep * tt[j * XF_TILE + r] + add);
+    } else {
+        for (ptrdiff_t r = 0; r < rows; r++)
+            for (ptrdiff_t j = 0; j < c; j++)
+                g[r * c + j] = te[j * XF_TILE + r] * a[r]
+                               - sc * (w[j] * (keep * tt[j * XF_TILE + r] + add));
+    }
+}
+
+/* log_softmax of short rows: out[r, j] = x[r, j] - v[r]; out may be x itself. */
+XF_MV void XF_FN(xf_rows_sub)(const XF_T *x, XF_T *out, ptrdiff_t rows, ptrdiff_t c,
+                              const XF_T *XF_RESTRICT v)
+{
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        if (out == x) XF_FN(xfi_sub_inplace)(out + r * c, c, v[r]);
+        else XF_FN(xfi_sub)(x + r * c, out + r * c, c, v[r]);
+    }
 }
 
 /* ---- out-of-line, multiversioned copies for long rows ---- */
@@ -285,15 +437,6 @@ XF_MV void XF_FN(xf_dense_grad)(XF_T *g, const XF_T *t, const XF_T *w, ptrdiff_t
 { XF_FN(xfi_dense_grad)(g, t, w, n, a, sc, keep, add); }
 XF_MV void XF_FN(xf_sub)(const XF_T *x, XF_T *out, ptrdiff_t n, XF_T v)
 { if (out == x) XF_FN(xfi_sub_inplace)(out, n, v); else XF_FN(xfi_sub)(x, out, n, v); }
-XF_MV void XF_FN(xf_block_exp)(const XF_T *x, XF_T *e, ptrdiff_t rows, ptrdiff_t c,
-                               const XF_T *m, XF_T *mb)
-{
-    if (e == x) XF_FN(xfi_block_exp_inplace)(e, rows, c, m, mb);
-    else XF_FN(xfi_block_exp)(x, e, rows, c, m, mb);
-}
-XF_MV void XF_FN(xf_block_log)(const XF_T *s, XF_T *out, ptrdiff_t rows)
-{ XF_FN(xfi_block_log)(s, out, rows); }
-
 #undef XF_FN
 #undef XF_CAT
 #undef XF_CAT_

@@ -26,8 +26,27 @@ by the host code when it plans a launch; kernels receive them as compile-time
 specialisation constants or launch dimensions, never as globals.  ``set_tuning`` /
 ``tuning(...)`` change them (the tests lower the limits to reach every path with tiny
 shapes; ``force_path`` pins a path for tests and benchmarks).  Under the CUDA
-simulator the defaults are small (blocks of 64 threads, 4 cached values a lane) so the
-test suite exercises all three paths with C of a few hundred.
+simulator the defaults are small (blocks of 32-64 threads, 4 cached values a lane) so
+the test suite exercises all three paths with C of a few hundred.
+
+Notes
+-----
+* Every kernel variant (op x path x lane/VPT shape x with/without gradient x dtype)
+  is compiled by Numba on first use (about a second each) and kept for the process;
+  kernels are not cached on disk.
+* Loads are scalar and coalesced (a warp reads 32 consecutive elements per step);
+  Numba has no vector loads from array memory, so none are used.
+* One block per row on the block and stream paths: a handful of rows with a huge C
+  (e.g. 2 x 66_000) occupies only that many SMs (a split-row variant would need a
+  second combine pass; not implemented).
+* Outputs are allocated by Numba's allocator (``cudaMalloc`` per call).  For large
+  repeated calls pass ``out=`` for the gradient, or install a pooling allocator with
+  ``numba.cuda.set_memory_manager`` (e.g. CuPy's or RMM's Numba plugin).
+* ``check_labels=True`` costs one small kernel and one small read-back per call (it
+  also yields the "mean" denominator); reduced losses cost one more read-back.
+  ``reduction="none"`` with ``check_labels=False`` never synchronises the host.
+* All work runs on the current CUDA device and the legacy default stream (see
+  ``_cuda_arrays`` for how producers' streams are honoured).
 """
 
 from __future__ import annotations
@@ -43,6 +62,7 @@ import numpy as np
 
 from . import _cuda_kernels as _k
 from ._cuda_arrays import DEVICE, as_numba  # noqa: F401  (DEVICE is the backend's arrays)
+from ._cuda_arrays import dummy as _dummy
 
 NAME = "cuda"
 NATIVE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -66,7 +86,9 @@ class Tuning:
     block_min_vpt: the block path uses the smallest block (>= 64) giving each thread
         at most this many values.
     stream_threads, stream_unroll: block size of the stream path and the loads each
-        thread has in flight per step.
+        thread has in flight per step (1024 x 8: 32 KiB of float32 loads in flight per
+        SM, and few rows in flight, so that much of pass 2 still finds the row in L2;
+        56 registers, no spills at sm_90).
     force_path: None (choose by C) or a path name; a cached path too small for the
         row raises ValueError.
     """
@@ -76,8 +98,8 @@ class Tuning:
     warp_min_vpt: int = 4
     block_threads: int = 1024
     block_min_vpt: int = 8
-    stream_threads: int = 512
-    stream_unroll: int = 4
+    stream_threads: int = 1024
+    stream_unroll: int = 8
     force_path: Path | None = None
 
 
@@ -202,20 +224,6 @@ def _acc_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
-_dummies: dict = {}
-
-
-def _dummy(dtype, ndim: int, size: int = 1):
-    """A tiny device array standing in for an argument a kernel variant never touches
-    (``size=0``: the empty weight vector meaning "no class weights")."""
-    key = (np.dtype(dtype).str, ndim, size)
-    d = _dummies.get(key)
-    if d is None:
-        d = DEVICE.empty((size,) * ndim, dtype)
-        _dummies[key] = d
-    return d
-
-
 def _launch(op: str, x, labels, weight, ignore_index, eps, z, scale, out_vec, out_lse, out_mat,
             with_grad: bool) -> None:
     x = as_numba(x)
@@ -229,10 +237,9 @@ def _launch(op: str, x, labels, weight, ignore_index, eps, z, scale, out_vec, ou
         raise ValueError(f"{n} rows exceed one CUDA grid for this path; split the batch")
     kernel = _kernel(op, acc, p, with_grad)
     a = acc.type
-    kernel[blocks, p.threads](
-        x, labels, weight, np.int64(ignore_index), a(eps), a(z), a(scale),
-        out_vec, out_lse, out_mat,
-    )
+    _k.launch(kernel, blocks, p.threads,
+              x, labels, weight, np.int64(ignore_index), a(eps), a(z), a(scale),
+              out_vec, out_lse, out_mat)
 
 
 # --------------------------------------------------------------------------- kernel set

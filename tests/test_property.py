@@ -1,0 +1,124 @@
+"""Hypothesis: random shapes, axes, values (incl. -inf masks and large magnitudes) and
+options, checked against the naive oracle on every backend under test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import naive
+import xentfast as xf
+from helpers import BACKENDS, assert_close, grad_atol, is_simulated_cuda, loss_atol, rtol_for
+
+# The CUDA simulator is ~1e4x slower: fewer examples there.
+MAX_EXAMPLES = 10 if any(is_simulated_cuda(b) for b in BACKENDS) else 60
+SETTINGS = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@st.composite
+def problems(draw, dense: bool):
+    dtype = np.dtype(draw(st.sampled_from(["float32", "float64"])))
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(0, 5), min_size=ndim, max_size=ndim)))
+    axis = draw(st.integers(-ndim, ndim - 1))
+    c = draw(st.integers(1, 9))
+    shape = shape[: axis % ndim] + (c,) + shape[axis % ndim + 1 :]
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    scale = draw(st.sampled_from([1.0, 10.0, 1e4]))  # 1e4: exp underflows for most terms
+    offset = draw(st.sampled_from([0.0, 50.0, -1e3]))  # lse far from 0: shift invariance
+    x = rng.standard_normal(shape) * scale + offset
+    moved = np.moveaxis(x, axis, -1)
+    batch = moved.shape[:-1]
+    n = int(np.prod(batch))
+    kw = {"axis": axis}
+    if draw(st.booleans()):
+        w = rng.uniform(0.0, 3.0, c)
+        w[rng.random(c) < 0.2] = 0.0
+        kw["weight"] = w
+    if draw(st.booleans()):
+        kw["label_smoothing"] = draw(st.floats(0.0, 1.0))
+    if draw(st.booleans()):
+        kw["z_loss"] = draw(st.floats(0.0, 0.1))
+    kw["reduction"] = draw(st.sampled_from(["mean", "sum", "none"]))
+    if dense:
+        t = rng.random(moved.shape) * (rng.random(moved.shape) < 0.7)
+        labels_moved = t
+        mask_ok = t == 0  # -inf only where the label gives it no weight
+    else:
+        y = rng.integers(0, c, size=batch)
+        ignore = draw(st.sampled_from([-100, 0, c - 1]))
+        if n and draw(st.booleans()):
+            flat = y.reshape(-1)
+            flat[rng.random(n) < 0.3] = ignore
+        kw["ignore_index"] = ignore
+        labels = y
+        onehot = np.zeros(moved.shape, bool)
+        if n:
+            np.put_along_axis(onehot, np.clip(y, 0, c - 1)[..., None], True, axis=-1)
+        mask_ok = ~onehot
+    if draw(st.booleans()) and c > 1:
+        # -inf masks, never on the true class (nor on a class with label mass), and
+        # never the whole row; with smoothing they make the loss +inf, as in PyTorch
+        mask = (rng.random(moved.shape) < 0.3) & mask_ok
+        mask[..., 0] &= ~mask.all(axis=-1) if c else True
+        mask_full = mask.all(axis=-1, keepdims=True)
+        mask &= ~mask_full
+        np.moveaxis(x, axis, -1)[mask] = -np.inf
+    x = x.astype(dtype)
+    if dense:
+        labels = np.moveaxis(labels_moved, -1, axis).astype(dtype)
+    return x, labels, kw
+
+
+def _check(backend, x, labels, kw):
+    reduction = kw["reduction"]
+    dtype = x.dtype
+    loss, grad = xf.cross_entropy_with_grad(x, labels, backend=backend, **kw)
+    loss_only = xf.cross_entropy(x, labels, backend=backend, **kw)
+    okw = dict(kw)
+    if okw.get("weight") is not None:
+        okw["weight"] = okw["weight"].astype(dtype).astype(np.float64)
+    exp_loss, exp_grad, _ = naive.cross_entropy(x, labels, **okw)
+    tol_kw = {k: v for k, v in kw.items() if k != "reduction"}
+    atol = loss_atol(x, labels, tol_kw, reduction, dtype)
+    assert_close(loss, exp_loss, rtol=rtol_for(dtype), atol=atol, what="loss")
+    assert_close(loss_only, exp_loss, rtol=rtol_for(dtype), atol=atol, what="loss only")
+    assert_close(grad, exp_grad, rtol=rtol_for(dtype),
+                 atol=grad_atol(x, labels, tol_kw, reduction, dtype), what="grad")
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@SETTINGS
+@given(problem=problems(dense=False))
+def test_index_labels_match_oracle(backend_name, problem):
+    _check(backend_name, *problem)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@SETTINGS
+@given(problem=problems(dense=True))
+def test_probability_labels_match_oracle(backend_name, problem):
+    _check(backend_name, *problem)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@SETTINGS
+@given(data=st.data())
+def test_primitives_match_oracle(backend_name, data):
+    ndim = data.draw(st.integers(1, 3))
+    shape = tuple(data.draw(st.lists(st.integers(0, 6), min_size=ndim, max_size=ndim)))
+    axis = data.draw(st.one_of(st.none(), st.integers(-ndim, ndim - 1)))
+    dtype = np.dtype(data.draw(st.sampled_from(["float32", "float64"])))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    x = (rng.standard_normal(shape) * data.draw(st.sampled_from([1.0, 30.0, 1e3]))).astype(dtype)
+    mag = float(np.max(np.abs(x), initial=0.0)) + 3
+    for op in ("softmax", "log_softmax", "logsumexp"):
+        got = getattr(xf, op)(x, axis=axis, backend=backend_name)
+        expected = getattr(naive, op)(x, axis=axis)
+        assert np.shape(got) == np.shape(expected), op
+        atol = rtol_for(dtype) * (1.0 if op == "softmax" else mag)
+        assert_close(got, expected, rtol=rtol_for(dtype), atol=atol, what=op)
