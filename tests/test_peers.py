@@ -24,7 +24,8 @@ TORCH_OPTIONS = {
     "smooth": {"label_smoothing": 0.2},
     "all": {"weight": True, "ignore_index": -100, "ignored": True, "label_smoothing": 0.15},
 }
-TORCH_LAYOUTS = {"NC": ((6, 5), -1, 1), "NCd": ((3, 5, 4), 1, 1), "NCdd": ((2, 5, 2, 3), 1, 1)}
+# (N, C) and PyTorch's (N, C, d) layout with the class axis 1 (more trailing dims add nothing)
+TORCH_LAYOUTS = {"NC": ((6, 5), -1, 1), "NCd": ((3, 5, 4), 1, 1)}
 
 
 def _torch_case(rng, layout, option):

@@ -41,7 +41,7 @@ from numba import cuda
 
 from .. import _validate
 from .._arrays import HOST
-from ._cuda_kernels import INT64_MAX, SIMULATED, jit, launch, prologue
+from ._cuda_kernels import INT64_MAX, SIMULATED, host, jit, launch, prologue
 
 if SIMULATED:
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _NumbaArray
@@ -83,22 +83,22 @@ def as_numba(obj):
     if hasattr(obj, "detach") and getattr(obj, "requires_grad", False):
         obj = obj.detach()  # PyTorch refuses to export tensors that require grad
     desc = obj.__cuda_array_interface__
-    arr = cuda.from_cuda_array_interface(desc, owner=obj, sync=False)
+    arr = host.cuda.from_cuda_array_interface(desc, owner=obj, sync=False)
     stream = desc.get("stream")
     if stream not in (None, 1):  # 1: the legacy default stream, the one we launch on
-        cuda.external_stream(stream).synchronize()
+        host.cuda.external_stream(stream).synchronize()
     return arr
 
 
-def _upload(host: np.ndarray):
-    host = np.asarray(host)
-    if not host.flags.c_contiguous:  # (np.ascontiguousarray would make 0-d arrays 1-d)
-        host = host.copy(order="C")
-    return cuda.to_device(host)
+def _upload(array: np.ndarray):
+    array = np.asarray(array)
+    if not array.flags.c_contiguous:  # (np.ascontiguousarray would make 0-d arrays 1-d)
+        array = array.copy(order="C")
+    return host.cuda.to_device(array)
 
 
 def _empty(shape, dtype):
-    return cuda.device_array(shape, dtype=np.dtype(dtype))
+    return host.cuda.device_array(shape, dtype=np.dtype(dtype))
 
 
 def _view(a, shape, strides, dtype=None):
@@ -341,7 +341,7 @@ def _first_negative(values, first):
 
 def device_key() -> int:
     """The current CUDA device (allocations belong to one device)."""
-    return 0 if SIMULATED else cuda.current_context().device.id
+    return 0 if SIMULATED else host.cuda.current_context().device.id
 
 
 _DUMMIES: dict = {}
@@ -369,9 +369,9 @@ def device_total(values) -> float:
     partials = _empty(blocks, np.float64)
     launch(_sum_partials, blocks, REDUCE_THREADS, values, _dummy(np.int64), _dummy(np.float64),
            np.int64(0), np.int64(0), partials)
-    host = partials.copy_to_host()
+    parts = partials.copy_to_host()
     total = 0.0
-    for p in host:  # fixed order
+    for p in parts:  # fixed order
         total += float(p)
     return total
 
@@ -384,9 +384,9 @@ def device_weight_total(labels, weight, ignore_index: int) -> float:
     partials = _empty(blocks, np.float64)
     launch(_sum_partials, blocks, REDUCE_THREADS, _dummy(np.float64), labels, weight,
            np.int64(ignore_index), np.int64(1), partials)
-    host = partials.copy_to_host()
+    parts = partials.copy_to_host()
     total = 0.0
-    for p in host:
+    for p in parts:  # fixed order
         total += float(p)
     return total
 
@@ -410,9 +410,9 @@ def device_scan(labels, num_classes: int, ignore_index: int) -> tuple[int, int]:
     out = _empty((2, blocks), np.int64)
     launch(_scan_labels, blocks, REDUCE_THREADS, labels, np.int64(num_classes),
            np.int64(ignore_index), out[0], out[1])
-    host = out.copy_to_host()
-    bad = int(host[0].min())
-    return (-1 if bad == INT64_MAX else bad), int(host[1].sum())
+    parts = out.copy_to_host()
+    bad = int(parts[0].min())
+    return (-1 if bad == INT64_MAX else bad), int(parts[1].sum())
 
 
 # --------------------------------------------------------------------------- DEVICE

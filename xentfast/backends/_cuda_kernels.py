@@ -100,13 +100,18 @@ from __future__ import annotations
 import math
 import os
 import threading
+import types
 import warnings
 
 import numpy as np
 from numba import cuda
 
-SIMULATED = bool(getattr(cuda, "simulator_init", None) is not None
-                 and getattr(cuda.config, "ENABLE_CUDASIM", 0))
+SIMULATED = bool(getattr(getattr(cuda, "config", None), "ENABLE_CUDASIM", 0))
+
+# Host code reaches numba.cuda through ``host.cuda``: while a simulated kernel runs, the
+# CUDA simulator rebinds every module global bound to ``numba.cuda`` (in the kernel's
+# module) to its fake in-kernel module, which host code in other threads must not see.
+host = types.SimpleNamespace(cuda=cuda)
 
 WARP = 32
 FULL_MASK = 0xFFFFFFFF
@@ -118,7 +123,7 @@ def jit(**options):
     hardware-only ones)."""
     if SIMULATED:
         options = {k: v for k, v in options.items() if k in ("device",)}
-    return cuda.jit(**options)
+    return host.cuda.jit(**options)
 
 
 def launch(kernel, blocks: int, threads: int, *args) -> None:
@@ -128,13 +133,23 @@ def launch(kernel, blocks: int, threads: int, *args) -> None:
     inputs legitimately launch small grids, and a test run with warnings as errors must
     not fail on them, so that one message is silenced where the launch is configured.
     """
-    if blocks < 128 and not SIMULATED:
+    if SIMULATED:
+        # The simulator keeps one fake ``cuda`` module (grid, shared memory) per kernel
+        # module while any launch runs: concurrent launches from several Python threads
+        # would share it.  Run simulated launches one at a time.
+        with _sim_launch_lock:
+            kernel[blocks, threads](*args)
+        return
+    if blocks < 128:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in GPU")
             configured = kernel[blocks, threads]
     else:
         configured = kernel[blocks, threads]
     configured(*args)
+
+
+_sim_launch_lock = threading.RLock()
 
 
 def launch_bounds(threads: int) -> tuple[int, int]:
@@ -302,10 +317,12 @@ if SIMULATED and os.environ.get("XENTFAST_SIM_SHUFFLES", "0") in ("", "0"):
     def warp_sum(v, width):  # noqa: F811
         return _sim_butterfly(v, width, _sum_op)
 
+    _combine_py = getattr(combine, "py_func", None) or combine.fn  # the Python body
+
     def warp_combine(m, s, width, one, ninf):  # noqa: F811
         def op(a, b):
-            return combine.py_func(a[0], a[1], b[0], b[1], one, ninf) if hasattr(combine, "py_func") \
-                else combine(a[0], a[1], b[0], b[1], one, ninf)
+            return _combine_py(a[0], a[1], b[0], b[1], one, ninf)
+
         return _sim_butterfly((m, s), width, op)
 
 

@@ -77,10 +77,11 @@ cdef extern from "_xfrows.h" nogil:
     # long rows: one pass over one row per call
     float xf_rowmax_f(const float *x, ptrdiff_t n)
     double xf_rowmax_d(const double *x, ptrdiff_t n)
-    float xf_expsum_f(const float *x, ptrdiff_t n, float m)
-    double xf_expsum_d(const double *x, ptrdiff_t n, double m)
-    float xf_expsum_store_f(const float *x, float *e, ptrdiff_t n, float m)
-    double xf_expsum_store_d(const double *x, double *e, ptrdiff_t n, double m)
+    float xf_expsum_f(const float *x, ptrdiff_t n, float m, const float *pf)
+    double xf_expsum_d(const double *x, ptrdiff_t n, double m, const double *pf)
+    float xf_expsum_store_f(const float *x, float *e, ptrdiff_t n, float m, const float *pf)
+    double xf_expsum_store_d(const double *x, double *e, ptrdiff_t n, double m,
+                             const double *pf)
     float xf_wdist_f(const float *x, const float *w, ptrdiff_t n, float m)
     double xf_wdist_d(const double *x, const double *w, ptrdiff_t n, double m)
     void xf_dense_sums_f(const float *x, const float *t, const float *w, ptrdiff_t n,
@@ -158,18 +159,19 @@ cdef inline floating _rowmax(const floating *x, Py_ssize_t n) noexcept nogil:
     else:
         return xf_rowmax_d(x, n)
 
-cdef inline floating _expsum(const floating *x, Py_ssize_t n, floating m) noexcept nogil:
+cdef inline floating _expsum(const floating *x, Py_ssize_t n, floating m,
+                             const floating *pf) noexcept nogil:
     if floating is float:
-        return xf_expsum_f(x, n, m)
+        return xf_expsum_f(x, n, m, pf)
     else:
-        return xf_expsum_d(x, n, m)
+        return xf_expsum_d(x, n, m, pf)
 
 cdef inline floating _expsum_store(const floating *x, floating *e, Py_ssize_t n,
-                                   floating m) noexcept nogil:
+                                   floating m, const floating *pf) noexcept nogil:
     if floating is float:
-        return xf_expsum_store_f(x, e, n, m)
+        return xf_expsum_store_f(x, e, n, m, pf)
     else:
-        return xf_expsum_store_d(x, e, n, m)
+        return xf_expsum_store_d(x, e, n, m, pf)
 
 cdef inline floating _wdist(const floating *x, const floating *w, Py_ssize_t n,
                             floating m) noexcept nogil:
@@ -321,17 +323,19 @@ cdef Py_ssize_t _sparse_rows(const floating *X, floating *G, Py_ssize_t c,
                              const char *lab, Py_ssize_t lab_stride, int64_t ignore,
                              const floating *W, floating Wsum, floating eps, floating z,
                              floating sc, floating *loss, floating *lse,
-                             Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
+                             Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t n) noexcept nogil:
     """Long rows: each row start to finish, calling the multiversioned row passes."""
     cdef Py_ssize_t r, bad = 0
     cdef int64_t y
     cdef const floating *x
+    cdef const floating *pf                            # next row, prefetched in pass 2
     cdef floating *g
     cdef floating m, s, ls, l_se, xy, wy, A, l, coef, a, ey, gy
     cdef floating keep = 1 - eps
     cdef floating eps_c = eps / c
     for r in range(r0, r1):
         x = X + r * c
+        pf = x + c if r + 1 < n else NULL
         y = (<const int64_t *>(lab + r * lab_stride))[0]
         if y != ignore and (y < 0 or y >= c):          # never index with it
             bad += 1
@@ -342,7 +346,7 @@ cdef Py_ssize_t _sparse_rows(const floating *X, floating *G, Py_ssize_t c,
             continue
         m = _rowmax(x, c)                       # pass 1
         if y == ignore:
-            lse[r] = m + _log(_expsum(x, c, m))        # pass 2, loss-only
+            lse[r] = m + _log(_expsum(x, c, m, pf))    # pass 2, loss-only
             loss[r] = 0
             if G != NULL:
                 _zero_row(G + r * c, c)
@@ -353,9 +357,9 @@ cdef Py_ssize_t _sparse_rows(const floating *X, floating *G, Py_ssize_t c,
             A = _wdist(x, W, c, m)              # pass 1b
         if G != NULL:
             g = G + r * c
-            s = _expsum_store(x, g, c, m)              # pass 2: g_j = e_j (g may be x)
+            s = _expsum_store(x, g, c, m, pf)          # pass 2: g_j = e_j (g may be x)
         else:
-            s = _expsum(x, c, m)                       # pass 2
+            s = _expsum(x, c, m, pf)                   # pass 2
         ls = _log(s)
         l_se = m + ls
         lse[r] = l_se
@@ -509,7 +513,7 @@ def sparse(const floating[:, ::1] logits, const int64_t[:] labels,
                                     sc, lossp, lsep, r0, r1)
             else:
                 bad += _sparse_rows(xp, gp, c, lp, ls, ignore_index, wp, Wsum, eps, z,
-                                    sc, lossp, lsep, r0, r1)
+                                    sc, lossp, lsep, r0, r1, n)
     return bad
 
 
@@ -561,23 +565,25 @@ cdef void _dense_tile(const floating *X, const floating *T, floating *G, Py_ssiz
 cdef void _dense_rows(const floating *X, const floating *T, floating *G, Py_ssize_t c,
                       const floating *W, floating eps, floating z, floating sc,
                       floating *loss, floating *lse, Py_ssize_t r0,
-                      Py_ssize_t r1) noexcept nogil:
+                      Py_ssize_t r1, Py_ssize_t n) noexcept nogil:
     """Long rows r0..r1 of the dense kernel."""
     cdef Py_ssize_t r
     cdef const floating *x
+    cdef const floating *pf
     cdef floating *g
     cdef floating m, s, ls, l_se, A, B, a
     cdef floating keep = 1 - eps
     cdef floating add = eps / c
     for r in range(r0, r1):
         x = X + r * c
+        pf = x + c if r + 1 < n else NULL
         m = _rowmax(x, c)                               # pass 1
         _dense_sums(x, T + r * c, W, c, m, keep, add, &A, &B)   # pass 1b
         if G != NULL:
             g = G + r * c
-            s = _expsum_store(x, g, c, m)                      # pass 2 (g may be x)
+            s = _expsum_store(x, g, c, m, pf)                  # pass 2 (g may be x)
         else:
-            s = _expsum(x, c, m)
+            s = _expsum(x, c, m, pf)
         ls = _log(s)
         l_se = m + ls
         lse[r] = l_se
@@ -634,7 +640,7 @@ def dense(const floating[:, ::1] logits, const floating[:, ::1] labels,
             if R > 1:
                 _dense_tile(xp, tp, gp, c, wp, eps, z, sc, lossp, lsep, r0, r1)
             else:
-                _dense_rows(xp, tp, gp, c, wp, eps, z, sc, lossp, lsep, r0, r1)
+                _dense_rows(xp, tp, gp, c, wp, eps, z, sc, lossp, lsep, r0, r1, n)
     return 0
 
 
@@ -675,18 +681,20 @@ cdef void _prim_tile(int kind, const floating *X, floating *O, Py_ssize_t c,
 
 
 cdef void _prim_rows(int kind, const floating *X, floating *O, Py_ssize_t c,
-                     Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
+                     Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t r
     cdef const floating *x
+    cdef const floating *pf
     cdef floating m, s
     for r in range(r0, r1):
         x = X + r * c
+        pf = x + c if r + 1 < n else NULL
         m = _rowmax(x, c)
         if kind == _K_SOFTMAX:
-            s = _expsum_store(x, O + r * c, c, m)
+            s = _expsum_store(x, O + r * c, c, m, pf)
             _scale(O + r * c, c, 1 / s)
         else:
-            s = _expsum(x, c, m)
+            s = _expsum(x, c, m, pf)
             if kind == _K_LSE:
                 O[r] = m + _log(s)
             else:
@@ -712,7 +720,7 @@ cdef _prim(int kind, const floating[:, ::1] x, floating *op, Py_ssize_t out_rows
             if R > 1:
                 _prim_tile(kind, xp, op, c, r0, r1)
             else:
-                _prim_rows(kind, xp, op, c, r0, r1)
+                _prim_rows(kind, xp, op, c, r0, r1, n)
 
 
 def logsumexp(const floating[:, ::1] x, floating[::1] out):

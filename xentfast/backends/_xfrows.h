@@ -37,6 +37,25 @@
 #define XF_ALIGNED
 #endif
 
+/* Keep gcc from fully unrolling a 16-lane inner loop whose outer loop it then fails to
+ * SLP-vectorise (it leaves 16 scalar FMAs instead of one to four vector ones). */
+#if defined(__GNUC__) && !defined(__clang__)
+#define XF_NO_UNROLL _Pragma("GCC unroll 1")
+#else
+#define XF_NO_UNROLL
+#endif
+
+#if defined(XF_NO_PREFETCH)
+#define XF_PREFETCH(p) ((void)0)
+#elif defined(__GNUC__) || defined(__clang__)
+#define XF_PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 2)
+#elif defined(_MSC_VER) && (defined(_M_X64) || defined(_M_IX86))
+#include <xmmintrin.h>
+#define XF_PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
+#else
+#define XF_PREFETCH(p) ((void)0)
+#endif
+
 #if defined(__has_attribute)
 #if __has_attribute(target_clones)
 #define XF_HAVE_TARGET_CLONES 1

@@ -125,12 +125,16 @@ XF_INLINE void XF_FN(xfi_exp_store_tail_)(const XF_T *XF_RESTRICT x, XF_T *XF_RE
     }
 }
 
-XF_INLINE XF_T XF_FN(xfi_expsum)(const XF_T *x, ptrdiff_t n, XF_T m)
+XF_INLINE XF_T XF_FN(xfi_expsum)(const XF_T *x, ptrdiff_t n, XF_T m, const XF_T *pf)
 {
     XF_ALIGNED XF_T acc[XF_L] = {0};
     XF_ALIGNED XF_T buf[XF_L];
     ptrdiff_t i = 0, nv = n - n % XF_L;
-    for (; i < nv; i += XF_L) XF_FN(xfi_exp_step_)(x + i, m, acc);
+    pf = pf ? pf : x;
+    for (; i < nv; i += XF_L) {
+        XF_PREFETCH(pf + i);
+        XF_FN(xfi_exp_step_)(x + i, m, acc);
+    }
     if (i < n && n >= XF_L) {
         XF_FN(xfi_exp_tail_)(x + n - XF_L, m, acc, (int)(XF_L - (n - i)));
     } else if (i < n) {
@@ -142,13 +146,17 @@ XF_INLINE XF_T XF_FN(xfi_expsum)(const XF_T *x, ptrdiff_t n, XF_T m)
 
 /* e must not overlap x (use xfi_expsum_inplace for e == x). */
 XF_INLINE XF_T XF_FN(xfi_expsum_store)(const XF_T *XF_RESTRICT x, XF_T *XF_RESTRICT e,
-                                       ptrdiff_t n, XF_T m)
+                                       ptrdiff_t n, XF_T m, const XF_T *pf)
 {
     XF_ALIGNED XF_T acc[XF_L] = {0};
     XF_ALIGNED XF_T buf[XF_L];
     XF_ALIGNED XF_T ebuf[XF_L];
     ptrdiff_t i = 0, nv = n - n % XF_L;
-    for (; i < nv; i += XF_L) XF_FN(xfi_exp_store_step_)(x + i, e + i, m, acc);
+    pf = pf ? pf : x;
+    for (; i < nv; i += XF_L) {
+        XF_PREFETCH(pf + i);
+        XF_FN(xfi_exp_store_step_)(x + i, e + i, m, acc);
+    }
     if (i < n && n >= XF_L) {
         XF_FN(xfi_exp_store_tail_)(x + n - XF_L, e + n - XF_L, m, acc, (int)(XF_L - (n - i)));
     } else if (i < n) {
@@ -160,7 +168,7 @@ XF_INLINE XF_T XF_FN(xfi_expsum_store)(const XF_T *XF_RESTRICT x, XF_T *XF_RESTR
     return XF_FN(xfi_fold_)(acc);
 }
 
-XF_INLINE XF_T XF_FN(xfi_expsum_inplace)(XF_T *x, ptrdiff_t n, XF_T m)
+XF_INLINE XF_T XF_FN(xfi_expsum_inplace)(XF_T *x, ptrdiff_t n, XF_T m, const XF_T *pf)
 {
     XF_ALIGNED XF_T acc[XF_L] = {0};
     XF_ALIGNED XF_T buf[XF_L];
@@ -168,7 +176,11 @@ XF_INLINE XF_T XF_FN(xfi_expsum_inplace)(XF_T *x, ptrdiff_t n, XF_T m)
     if (nv < n)                                 /* the tail window, before it changes */
         for (int j = 0; j < XF_L; j++) buf[j] = (n >= XF_L) ? x[n - XF_L + j]
                                                            : ((j < n) ? x[j] : -INFINITY);
-    for (; i < nv; i += XF_L) XF_FN(xfi_exp_inplace_step_)(x + i, m, acc);
+    pf = pf ? pf : x;
+    for (; i < nv; i += XF_L) {
+        XF_PREFETCH(pf + i);
+        XF_FN(xfi_exp_inplace_step_)(x + i, m, acc);
+    }
     if (i < n && n >= XF_L) {
         XF_FN(xfi_exp_store_tail_)(buf, x + n - XF_L, m, acc, (int)(XF_L - (n - i)));
     } else if (i < n) {
@@ -329,10 +341,16 @@ XF_MV void XF_FN(xf_tile_wdist)(const XF_T *XF_RESTRICT tile, const XF_T *XF_RES
                                 ptrdiff_t c, const XF_T *XF_RESTRICT m, XF_T *XF_RESTRICT A)
 {
     XF_T acc[XF_TILE] = {0};
-    for (ptrdiff_t j = 0; j < c; j++) {
-        XF_T wj = (w == NULL) ? (XF_T)1 : w[j];
-        if (wj == 0) continue;
-        for (int r = 0; r < XF_TILE; r++) acc[r] += wj * (m[r] - tile[j * XF_TILE + r]);
+    if (w == NULL) {
+        for (ptrdiff_t j = 0; j < c; j++)
+            for (int r = 0; r < XF_TILE; r++) acc[r] += m[r] - tile[j * XF_TILE + r];
+    } else {
+        for (ptrdiff_t j = 0; j < c; j++) {
+            XF_T wj = w[j];
+            if (wj == 0) continue;                     /* adds nothing, even at x = -inf */
+            XF_NO_UNROLL
+            for (int r = 0; r < XF_TILE; r++) acc[r] += wj * (m[r] - tile[j * XF_TILE + r]);
+        }
     }
     for (int r = 0; r < XF_TILE; r++) A[r] = acc[r];
 }
@@ -415,13 +433,18 @@ XF_MV void XF_FN(xf_rows_sub)(const XF_T *x, XF_T *out, ptrdiff_t rows, ptrdiff_
 /* ---- out-of-line, multiversioned copies for long rows ---- */
 XF_MV XF_T XF_FN(xf_rowmax)(const XF_T *x, ptrdiff_t n)
 { return XF_FN(xfi_rowmax)(x, n); }
-XF_MV XF_T XF_FN(xf_expsum)(const XF_T *x, ptrdiff_t n, XF_T m)
-{ return XF_FN(xfi_expsum)(x, n, m); }
+/* pf: the next row (same length) to prefetch into L2 while this one is computed, or
+ * NULL.  Pass 1 of a long row streams it from DRAM while the core idles; pass 2 is
+ * exp-bound while the memory bus idles: prefetching the next row during pass 2
+ * overlaps the two (one prefetch per 64-byte step = one cache line per line done). */
+XF_MV XF_T XF_FN(xf_expsum)(const XF_T *x, ptrdiff_t n, XF_T m, const XF_T *pf)
+{ return XF_FN(xfi_expsum)(x, n, m, pf); }
 /* e may be x itself (inplace=True) but must not overlap it otherwise */
-XF_MV XF_T XF_FN(xf_expsum_store)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m)
+XF_MV XF_T XF_FN(xf_expsum_store)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
+                                  const XF_T *pf)
 {
-    if (e == x) return XF_FN(xfi_expsum_inplace)(e, n, m);
-    return XF_FN(xfi_expsum_store)(x, e, n, m);
+    if (e == x) return XF_FN(xfi_expsum_inplace)(e, n, m, pf);
+    return XF_FN(xfi_expsum_store)(x, e, n, m, pf);
 }
 XF_MV XF_T XF_FN(xf_wdist)(const XF_T *x, const XF_T *w, ptrdiff_t n, XF_T m)
 { return XF_FN(xfi_wdist)(x, w, n, m); }
