@@ -8,11 +8,11 @@ lacks ``"cython"``.  Set ``XENTFAST_REQUIRE_CYTHON=1`` to make any of that an er
 (CI does, to prove the extension really builds; and to see why it did not).
 
 Flags (gcc/clang): -O3, OpenMP (-fopenmp; without it, with a warning, the kernels run
-on one thread), -fno-trapping-math (lets float64 select loops vectorise; see
-_fastexp.h), -ffp-contract=fast (FMA where the CPU has it, i.e. in the AVX2/AVX-512
-target_clones of _xfrows.h).  Never -ffast-math (NaN/inf are part of the contract) and
-never -march=native (wheels must run on any x86-64: the clones pick AVX2/AVX-512 at
-load time instead).  MSVC: /O2 /openmp.
+on one thread), -ffp-contract=fast (FMA where the CPU has it, i.e. in the AVX2/AVX-512
+target_clones of _xfrows.h).  Never -ffast-math (NaN/inf are part of the contract),
+never -fno-trapping-math (gcc 12.2 miscompiles a masked reduction under it; see
+benchmarks/NOTES_cython_kernels.md) and never -march=native (wheels must run on any
+x86-64: the clones pick AVX2/AVX-512 at load time instead).  MSVC: /O2 /openmp.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class OptionalBuildExt(build_ext):
         if ctype == "msvc":
             compile_args, link_args = ["/O2", "/openmp"], []
         else:
-            compile_args = ["-O3", "-fno-trapping-math", "-ffp-contract=fast"]
+            compile_args = ["-O3", "-ffp-contract=fast"]
             link_args = []
             if self._has_openmp():
                 compile_args.append("-fopenmp")

@@ -89,10 +89,15 @@ In-place (grad aliases logits): a lane writes only the columns it read itself, a
 it read them; the one cross-lane read, x_y by lane 0 for the loss, happens before a
 barrier (block/stream) or a ``syncwarp`` (warp path) that precedes every store.
 
-Simulator: ``NUMBA_ENABLE_CUDASIM=1`` runs the same code as Python threads.  The
-simulator has no warp shuffles, so ``shfl_xor`` is emulated there with the block
-barrier (every thread of a block executes the same sequence of shuffles in these
-kernels, which is also what the hardware's full-mask shuffles require).
+Simulator: ``NUMBA_ENABLE_CUDASIM=1`` runs the same kernel code as Python threads.
+The simulator has no warp shuffles: a warp reduction there is one rendezvous of the
+warp's 32 threads (a per-warp ``threading.Barrier``) after which each lane evaluates
+the same xor butterfly in Python; ``XENTFAST_SIM_SHUFFLES=1`` emulates each shuffle
+instead, running the hardware helpers' code line by line.  Both rely on what the
+full-mask hardware shuffle requires anyway: every lane of a warp executes the same
+sequence of collectives.  ``prologue``, ``xexp`` and ``xlog`` give simulated threads
+IEEE behaviour without warnings (log(0) = -inf, inf - inf = NaN); on the device they
+are an empty inlined function and libdevice exp/log.
 """
 
 from __future__ import annotations

@@ -59,8 +59,10 @@
  * ---------------------------------------------------------------------------------
  *
  * Precision/reproducibility rule: these are pure functions of their argument, built
- * from +, -, *, comparisons and integer ops, compiled with -ffp-contract=off (see
- * setup.py), so the SSE2, AVX2 and AVX-512 code paths give bitwise identical results.
+ * from +, -, *, comparisons and integer ops.  The build allows FMA contraction
+ * (-ffp-contract=fast), which only the AVX2/AVX-512 clones can use, so results are
+ * bitwise reproducible on one machine and may differ by an ulp between machines; the
+ * error bounds above hold either way (measured both ways).
  */
 #ifndef XENTFAST_FASTEXP_H
 #define XENTFAST_FASTEXP_H
@@ -82,21 +84,27 @@ XF_INLINE float xf_u2f(uint32_t u) { float f; memcpy(&f, &u, sizeof f); return f
 XF_INLINE uint64_t xf_d2u(double f) { uint64_t u; memcpy(&u, &f, sizeof u); return u; }
 XF_INLINE double xf_u2d(uint64_t u) { double f; memcpy(&f, &u, sizeof f); return f; }
 
-/* Selects, c ? a : b, that keep loops vectorisable.
- * float: through an all-ones/all-zeros integer mask.  With a plain ternary, gcc
- *   "threads" the branch (it constant-folds exp(-110) on one side) and, since FP ops
- *   may trap under the default -ftrapping-math, cannot if-convert it back: "control
- *   flow in loop", no SSE2 vectorisation.  The bit select vectorises with any flags.
- * double: the same trick needs 64-bit integer compares that SSE2 lacks (gcc 12: "no
- *   vectype"), so it is a plain ternary, which vectorises once the build passes
- *   -fno-trapping-math (setup.py does, for gcc and clang; clang's default anyway).
- *   Without it the float64 exp loops still work, just scalar on baseline SSE2. */
+/* Selects, c ? a : b, through an all-ones/all-zeros integer mask, to keep the exp
+ * loops straight-line.  With a plain ternary, gcc "threads" the branch (it
+ * constant-folds exp(-110) on one side) and, since FP operations may trap under the
+ * default -ftrapping-math, cannot if-convert it back: "control flow in loop", no
+ * vectorisation.  (-fno-trapping-math would allow it, but gcc 12.2 miscompiles a
+ * masked conditional reduction under -O3 -march=x86-64-v3 -fno-trapping-math, so the
+ * build does not use that flag; see NOTES_cython_kernels.md.)
+ * float: vectorises with baseline SSE2 and above.
+ * double: the 64-bit mask needs AVX2 (SSE2 has no 64-bit compares to build it from),
+ *   so the float64 exp loops are vectorised in the AVX2/AVX-512 clones and scalar in a
+ *   baseline-only build. */
 XF_INLINE float xf_self(int c, float a, float b)
 {
     uint32_t m = 0u - (uint32_t)(c != 0);
     return xf_u2f((xf_f2u(a) & m) | (xf_f2u(b) & ~m));
 }
-XF_INLINE double xf_seld(int c, double a, double b) { return c ? a : b; }
+XF_INLINE double xf_seld(_Bool c, double a, double b)
+{
+    uint64_t m = (uint64_t)0 - (uint64_t)c;
+    return xf_u2d((xf_d2u(a) & m) | (xf_d2u(b) & ~m));
+}
 
 /* exp(x) for float, x <= 43 or NaN; see the header comment. */
 XF_INLINE float xf_expf(float x)

@@ -97,6 +97,7 @@ XF_INLINE double xf_unkey_d(int64_t k)
 #define XF_SUF _f
 #define XF_EXP xf_expf
 #define XF_LOG xf_logf
+#define XF_SEL xf_self
 #define XF_KEY int32_t
 #define XF_KEY_OF xf_key_f
 #define XF_FROM_KEY xf_unkey_f
@@ -106,6 +107,7 @@ XF_INLINE double xf_unkey_d(int64_t k)
 #undef XF_SUF
 #undef XF_EXP
 #undef XF_LOG
+#undef XF_SEL
 #undef XF_KEY
 #undef XF_KEY_OF
 #undef XF_FROM_KEY
@@ -115,6 +117,7 @@ XF_INLINE double xf_unkey_d(int64_t k)
 #define XF_SUF _d
 #define XF_EXP xf_exp
 #define XF_LOG xf_log_d_
+#define XF_SEL xf_seld
 #define XF_KEY int64_t
 #define XF_KEY_OF xf_key_d
 #define XF_FROM_KEY xf_unkey_d
@@ -124,6 +127,7 @@ XF_INLINE double xf_unkey_d(int64_t k)
 #undef XF_SUF
 #undef XF_EXP
 #undef XF_LOG
+#undef XF_SEL
 #undef XF_KEY
 #undef XF_KEY_OF
 #undef XF_FROM_KEY

@@ -111,7 +111,7 @@ XF_INLINE void XF_FN(xfi_exp_tail_)(const XF_T *x, XF_T m, XF_T *XF_RESTRICT acc
 {
     for (int j = 0; j < XF_L; j++) {
         XF_T v = XF_EXP(x[j] - m);
-        acc[j] += (j >= first) ? v : (XF_T)0;
+        acc[j] += XF_SEL(j >= first, v, (XF_T)0);
     }
 }
 
@@ -121,7 +121,7 @@ XF_INLINE void XF_FN(xfi_exp_store_tail_)(const XF_T *XF_RESTRICT x, XF_T *XF_RE
     for (int j = 0; j < XF_L; j++) {
         XF_T v = XF_EXP(x[j] - m);
         e[j] = v;
-        acc[j] += (j >= first) ? v : (XF_T)0;
+        acc[j] += XF_SEL(j >= first, v, (XF_T)0);
     }
 }
 
@@ -197,23 +197,35 @@ XF_INLINE XF_T XF_FN(xfi_expsum_inplace)(XF_T *x, ptrdiff_t n, XF_T m, const XF_
  * unlike W*lse - sum_c w_c x_c.  w_c == 0 classes are skipped even at x_c = -inf. */
 XF_INLINE XF_T XF_FN(xfi_wdist)(const XF_T *x, const XF_T *w, ptrdiff_t n, XF_T m)
 {
+    /* Tail as in the exp passes: the full window x[n-L .. n) with the lanes already
+     * counted masked out -- no conditional loads (gcc 12.2 -O3 -march=x86-64-v3
+     * -fno-trapping-math miscompiled the conditional-load form of this loop). */
     XF_T acc[XF_L] = {0};
     ptrdiff_t i = 0, nv = n - n % XF_L;
+    int first = (int)(XF_L - (n - nv));
     if (w == NULL) {
         for (; i < nv; i += XF_L)
             for (int j = 0; j < XF_L; j++) acc[j] += m - x[i + j];
-        for (int j = 0; j < XF_L; j++) acc[j] += (i + j < n) ? m - x[i + j] : (XF_T)0;
+        if (i < n && n >= XF_L)
+            for (int j = 0; j < XF_L; j++) {
+                XF_T d = m - x[n - XF_L + j];
+                acc[j] += XF_SEL(j >= first, d, (XF_T)0);
+            }
+        else
+            for (; i < n; i++) acc[i] += m - x[i];                  /* n < L */
     } else {
         for (; i < nv; i += XF_L)
             for (int j = 0; j < XF_L; j++) {
                 XF_T wj = w[i + j], d = wj * (m - x[i + j]);
-                acc[j] += (wj != 0) ? d : (XF_T)0;
+                acc[j] += XF_SEL(wj != 0, d, (XF_T)0);
             }
-        for (int j = 0; j < XF_L; j++) {
-            XF_T wj = (i + j < n) ? w[i + j] : (XF_T)0;
-            XF_T d = (i + j < n) ? wj * (m - x[i + j]) : (XF_T)0;
-            acc[j] += (wj != 0) ? d : (XF_T)0;
-        }
+        if (i < n && n >= XF_L)
+            for (int j = 0; j < XF_L; j++) {
+                XF_T wj = w[n - XF_L + j], d = wj * (m - x[n - XF_L + j]);
+                acc[j] += XF_SEL(j >= first && wj != 0, d, (XF_T)0);
+            }
+        else
+            for (; i < n; i++) acc[i] += (w[i] != 0) ? w[i] * (m - x[i]) : (XF_T)0;
     }
     return XF_FN(xfi_fold_)(acc);
 }
@@ -226,19 +238,27 @@ XF_INLINE void XF_FN(xfi_dense_sums)(const XF_T *x, const XF_T *t, const XF_T *w
 {
     XF_T a[XF_L] = {0}, b[XF_L] = {0};
     ptrdiff_t i = 0, nv = n - n % XF_L;
-    for (; i < nv; i += XF_L)
-        for (int j = 0; j < XF_L; j++) {
-            XF_T wt = keep * t[i + j] + add;
-            if (w != NULL) wt = w[i + j] * wt;
-            XF_T d = wt * (m - x[i + j]);
-            a[j] += (wt != 0) ? d : (XF_T)0;
-            b[j] += wt;
-        }
+    if (w == NULL)
+        for (; i < nv; i += XF_L)
+            for (int j = 0; j < XF_L; j++) {
+                XF_T wt = keep * t[i + j] + add;
+                XF_T d = wt * (m - x[i + j]);
+                a[j] += XF_SEL(wt != 0, d, (XF_T)0);
+                b[j] += wt;
+            }
+    else
+        for (; i < nv; i += XF_L)
+            for (int j = 0; j < XF_L; j++) {
+                XF_T wt = w[i + j] * (keep * t[i + j] + add);
+                XF_T d = wt * (m - x[i + j]);
+                a[j] += XF_SEL(wt != 0, d, (XF_T)0);
+                b[j] += wt;
+            }
     for (; i < n; i++) {           /* < L scalar iterations, no exp: cheap */
         XF_T wt = keep * t[i] + add;
         if (w != NULL) wt = w[i] * wt;
         XF_T d = wt * (m - x[i]);
-        a[i % XF_L] += (wt != 0) ? d : (XF_T)0;
+        a[i % XF_L] += XF_SEL(wt != 0, d, (XF_T)0);
         b[i % XF_L] += wt;
     }
     *A = XF_FN(xfi_fold_)(a);
@@ -364,11 +384,11 @@ XF_MV void XF_FN(xf_tile_dense_sums)(const XF_T *XF_RESTRICT tx, const XF_T *XF_
     XF_T a[XF_TILE] = {0}, b[XF_TILE] = {0};
     for (ptrdiff_t j = 0; j < c; j++) {
         XF_T wj = (w == NULL) ? (XF_T)1 : w[j];
+        XF_NO_UNROLL
         for (int r = 0; r < XF_TILE; r++) {
-            XF_T wt = keep * tt[j * XF_TILE + r] + add;
-            if (w != NULL) wt = wj * wt;
+            XF_T wt = wj * (keep * tt[j * XF_TILE + r] + add);   /* wj = 1: exact */
             XF_T d = wt * (m[r] - tx[j * XF_TILE + r]);
-            a[r] += (wt != 0) ? d : (XF_T)0;
+            a[r] += XF_SEL(wt != 0, d, (XF_T)0);
             b[r] += wt;
         }
     }
