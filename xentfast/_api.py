@@ -81,6 +81,7 @@ def _cross_entropy(
     return_lse: bool = False,
     check_labels: bool = True,
     labels_as_probabilities: bool = False,
+    labels_as_indices: bool = False,
 ):
     reduction = _validate.check_reduction(reduction)
     ignore_index = _validate.check_ignore_index(ignore_index)
@@ -96,6 +97,11 @@ def _cross_entropy(
         # TF casts one-hot labels to the logits' dtype; to_rows casts any array kind
         # (Numba device arrays have no .astype), the reshape restores the layout.
         y = arrays.to_rows(y, len(shape) - 1, call.compute_dtype).reshape(shape)
+    if labels_as_indices and np.dtype(y.dtype).kind not in "iu":
+        raise TypeError(
+            f"labels must be integer class indices (int32 or int64); got dtype {y.dtype}. "
+            "For probabilities use softmax_cross_entropy_with_logits"
+        )
     kind = _validate.label_kind(np.dtype(y.dtype), tuple(y.shape), shape, axis)
     if labels_as_probabilities and kind != "dense":
         raise ValueError(
@@ -315,18 +321,12 @@ def sparse_softmax_cross_entropy_with_logits(labels, logits, *, backend: str | N
 
     A label outside ``[0, num_classes)`` raises ``ValueError`` naming it and its place.
     """
-    y = labels if is_device_array(labels) else np.asarray(labels)
-    if y.dtype.kind not in "iu":
-        raise TypeError(
-            f"labels must be integer class indices (int32 or int64); got dtype {y.dtype}. "
-            "For probabilities use softmax_cross_entropy_with_logits"
-        )
     # TensorFlow has no ignore_index: every label must be a class.
     return _cross_entropy(
-        logits, y, axis=-1, weight=None, ignore_index=_validate.NO_IGNORE, label_smoothing=0.0,
-        z_loss=0.0, reduction="none", backend=backend, want_grad=False,
+        logits, labels, axis=-1, weight=None, ignore_index=_validate.NO_IGNORE,
+        label_smoothing=0.0, z_loss=0.0, reduction="none", backend=backend,
+        want_grad=False, labels_as_indices=True,
     )
-
 
 
 def _primitive(x, axis, backend, op: str):
