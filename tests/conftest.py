@@ -76,6 +76,35 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"numba threading layer after the run: {_threading_layer()}")
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "sim_sample(fraction): under the CUDA simulator (~1e4x slower) run only this "
+        "fraction of the test's 'cuda' cases, chosen deterministically by test id; the "
+        "others are deselected (reported as such, never as passed)",
+    )
+
+
+def _item_backend(item) -> str | None:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return params.get("backend", params.get("backend_name"))
+
+
+def pytest_collection_modifyitems(config, items):
+    kept, dropped = [], []
+    for item in items:
+        marker = item.get_closest_marker("sim_sample")
+        backend = _item_backend(item)
+        if marker is not None and backend is not None and helpers.is_simulated_cuda(backend):
+            if zlib.crc32(item.nodeid.encode()) % 1000 >= marker.args[0] * 1000:
+                dropped.append(item)
+                continue
+        kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 @pytest.fixture
 def rng(request) -> np.random.Generator:
     """A generator seeded from the test id: every case is reproducible on its own,

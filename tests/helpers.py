@@ -147,6 +147,10 @@ CUDA_SIM_SHAPES = [
     ShapeCase("C70", (2, 70), -1, "wider than one 32-lane warp"),
     ShapeCase("3D_axis1", (2, 5, 2), 1, "class axis 1"),
     ShapeCase("1D", (5,), -1, "a single row"),
+    # With the simulator's small tuning (blocks of 64 threads, 4 cached values a lane)
+    # these reach numba_cuda's block path and its streaming path:
+    ShapeCase("C200", (2, 200), -1, "one block per row", big=True),
+    ShapeCase("C300", (1, 300), -1, "streaming row (online max/sum)", big=True),
 ]
 
 # On a real GPU the host shapes are fine except 33k (kept: it is the reason to test).

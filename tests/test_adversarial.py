@@ -46,6 +46,7 @@ def _dense_labels(rng, x, y, case):
     return t / t.sum(axis=1, keepdims=True)
 
 
+@pytest.mark.sim_sample(0.5)
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
 @pytest.mark.parametrize("dtype_name", DTYPE_IDS)
 def test_value_cases(backend, value_case, dtype_name, kind, rng):
@@ -83,6 +84,7 @@ def test_value_cases(backend, value_case, dtype_name, kind, rng):
         assert xf.cross_entropy(x, labels, reduction="sum", backend=backend) == np.inf
 
 
+@pytest.mark.sim_sample(0.4)
 @pytest.mark.parametrize("with_grad", [False, True], ids=["loss", "grad"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
@@ -148,6 +150,7 @@ def _layout_dtype_params(layouts):
             if layout.bfloat16_ok or name != "bfloat16"]
 
 
+@pytest.mark.sim_sample(0.2)
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
 @pytest.mark.parametrize("layout,dtype_name", _layout_dtype_params(LAYOUTS))
 def test_layouts_match_contiguous_and_are_never_modified(backend, layout, dtype_name, kind, rng):
@@ -216,6 +219,7 @@ def test_readonly_weight_and_labels(backend, rng):
 WRITEABLE = [layout for layout in LAYOUTS if layout.writeable]
 
 
+@pytest.mark.sim_sample(0.2)
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
 @pytest.mark.parametrize("layout,dtype_name", _layout_dtype_params(WRITEABLE))
 def test_inplace_writes_the_logits_memory(backend, layout, dtype_name, kind, rng):
@@ -238,6 +242,7 @@ def test_inplace_writes_the_logits_memory(backend, layout, dtype_name, kind, rng
 OUT_LAYOUTS = [layout for layout in WRITEABLE if layout.id != "byteswapped"]
 
 
+@pytest.mark.sim_sample(0.5)
 @pytest.mark.parametrize("layout", OUT_LAYOUTS, ids=[layout.id for layout in OUT_LAYOUTS])
 def test_out_in_any_layout(backend, layout, rng):
     x, labels = _layout_inputs(rng, np.float32, "sparse")

@@ -64,13 +64,16 @@ def _grid():
     for p in backend_shape_params():
         backend, shape_case = p.values
         thin = is_simulated_cuda(backend)
-        for dtype_name in DTYPE_IDS:
+        for dtype_index, dtype_name in enumerate(DTYPE_IDS):
             if shape_case.dtypes is not None and dtype_name not in shape_case.dtypes:
                 continue
             for kind, option in KIND_OPTIONS:
                 if shape_case.big and option not in BIG_OPTIONS:
                     continue
                 turn += 1
+                # simulator: float32 always, plus one other dtype per case, rotating
+                if thin and dtype_name != "float32" and turn % (len(DTYPE_IDS) - 1) != dtype_index % (len(DTYPE_IDS) - 1):
+                    continue
                 for reduction in REDUCTIONS:
                     for mode in ("loss", "grad"):
                         if thin and (reduction, mode) != ROTATION[turn % len(ROTATION)]:
@@ -130,6 +133,7 @@ def _target_grid():
                                            id=f"{p.id}-{dtype_name}-{kind}-{reduction}-{target}")
 
 
+@pytest.mark.sim_sample(0.2)
 @pytest.mark.parametrize("backend_name,shape_case,dtype_name,kind,reduction,target", list(_target_grid()))
 def test_out_and_inplace(backend_name, shape_case, dtype_name, kind, reduction, target):
     """out= and inplace=True write the very array given and return it; the numbers are

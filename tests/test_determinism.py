@@ -22,7 +22,7 @@ HOST_CASES = {
     "medium": (512, 300),
     "few_long_rows": (2, 70_000),
 }
-SIM_CASES = {"small": (8, 70)}
+SIM_CASES = {"small": (3, 70)}
 
 
 def _cases(backend):
@@ -60,7 +60,7 @@ def _all_outputs(x, y, backend, kind):
 def _params():
     for b in BACKENDS:
         for case, shape in _cases(b).items():
-            for dtype in ("float32", "float64"):
+            for dtype in ("float32",) if is_simulated_cuda(b) else ("float32", "float64"):
                 for kind in ("sparse", "dense"):
                     yield pytest.param(b, shape, dtype, kind, id=f"{b}-{case}-{dtype}-{kind}")
 
@@ -69,7 +69,7 @@ def _params():
 def test_repeated_calls_are_bitwise_identical(backend_name, shape, dtype, kind):
     x, y = _inputs(shape, dtype, kind)
     first = _all_outputs(x, y, backend_name, kind)
-    for _ in range(2):
+    for _ in range(1 if is_simulated_cuda(backend_name) else 2):
         again = _all_outputs(x, y, backend_name, kind)
         for name in first:
             assert_bitwise_equal(again[name], first[name], name)
@@ -132,9 +132,10 @@ def test_thread_count_in_fresh_processes(backend_name):
 def test_concurrent_python_threads_match_serial_calls(backend):
     """Four workers at once (inplace, out=, loss-only, primitives mixed) give the bits
     of the same calls made one after another."""
-    shape = (8, 70) if is_simulated_cuda(backend) else (2048, 100)
+    sim = is_simulated_cuda(backend)
+    shape = (2, 40) if sim else (2048, 100)
     jobs = []
-    for i in range(12):
+    for i in range(4 if sim else 12):
         dtype = np.float32 if i % 2 else np.float64
         kind = "sparse" if i % 3 else "dense"
         jobs.append((i, dtype, kind))
@@ -157,6 +158,6 @@ def test_concurrent_python_threads_match_serial_calls(backend):
 
     serial = [run(job) for job in jobs]
     with ThreadPoolExecutor(max_workers=4) as pool:
-        for _ in range(2):
+        for _ in range(1 if sim else 2):
             concurrent = list(pool.map(run, jobs))
             assert concurrent == serial

@@ -316,3 +316,15 @@ def test_device_array_on_a_host_backend(host):
         xf.cross_entropy(FakeDeviceArray(), Y, backend=host)
     with pytest.raises(ValueError, match=r"runs on the host, but the input is a CUDA device array"):
         xf.softmax(FakeDeviceArray(), backend=host)
+
+
+def test_check_labels_false_still_checks_on_the_host(backend):
+    """check_labels=False only skips the GPU read-back; host backends always check
+    (their kernels index memory with the labels).  On CUDA the bad row is NaN."""
+    labels = np.array([0, 1, 7, 3])
+    if backend == "cuda":
+        loss = ce(backend, labels=labels, reduction="none", check_labels=False)
+        assert np.isnan(loss[2]) and np.all(np.isfinite(loss[[0, 1, 3]]))
+    else:
+        with pytest.raises(ValueError, match=r"label value of 7 at labels\[2\]"):
+            ce(backend, labels=labels, check_labels=False)

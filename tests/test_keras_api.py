@@ -34,6 +34,7 @@ def _loose(dtype):
 # ----------------------------------------------------------------------- functions
 
 
+@pytest.mark.sim_sample(0.5)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2], ids=["no_smoothing", "smoothing"])
 @pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probs"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: d.name)
@@ -66,6 +67,7 @@ def test_categorical_axis_and_smoothing_uses_last_axis(backend, from_logits, rng
     assert not np.allclose(expected, wrong)  # the case really tells the two apart
 
 
+@pytest.mark.sim_sample(0.3)
 @pytest.mark.parametrize("ignore_class", [None, -1, 0], ids=["no_ignore", "ignore_-1", "ignore_0"])
 @pytest.mark.parametrize("label_form", ["int", "float", "trailing_1"])
 @pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probs"])
@@ -123,6 +125,7 @@ def _sample_weight(kind, rng, n):
     return SAMPLE_WEIGHTS[kind]
 
 
+@pytest.mark.sim_sample(0.25)
 @pytest.mark.parametrize("sample_weight", list(SAMPLE_WEIGHTS))
 @pytest.mark.parametrize("reduction", KERAS_REDUCTIONS, ids=str)
 @pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probs"])
@@ -141,6 +144,7 @@ def test_categorical_object(backend, from_logits, reduction, sample_weight, rng)
     assert_close(got, expected, rtol=2e-5, atol=2e-6, what="reduced loss")
 
 
+@pytest.mark.sim_sample(0.25)
 @pytest.mark.parametrize("sample_weight", list(SAMPLE_WEIGHTS))
 @pytest.mark.parametrize("reduction", KERAS_REDUCTIONS, ids=str)
 @pytest.mark.parametrize("ignore_class", [None, -1, 2], ids=["no_ignore", "ignore_-1", "ignore_2"])

@@ -59,6 +59,7 @@ def _torch_loss_and_grad(torch, x, target, kw, reduction, dtype):
     return to_numpy(loss), to_numpy(xt.grad)
 
 
+@pytest.mark.sim_sample(0.3)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("option", list(TORCH_OPTIONS))
 @pytest.mark.parametrize("layout", list(TORCH_LAYOUTS))
@@ -75,6 +76,7 @@ def test_torch_index_targets(backend, dtype, layout, option, reduction, rng):
     assert_close(grad, t_grad, rtol=rtol, atol=atol, what="grad vs torch autograd")
 
 
+@pytest.mark.sim_sample(0.3)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("option", ["plain", "weight", "smooth", "weight_smooth"])
 @pytest.mark.parametrize("layout", ["NC", "NCd"])
@@ -249,6 +251,7 @@ def _keras():
     return import_peer("keras")
 
 
+@pytest.mark.sim_sample(0.4)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probs"])
 @pytest.mark.parametrize("axis", [-1, 1])
@@ -269,6 +272,7 @@ def test_keras_categorical_crossentropy(backend, axis, from_logits, label_smooth
     assert_close(got, expected, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.sim_sample(0.3)
 @pytest.mark.parametrize("label_form", ["int", "trailing_1", "float"])
 @pytest.mark.parametrize("ignore_class", [None, -1, 0])
 @pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probs"])
@@ -295,6 +299,7 @@ def test_keras_sparse_categorical_crossentropy(backend, from_logits, ignore_clas
 KERAS_REDUCTIONS = ["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", "none", None]
 
 
+@pytest.mark.sim_sample(0.3)
 @pytest.mark.parametrize("sample_weight", ["none", "per_sample", "scalar"])
 @pytest.mark.parametrize("reduction", KERAS_REDUCTIONS, ids=str)
 def test_keras_categorical_object(backend, reduction, sample_weight, rng):
@@ -310,6 +315,7 @@ def test_keras_categorical_object(backend, reduction, sample_weight, rng):
     assert_close(got, expected, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.sim_sample(0.3)
 @pytest.mark.parametrize("sample_weight", ["none", "per_sample", "per_sample_trailing_1"])
 @pytest.mark.parametrize("reduction", KERAS_REDUCTIONS, ids=str)
 @pytest.mark.parametrize("ignore_class", [None, 2])

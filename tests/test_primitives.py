@@ -32,6 +32,7 @@ def _atol(op, x, dtype):
     return rtol_for(dtype) * (float(np.max(finite, initial=0)) + np.log(max(x.size, 2)) + 1)
 
 
+@pytest.mark.sim_sample(0.4)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("backend_name,shape_case,dtype_name", backend_shape_dtype_params())
 def test_matches_oracle(backend_name, shape_case, dtype_name, op, rng):

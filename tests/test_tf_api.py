@@ -23,6 +23,7 @@ def _dtype(name):
     return next(d for d in DTYPES if d.name == name)
 
 
+@pytest.mark.sim_sample(0.35)
 @pytest.mark.parametrize("labels_kind", ["soft", "one_hot_int", "one_hot_float"])
 @pytest.mark.parametrize("backend_name,shape_case,dtype_name", backend_shape_dtype_params())
 def test_softmax_cross_entropy_with_logits(backend_name, shape_case, dtype_name, labels_kind, rng):
@@ -53,6 +54,7 @@ def test_keywords_and_axis(backend, rng):
         assert_close(got, expected, rtol=1e-10, atol=1e-12, what=f"axis={axis}")
 
 
+@pytest.mark.sim_sample(0.5)
 @pytest.mark.parametrize("label_dtype", ["int32", "int64"])
 @pytest.mark.parametrize("backend_name,shape_case,dtype_name",
                          [p for p in backend_shape_dtype_params() if p.values[1].axis == -1])

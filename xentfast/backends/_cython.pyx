@@ -6,7 +6,9 @@
 Import it through :mod:`xentfast.backends.cython_shim`, which adds the contract's exact
 Python signatures and turns a bad class id into ``ValueError``; this module is the
 compiled half.  The kernel contract and its derivations are in
-``xentfast/backends/__init__.py``; ``numpy_ref.py`` is the reference these kernels match.
+``xentfast/backends/__init__.py``; ``numpy_ref.py`` is the reference these kernels
+match; measurements and what did / did not pay are in
+``benchmarks/NOTES_cython_kernels.md``.
 
 Structure
 ---------
@@ -24,30 +26,34 @@ memory, with no (n, c) temporaries:
   pass 3   grad_j <- e_j * a - b_j, in place in grad, then grad_y fixed  (reads and
            writes grad, still in L1/L2 for rows up to ~100k classes)
 
-The vector passes live in C (``_xfrows.h``, ``_fastexp.h``): a vectorisable exp/log
-(no libm calls in loops), lane-wise sums whose order is fixed (so results are bitwise
-identical at any thread count), and on x86-64 Linux ``target_clones`` copies for
-AVX2+FMA and AVX-512.
+The vector passes live in C (``_xfrows.h``, ``_xfrows_tmpl.h``, ``_fastexp.h``): a
+vectorisable exp/log (no libm calls in loops), lane-wise sums whose order is fixed (so
+results are bitwise identical at any thread count), and on x86-64 Linux with gcc
+``target_clones`` copies for AVX2+FMA and AVX-512 chosen at load time.  During pass 2
+of a long row the next row is prefetched, overlapping its DRAM read with this row's exp.
 
-Short rows (c <= XF_SMALL_C = 64, e.g. 10 classes) are too short to vectorise along,
+Short rows (c <= XF_SMALL_C = 32, e.g. 10 classes) are too short to vectorise along,
 so XF_TILE = 16 consecutive rows are copied into a class-major tile and every pass runs
 "vertically", one SIMD lane per row: max, exp, sum and log for 16 rows at once, no
 horizontal reductions; the gradient is scaled while being copied back row-major.  The
 same numbered steps, on a different layout.  Per-row arithmetic never depends on which
-tile or thread a row is in.
+tile or thread a row is in, so results do not depend on the thread count.
 
 Inputs with fewer than _PAR_MIN_ELEMS elements run on the calling thread only (an
 OpenMP fork/join costs more than such a call).  Thread-safety: kernels hold no state
 and release the GIL; concurrent calls from several Python threads each get their own
 OpenMP team.  Row blocks are contiguous per thread (static schedule), so threads never
-write to the same cache line except at the one boundary between their ranges.
+write to the same cache line except at the one boundary between their ranges.  A
+process forked after a parallel kernel ran computes single-threaded (libgomp is not
+fork-safe; see _after_fork_in_child).
 
 Precision rule: arithmetic is in the input dtype (float32 -> float32 accumulation,
 float64 -> float64), which the contract names the accumulation dtype; float16 is upcast
 by the public layer.  e, p_y - 1 and every product are formed in it and rounded once to
 the output (same dtype).  Differences from numpy_ref are a few ulps: exp/log are
-faithfully rounded (< 1 ulp, see _fastexp.h), sums are lane-wise instead of pairwise,
-p = e * (1/s) instead of e / s, and on AVX2/AVX-512 machines a*b+c is fused.
+faithfully rounded (~1 ulp, see _fastexp.h), sums are lane-wise instead of pairwise,
+p = e * (1/s) instead of e / s, lse - x_c is formed as (m - x_c) + log s (more
+accurate, see below), and on AVX2/AVX-512 machines a*b+c is fused.
 
 Memory safety: shapes are checked here; a class id outside [0, c) that is not
 ignore_index is never used as an index -- the row gets loss NaN, lse NaN, grad 0 and is
@@ -71,7 +77,7 @@ cdef extern from "_xfrows.h" nogil:
     int XF_MULTIVERSIONED
     enum:
         XF_TILE            # rows per tile of short rows (16)
-        XF_SMALL_C         # rows of at most this many classes use tiles (64)
+        XF_SMALL_C         # rows of at most this many classes use tiles (32)
     float xf_logf(float s)
     double xf_log_d_(double s)
     # long rows: one pass over one row per call
@@ -135,6 +141,39 @@ cdef extern from "_xfrows.h" nogil:
 # Tunables: compile-time constants, not module globals (see NOTES_cython_kernels.md).
 cdef enum:
     _PAR_MIN_ELEMS = 32768   # below this many elements one thread does the whole call
+    # Prefetch the next long row during pass 2 only while this row, its gradient and the
+    # next row fit a server-class L2 (1-2 MiB): measured at 128000 float32 classes
+    # (512 KiB rows), prefetching gained 1.3x without a gradient and lost 1.1x with one.
+    _PF_MAX_BYTES_LOSS = 1048576
+    _PF_MAX_BYTES_GRAD = 262144
+
+# Fork safety.  GNU OpenMP (libgomp) is not fork-safe: a child forked after the parent
+# ran a parallel region deadlocks in its first parallel region (the team's threads do
+# not exist in the child).  The shim registers _after_fork_in_child with
+# os.register_at_fork, so such a child runs every kernel on its one thread instead.
+cdef bint _threads_ok = True
+cdef bint _ran_parallel = False
+
+
+def _after_fork_in_child():
+    """os.register_at_fork(after_in_child=...) hook: no OpenMP teams after a fork."""
+    global _threads_ok
+    if _ran_parallel:
+        _threads_ok = False
+
+
+cdef inline bint _use_threads(Py_ssize_t elems) noexcept:
+    global _ran_parallel
+    if elems >= _PAR_MIN_ELEMS and _threads_ok:
+        _ran_parallel = True
+        return True
+    return False
+
+
+def threads_enabled():
+    """False in a process forked after this one ran a parallel kernel (see above)."""
+    return bool(_threads_ok)
+
 
 MULTIVERSIONED = bool(XF_MULTIVERSIONED)
 SMALL_C = XF_SMALL_C
@@ -329,13 +368,15 @@ cdef Py_ssize_t _sparse_rows(const floating *X, floating *G, Py_ssize_t c,
     cdef int64_t y
     cdef const floating *x
     cdef const floating *pf                            # next row, prefetched in pass 2
+    cdef bint pf_on = <size_t>c * sizeof(floating) <= (
+        <size_t>_PF_MAX_BYTES_GRAD if G != NULL else <size_t>_PF_MAX_BYTES_LOSS)
     cdef floating *g
     cdef floating m, s, ls, l_se, xy, wy, A, l, coef, a, ey, gy
     cdef floating keep = 1 - eps
     cdef floating eps_c = eps / c
     for r in range(r0, r1):
         x = X + r * c
-        pf = x + c if r + 1 < n else NULL
+        pf = x + c if (pf_on and r + 1 < n) else NULL
         y = (<const int64_t *>(lab + r * lab_stride))[0]
         if y != ignore and (y < 0 or y >= c):          # never index with it
             bad += 1
@@ -502,8 +543,9 @@ def sparse(const floating[:, ::1] logits, const int64_t[:] labels,
     cdef Py_ssize_t ls = labels.strides[0]
     cdef floating *lossp = &loss[0]
     cdef floating *lsep = &lse[0]
+    cdef bint par = _use_threads(n * c)
     with nogil:
-        for b in prange(nblk, schedule="static", use_threads_if=n * c >= _PAR_MIN_ELEMS):
+        for b in prange(nblk, schedule="static", use_threads_if=par):
             r0 = b * R
             r1 = r0 + R
             if r1 > n:
@@ -570,13 +612,15 @@ cdef void _dense_rows(const floating *X, const floating *T, floating *G, Py_ssiz
     cdef Py_ssize_t r
     cdef const floating *x
     cdef const floating *pf
+    cdef bint pf_on = <size_t>c * sizeof(floating) <= (
+        <size_t>_PF_MAX_BYTES_GRAD if G != NULL else <size_t>_PF_MAX_BYTES_LOSS)
     cdef floating *g
     cdef floating m, s, ls, l_se, A, B, a
     cdef floating keep = 1 - eps
     cdef floating add = eps / c
     for r in range(r0, r1):
         x = X + r * c
-        pf = x + c if r + 1 < n else NULL
+        pf = x + c if (pf_on and r + 1 < n) else NULL
         m = _rowmax(x, c)                               # pass 1
         _dense_sums(x, T + r * c, W, c, m, keep, add, &A, &B)   # pass 1b
         if G != NULL:
@@ -631,8 +675,9 @@ def dense(const floating[:, ::1] logits, const floating[:, ::1] labels,
     cdef const floating *tp = &labels[0, 0]
     cdef floating *lossp = &loss[0]
     cdef floating *lsep = &lse[0]
+    cdef bint par = _use_threads(n * c)
     with nogil:
-        for b in prange(nblk, schedule="static", use_threads_if=n * c >= _PAR_MIN_ELEMS):
+        for b in prange(nblk, schedule="static", use_threads_if=par):
             r0 = b * R
             r1 = r0 + R
             if r1 > n:
@@ -685,10 +730,12 @@ cdef void _prim_rows(int kind, const floating *X, floating *O, Py_ssize_t c,
     cdef Py_ssize_t r
     cdef const floating *x
     cdef const floating *pf
+    cdef bint pf_on = <size_t>c * sizeof(floating) <= (
+        <size_t>_PF_MAX_BYTES_GRAD if kind == _K_SOFTMAX else <size_t>_PF_MAX_BYTES_LOSS)
     cdef floating m, s
     for r in range(r0, r1):
         x = X + r * c
-        pf = x + c if r + 1 < n else NULL
+        pf = x + c if (pf_on and r + 1 < n) else NULL
         m = _rowmax(x, c)
         if kind == _K_SOFTMAX:
             s = _expsum_store(x, O + r * c, c, m, pf)
@@ -711,8 +758,9 @@ cdef _prim(int kind, const floating[:, ::1] x, floating *op, Py_ssize_t out_rows
     R = _rows_per_block(c)
     nblk = (n + R - 1) // R
     cdef const floating *xp = &x[0, 0]
+    cdef bint par = _use_threads(n * c)
     with nogil:
-        for b in prange(nblk, schedule="static", use_threads_if=n * c >= _PAR_MIN_ELEMS):
+        for b in prange(nblk, schedule="static", use_threads_if=par):
             r0 = b * R
             r1 = r0 + R
             if r1 > n:

@@ -2,18 +2,16 @@
  * _xfrows.h -- row passes of the Cython backend (see _xfrows_tmpl.h for the scheme and
  * _fastexp.h for exp/log), instantiated for float (16 lanes) and double (8 lanes).
  *
- * Multiversioning: on x86-64 Linux/glibc with gcc >= 8 or clang >= 14, the out-of-line
- * xf_* functions are compiled three times (baseline SSE2, x86-64-v3 = AVX2+FMA,
- * x86-64-v4 = AVX-512) with
- * target_clones; the loader picks the best one for the CPU once (an ifunc).  The
- * baseline build flags stay portable (no -march=native), so a wheel built here runs on
- * any x86-64.  Elsewhere (macOS, Windows, musl, other CPUs) XF_MV is empty and the
- * baseline vectorisation (SSE2 / NEON) is used.  Define XENTFAST_NO_MULTIVERSION to
- * turn the clones off.  All clones compute bitwise identical results: the lanes fix the
- * order of every sum, so the only difference between clones is FMA contraction (the
- * x86-64-v3/v4 clones fuse a*b+c, the baseline cannot): results are bitwise
- * reproducible on a given machine at any thread count, and agree across machines to
- * within an ulp or two.
+ * Multiversioning: on x86-64 Linux/glibc with gcc >= 8, the out-of-line xf_* functions
+ * are compiled three times -- baseline (SSE2), x86-64-v3 (AVX2 + FMA) and x86-64-v4
+ * (AVX-512) -- with target_clones; the dynamic loader picks one for the CPU once (an
+ * ifunc).  The build flags stay portable (no -march=native), so a wheel built here runs
+ * on any x86-64.  Elsewhere (clang, MSVC, macOS, musl, non-x86 CPUs) XF_MV is plain
+ * `static` and the compiler's baseline vectorisation (SSE2 / NEON) is used; define
+ * XENTFAST_NO_MULTIVERSION to force that.
+ * Results: the lanes fix the order of every sum, so the clones differ only by FMA
+ * contraction (v3/v4 fuse a*b+c, the baseline cannot): bitwise reproducible on a given
+ * machine at any thread count, within an ulp or two across machines.
  */
 #ifndef XENTFAST_XFROWS_H
 #define XENTFAST_XFROWS_H
@@ -64,8 +62,7 @@
 
 #if !defined(XENTFAST_NO_MULTIVERSION) && defined(XF_HAVE_TARGET_CLONES) \
     && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) \
-    && ((defined(__clang__) && __clang_major__ >= 14) \
-        || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 8))
+    && !defined(__clang__) && !defined(__INTEL_COMPILER) && defined(__GNUC__) && __GNUC__ >= 8
 #define XF_MV static __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), unused, noinline))
 #define XF_MULTIVERSIONED 1
 #else

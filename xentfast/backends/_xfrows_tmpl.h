@@ -16,9 +16,10 @@
  *   AVX2, 16 with AVX-512) WITHOUT reassociating anything -- so every code path and every
  *   thread count produces the same bits.  (A plain "s += v" loop is not vectorised at all
  *   without -ffast-math, because reordering a float sum changes its value.)
- *   The last n mod L elements are copied into an L-wide buffer padded with a neutral
- *   value (-inf for max and exp, 0 for weights), so the tail also runs as one vector
- *   step and lands in the same lanes -- no scalar exp loop of up to L-1 iterations.
+ *   The last n mod L elements are done by one more full vector step over the window
+ *   x[n-L .. n) with the lanes already counted masked out of the sum (see "Tails"
+ *   below), so there is no scalar exp loop of up to L-1 iterations.  Maxima need no
+ *   lanes: max is exact in any order (xfi_rowmax).
  *
  * Naming: xfi_* are the static inline bodies; xf_* are the out-of-line functions the
  * Cython code calls, multiversioned with target_clones (XF_MV, see _xfrows.h) where

@@ -13,6 +13,8 @@ built.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 try:
@@ -26,6 +28,11 @@ except ImportError as exc:  # pragma: no cover - depends on how xentfast was ins
         "`python setup.py build_ext --inplace` in a checkout) and read the warning, or "
         "set XENTFAST_REQUIRE_CYTHON=1 to make a failed build an error."
     ) from exc
+
+# A child forked after a parallel kernel ran must not enter an OpenMP region (libgomp
+# would deadlock): it runs the kernels single-threaded instead.  (No fork on Windows.)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_ext._after_fork_in_child)
 
 NAME = "cython"
 NATIVE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
