@@ -15,7 +15,6 @@ TensorFlow line on the same inputs.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 import naive
 import xentfast as xf

@@ -9,7 +9,6 @@ import pytest
 import naive
 import xentfast as xf
 from helpers import (
-    DTYPE_IDS,
     DTYPES,
     assert_close,
     backend_shape_dtype_params,
