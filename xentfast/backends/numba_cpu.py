@@ -465,7 +465,7 @@ def _row_sumexp_store_ip(gr, m):
 @njit(**_JIT)
 def _row_sumexp_wsum(xr, m, w):
     """Pass B, sparse + label smoothing, loss only: returns (s, sm) with
-    sm = sum_{w_j > 0} w_j (m - x_j)  (every term >= 0: no cancellation)."""
+    sm = sum_{w_j != 0} w_j (m - x_j)  (m - x_j >= 0: a zero weight skips even x_j = -inf)."""
     T = xr.dtype.type
     zero = T(0)
     s = T(0)
@@ -479,7 +479,7 @@ def _row_sumexp_wsum(xr, m, w):
             xj = xb[j]
             b += _exp(xj - m)
             wj = wb[j]
-            bm += wj * (m - xj) if wj > zero else zero
+            bm += wj * (m - xj) if wj != zero else zero
         s += b
         sm += bm
     return s, sm
@@ -504,7 +504,7 @@ def _row_sumexp_wsum_store(xr, m, w, gr):
             gb[j] = e
             b += e
             wj = wb[j]
-            bm += wj * (m - xj) if wj > zero else zero
+            bm += wj * (m - xj) if wj != zero else zero
         s += b
         sm += bm
     return s, sm
@@ -528,7 +528,7 @@ def _row_sumexp_wsum_store_ip(gr, m, w):
             gb[j] = e
             b += e
             wj = wb[j]
-            bm += wj * (m - xj) if wj > zero else zero
+            bm += wj * (m - xj) if wj != zero else zero
         s += b
         sm += bm
     return s, sm
@@ -752,12 +752,11 @@ def _sparse_grad_rows(r0, r1, x, labels, w, ignore_index, z, gs, loss, lse, g, i
 
 @njit(**_JIT)
 def _sparse_smooth_loss_rows(r0, r1, x, labels, w, ignore_index, one_m_eps, eps_c,
-                             w_sum, w_pos, z, loss, lse):
+                             w_sum,  z, loss, lse):
     # Step 2 with smoothing (w = class weights, ones when the user gave none):
     #   loss = (1 - eps) w_y (lse - x_y) + (eps/C) sum_c w_c (lse - x_c) + z lse^2, and
-    #   sum_c w_c (lse - x_c) = W+ log s + sum_{w_c>0} w_c (m - x_c) [+ (W - W+) lse]
-    #   with W = w_sum, W+ = w_pos = sum of the positive weights; the bracket follows
-    #   the reference for negative weights (it drops their x_c terms).
+    #   sum_c w_c (lse - x_c) = W log s + sum_{w_c != 0} w_c (m - x_c),  W = w_sum
+    #   (lse - x_c = log s + (m - x_c); negative weights are real weights, as in torch).
     T = x.dtype.type
     for i in range(r0, r1):
         xr = x[i]
@@ -770,15 +769,13 @@ def _sparse_smooth_loss_rows(r0, r1, x, labels, w, ignore_index, one_m_eps, eps_
         if y == ignore_index:
             loss[i] = T(0)
             continue
-        smooth = w_pos * log_s + sm
-        if w_sum != w_pos:
-            smooth += (w_sum - w_pos) * ls
+        smooth = w_sum * log_s + sm
         loss[i] = one_m_eps * w[y] * ((m - xr[y]) + log_s) + eps_c * smooth + _zterm(z, ls)
 
 
 @njit(**_JIT)
 def _sparse_smooth_grad_rows(r0, r1, x, labels, w, bvec, ignore_index, one_m_eps, eps_c,
-                             w_sum, w_pos, z, gs, loss, lse, g, inplace):
+                             w_sum,  z, gs, loss, lse, g, inplace):
     #   d loss / d x_j = p_j coef - (1 - eps) w_y [j == y] - (eps/C) w_j,  times gs,
     #   coef = (1 - eps) w_y + eps W / C + 2 z lse;   bvec_j = (eps/C) w_j gs.
     T = x.dtype.type
@@ -800,9 +797,7 @@ def _sparse_smooth_grad_rows(r0, r1, x, labels, w, bvec, ignore_index, one_m_eps
         log_s = np.log(s)
         ls = m + log_s
         lse[i] = ls
-        smooth = w_pos * log_s + sm
-        if w_sum != w_pos:
-            smooth += (w_sum - w_pos) * ls
+        smooth = w_sum * log_s + sm
         wy = one_m_eps * w[y]
         loss[i] = wy * ((m - xy) + log_s) + eps_c * smooth + _zterm(z, ls)
         coef = wy + eps_c * w_sum + T(2) * z * ls
@@ -892,20 +887,20 @@ def _sparse_grad_par(nchunks, chunk, x, labels, w, ignore_index, z, gs, loss, ls
 
 @njit(**_PJIT)
 def _sparse_smooth_loss_par(nchunks, chunk, x, labels, w, ignore_index, one_m_eps, eps_c,
-                            w_sum, w_pos, z, loss, lse):
+                            w_sum,  z, loss, lse):
     n = x.shape[0]
     for k in prange(nchunks):
         _sparse_smooth_loss_rows(k * chunk, min(n, (k + 1) * chunk), x, labels, w,
-                                 ignore_index, one_m_eps, eps_c, w_sum, w_pos, z, loss, lse)
+                                 ignore_index, one_m_eps, eps_c, w_sum,  z, loss, lse)
 
 
 @njit(**_PJIT)
 def _sparse_smooth_grad_par(nchunks, chunk, x, labels, w, bvec, ignore_index, one_m_eps,
-                            eps_c, w_sum, w_pos, z, gs, loss, lse, g, inplace):
+                            eps_c, w_sum,  z, gs, loss, lse, g, inplace):
     n = x.shape[0]
     for k in prange(nchunks):
         _sparse_smooth_grad_rows(k * chunk, min(n, (k + 1) * chunk), x, labels, w, bvec,
-                                 ignore_index, one_m_eps, eps_c, w_sum, w_pos, z, gs,
+                                 ignore_index, one_m_eps, eps_c, w_sum,  z, gs,
                                  loss, lse, g, inplace)
 
 
@@ -993,7 +988,7 @@ def _blk_sumexp(buf, nb, mv, sv, lv, store):
 
 @njit(**_JIT)
 def _blk_wsum(buf, nb, mv, w, smv):
-    """smv[b] = sum_{w_j > 0} w_j (m_b - x_jb)   (before buf is overwritten)."""
+    """smv[b] = sum_{w_j != 0} w_j (m_b - x_jb)   (before buf is overwritten)."""
     T = buf.dtype.type
     zero = T(0)
     mb = mv[:nb]
@@ -1002,7 +997,7 @@ def _blk_wsum(buf, nb, mv, w, smv):
         smb[b] = zero
     for j in range(buf.shape[0]):
         wj = w[j]
-        if wj > zero:
+        if wj != zero:
             bj = buf[j, :nb]
             for b in range(nb):
                 smb[b] += wj * (mb[b] - bj[b])
@@ -1071,7 +1066,7 @@ def _small_softmax_rows(r0, r1, x, out, blk):
 
 @njit(**_JIT)
 def _small_sparse_rows(r0, r1, x, labels, w, bvec, ignore_index, one_m_eps, eps_c, w_sum,
-                       w_pos, smooth, z, gs, loss, lse, g, want_grad, blk):
+                        smooth, z, gs, loss, lse, g, want_grad, blk):
     """Small-C index labels, every option (formulas of _sparse_grad_rows and
     _sparse_smooth_grad_rows).  smooth: eps > 0, then w is a full weight vector and
     bvec_j = (eps/C) w_j gs; otherwise w may be empty (no weights)."""
@@ -1108,9 +1103,7 @@ def _small_sparse_rows(r0, r1, x, labels, w, bvec, ignore_index, one_m_eps, eps_
             el = wy * ((m - xy) + log_s) + _zterm(z, ls)
             coef = wy + T(2) * z * ls
             if smooth:
-                sm = w_pos * log_s + smv[b]
-                if w_sum != w_pos:
-                    sm += (w_sum - w_pos) * ls
+                sm = w_sum * log_s + smv[b]
                 el += eps_c * sm
                 coef += eps_c * w_sum
             loss[i] = el
@@ -1210,11 +1203,11 @@ def _small_softmax_par(nchunks, chunk, x, out, blk):
 
 @njit(**_PJIT)
 def _small_sparse_par(nchunks, chunk, x, labels, w, bvec, ignore_index, one_m_eps, eps_c,
-                      w_sum, w_pos, smooth, z, gs, loss, lse, g, want_grad, blk):
+                      w_sum,  smooth, z, gs, loss, lse, g, want_grad, blk):
     n = x.shape[0]
     for k in prange(nchunks):
         _small_sparse_rows(k * chunk, min(n, (k + 1) * chunk), x, labels, w, bvec,
-                           ignore_index, one_m_eps, eps_c, w_sum, w_pos, smooth, z, gs,
+                           ignore_index, one_m_eps, eps_c, w_sum,  smooth, z, gs,
                            loss, lse, g, want_grad, blk)
 
 
@@ -1399,7 +1392,9 @@ def _split_lse(x, sp, store=None):
     _seg_max_par(x, seglen, nseg, mseg)
     _seg_rowmax(mseg, m)
     if store is None:
-        _seg_sumexp_par(x, m, seglen, nseg, sseg, x, 0)
+        # Mode 0 never writes g, but Numba types the store branch anyway: hand it a
+        # writeable placeholder so read-only logits compile.
+        _seg_sumexp_par(x, m, seglen, nseg, sseg, np.empty((1, 1), T), 0)
     elif store is x:
         _seg_sumexp_par(x, m, seglen, nseg, sseg, x, 2)
     else:
@@ -1496,19 +1491,18 @@ def _sparse_small(x, labels, w, ii, eps, z, gs, loss, lse, grad, ch):
         one_m_eps = T(1) - eps
         eps_c = eps / T(c)
         w_sum = w.sum(dtype=T)
-        w_pos = w[w > 0].sum(dtype=T)
         bvec = (w * (eps_c * gs)).astype(T)
     else:
-        one_m_eps, eps_c, w_sum, w_pos = T(1), T(0), T(0), T(0)
+        one_m_eps, eps_c, w_sum = T(1), T(0), T(0)
         bvec = np.empty(0, dtype=T)
     want_grad = grad is not None
     g = grad if want_grad else np.empty((0, 0), dtype=T)
     if ch is None:
-        _small_sparse_rows(0, n, x, labels, w, bvec, ii, one_m_eps, eps_c, w_sum, w_pos,
+        _small_sparse_rows(0, n, x, labels, w, bvec, ii, one_m_eps, eps_c, w_sum, 
                            smooth, z, gs, loss, lse, g, want_grad, SMALL_C_BLOCK)
     else:
         _small_sparse_par(ch[0], ch[1], x, labels, w, bvec, ii, one_m_eps, eps_c, w_sum,
-                          w_pos, smooth, z, gs, loss, lse, g, want_grad, SMALL_C_BLOCK)
+                           smooth, z, gs, loss, lse, g, want_grad, SMALL_C_BLOCK)
 
 
 def sparse(logits, labels, weight, ignore_index, label_smoothing, z_loss, grad_scale,
@@ -1548,22 +1542,21 @@ def sparse(logits, labels, weight, ignore_index, label_smoothing, z_loss, grad_s
     one_m_eps = T(1) - eps
     eps_c = eps / T(c)
     w_sum = w.sum(dtype=T)
-    w_pos = w[w > 0].sum(dtype=T)
     if grad is None:
         if ch is None:
             _sparse_smooth_loss_rows(0, n, logits, labels, w, ii, one_m_eps, eps_c, w_sum,
-                                     w_pos, z, loss, lse)
+                                      z, loss, lse)
         else:
             _sparse_smooth_loss_par(ch[0], ch[1], logits, labels, w, ii, one_m_eps, eps_c,
-                                    w_sum, w_pos, z, loss, lse)
+                                    w_sum,  z, loss, lse)
         return
     bvec = (w * (eps_c * gs)).astype(T)
     if ch is None:
         _sparse_smooth_grad_rows(0, n, logits, labels, w, bvec, ii, one_m_eps, eps_c,
-                                 w_sum, w_pos, z, gs, loss, lse, grad, inplace)
+                                 w_sum,  z, gs, loss, lse, grad, inplace)
     else:
         _sparse_smooth_grad_par(ch[0], ch[1], logits, labels, w, bvec, ii, one_m_eps,
-                                eps_c, w_sum, w_pos, z, gs, loss, lse, grad, inplace)
+                                eps_c, w_sum,  z, gs, loss, lse, grad, inplace)
 
 
 def dense(logits, labels, weight, label_smoothing, z_loss, grad_scale, loss, lse, grad):
