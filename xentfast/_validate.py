@@ -168,9 +168,9 @@ def check_label_range(
     """ValueError naming the first label outside [0, C) that is not ignore_index."""
     if labels.size == 0:
         return
-    # One pass: viewed as unsigned, a negative id is huge, so `>= C` catches both ends.
+    # Fast path: two vectorised reductions, no boolean temporary of the labels' size.
     ids = labels.astype(np.int64, copy=False)
-    if not (ids.view(np.uint64) >= num_classes).any():
+    if ids.min() >= 0 and ids.max() < num_classes:
         return
     bad = (ids < 0) | (ids >= num_classes)
     if ignore_index is not None:
