@@ -157,13 +157,15 @@ def _grad_target(given, x, out, inplace: bool, shape, call: _Call):
     """The caller's array the gradient must land in (``out`` or the logits), or None.
 
     ``given`` is the logits object as passed: ``inplace`` needs it to be the array
-    itself (a list converted here has no memory the caller could see).
+    itself (a list converted here has no memory the caller could see), or a device
+    array that ``x`` views in place (a PyTorch CUDA tensor seen through Numba).
     """
     arrays = call.arrays
     if inplace and out is not None:
         raise ValueError("pass either out= or inplace=True, not both")
     if inplace:
-        if x is not given or not arrays.is_writeable(x):
+        same_memory = x is given or (arrays.on_device and is_device_array(given))
+        if not same_memory or not arrays.is_writeable(x):
             raise ValueError(
                 "inplace=True overwrites the logits with the gradient, so logits must be a "
                 "writeable array; got a read-only array or a non-array. Pass a writeable "
