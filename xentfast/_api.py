@@ -128,9 +128,9 @@ def _cross_entropy(
 
     loss_rows = arrays.empty(n, call.acc_dtype)
     lse_rows = arrays.empty(n, call.acc_dtype)
-    grad_rows = None
+    grad_rows, grad_in_target = None, False
     if want_grad:
-        grad_rows = _grad_rows(x_rows, target, inplace, axis, n, num_classes, call)
+        grad_rows, grad_in_target = _grad_rows(target, axis, n, num_classes, call)
     if n:
         if kind == "sparse":
             call.kernels.sparse(x_rows, y_rows, w, ignore_index, label_smoothing, z_loss,
@@ -147,7 +147,8 @@ def _cross_entropy(
         loss = arrays.scalar(value, call.dtype, like=x)
     results = [loss]
     if want_grad:
-        results.append(_finish_grad(grad_rows, target, batch_shape, axis, call, x))
+        results.append(_finish_grad(grad_rows, grad_in_target, target, batch_shape, axis,
+                                    call, x))
     if return_lse:
         results.append(arrays.from_rows(lse_rows, batch_shape, axis, call.dtype, like=x))
     return results[0] if len(results) == 1 else tuple(results)
@@ -179,22 +180,25 @@ def _grad_target(given, x, out, inplace: bool, shape, call: _Call):
     return None
 
 
-def _grad_rows(x_rows, target, inplace: bool, axis: int, n: int, c: int, call: _Call):
+def _grad_rows(target, axis: int, n: int, c: int, call: _Call):
     """Where the kernel writes the gradient: straight into the target when its layout
-    allows (for ``inplace`` that is the logits' own memory), else a fresh buffer."""
+    allows (for ``inplace`` that is the logits' own memory), else a fresh buffer.
+
+    Returns (rows, True if the rows are a view of the target)."""
     arrays = call.arrays
     if target is not None:
         view = arrays.rows_view(target, axis, call.compute_dtype)
         if view is not None:
-            return view
-    return arrays.empty((n, c), call.compute_dtype)
+            return view, True
+    return arrays.empty((n, c), call.compute_dtype), False
 
 
-def _finish_grad(grad_rows, target, batch_shape, axis: int, call: _Call, x):
+def _finish_grad(grad_rows, grad_in_target: bool, target, batch_shape, axis: int,
+                 call: _Call, x):
     arrays = call.arrays
     if target is None:
         return arrays.from_rows(grad_rows, batch_shape, axis, call.dtype, like=x)
-    if arrays.rows_view(target, axis, call.compute_dtype) is None:
+    if not grad_in_target:
         arrays.write_back(target, grad_rows, axis)
     return target
 

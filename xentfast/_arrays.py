@@ -58,13 +58,8 @@ class HostArrays:
             if too_big.any():
                 first = int(np.flatnonzero(too_big.reshape(-1))[0])
                 position = tuple(int(i) for i in np.unravel_index(first, labels.shape))
-                where = "labels" + ("[" + ", ".join(map(str, position)) + "]" if position else "")
-                raise ValueError(
-                    f"Received a label value of {int(labels.reshape(-1)[first])} at {where} "
-                    "which is outside the valid range of class indices [0, num_classes). "
-                    "Class indices must lie in [0, num_classes); mark entries to skip with "
-                    "ignore_index"
-                )
+                value = int(labels.reshape(-1)[first])
+                raise ValueError(_validate.out_of_range_message(value, position, None, None))
         return np.ascontiguousarray(labels, dtype=np.int64).reshape(-1)
 
     @staticmethod

@@ -151,13 +151,15 @@ def check_weight_shape(shape: tuple[int, ...], num_classes: int) -> None:
 
 
 def out_of_range_message(
-    value: int, position: tuple[int, ...], num_classes: int, ignore_index: int | None
+    value: int, position: tuple[int, ...], num_classes: int | None, ignore_index: int | None
 ) -> str:
+    """The one wording for a bad class id (``num_classes=None``: not known yet)."""
     where = "labels" + ("[" + ", ".join(map(str, position)) + "]" if position else "")
     skip = f" and is not ignore_index={ignore_index}" if ignore_index not in (None, NO_IGNORE) else ""
+    upper = "num_classes" if num_classes is None else num_classes
     return (
         f"Received a label value of {value} at {where} which is outside the valid range "
-        f"of [0, {num_classes}){skip}. Class indices must lie in [0, num_classes); mark "
+        f"of [0, {upper}){skip}. Class indices must lie in [0, num_classes); mark "
         "entries to skip with ignore_index"
     )
 

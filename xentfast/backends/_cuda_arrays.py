@@ -476,12 +476,7 @@ class DeviceArrays:
             if first >= 0:
                 position = tuple(int(i) for i in np.unravel_index(first, tuple(a.shape)))
                 value = int(out[first:first + 1].copy_to_host().view(np.uint64)[0])
-                where = "labels" + ("[" + ", ".join(map(str, position)) + "]" if position else "")
-                raise ValueError(
-                    f"Received a label value of {value} at {where} which is outside the valid "
-                    "range of class indices [0, num_classes). Class indices must lie in "
-                    "[0, num_classes); mark entries to skip with ignore_index"
-                )
+                raise ValueError(_validate.out_of_range_message(value, position, None, None))
         return out
 
     def check_labels(self, labels, batch_shape, num_classes: int, ignore_index,
