@@ -316,6 +316,53 @@ def _torch():
     return torch, ""
 
 
+def _array_kinds():
+    """(name, wrap) for the CUDA array libraries present: zero-copy views of a Numba array."""
+    kinds = []
+    try:
+        import cupy
+
+        kinds.append(("cupy", cupy.asarray))
+    except Exception:
+        pass
+    torch, _ = _torch()
+    if torch is not None:
+        kinds.append(("torch", lambda a: torch.as_tensor(a, device="cuda")))
+    return kinds
+
+
+def profile_api(n: int, c: int, reps: int, top: int = 25) -> None:
+    """cProfile of the public calls on Numba device arrays: where the host time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    import xentfast as xf
+    from numba import cuda
+
+    x, y = device_inputs(n, c, np.dtype(np.float32))
+    grad = cuda.device_array((n, c), np.float32)
+    calls = {"loss+grad out=grad": lambda: xf.cross_entropy_with_grad(x, y, out=grad),
+             "loss+grad allocating": lambda: xf.cross_entropy_with_grad(x, y),
+             "loss": lambda: xf.cross_entropy(x, y)}
+    for name, fn in calls.items():
+        for _ in range(3):
+            fn()
+        cuda.synchronize()
+        prof = cProfile.Profile()
+        t = time.perf_counter()
+        prof.enable()
+        for _ in range(reps):
+            fn()
+        cuda.synchronize()
+        prof.disable()
+        wall = (time.perf_counter() - t) * 1e3 / reps
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+        print(f"\n=== profile {n}x{c} float32 {name}: {wall:.3f} ms per call (wall) ===")
+        print("\n".join(buf.getvalue().splitlines()[:top + 12]))
+
+
 def time_shape(n: int, c: int, dtype, warmup: int, reps: int, report: Report,
                sweep: bool) -> None:
     from numba import cuda
@@ -354,6 +401,17 @@ def time_shape(n: int, c: int, dtype, warmup: int, reps: int, report: Report,
         "mean, out=grad")
     add("xentfast api", "loss+grad", lambda: xf.cross_entropy_with_grad(x, y), "mean, allocating")
     add("xentfast api", "loss", lambda: xf.cross_entropy(x, y), "mean")
+    # The same calls on the arrays users hold: CuPy arrays and PyTorch tensors.
+    for kind, wrap in _array_kinds():
+        try:
+            xk, yk = wrap(x), wrap(y)
+        except Exception as exc:
+            report.skipped.setdefault(f"api on {kind}", repr(exc)[:200])
+            continue
+        add("xentfast api", "loss+grad", lambda: xf.cross_entropy_with_grad(xk, yk),
+            f"mean, allocating, {kind} in")
+        add("xentfast api", "loss", lambda: xf.cross_entropy(xk, yk), f"mean, {kind} in")
+        del xk, yk
 
     if sweep:
         stream_shapes = [(t, u) for t in (256, 512, 1024) for u in (4, 8)]
@@ -460,6 +518,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sweep", action="store_true",
                     help="also time each feasible path / register limit / stream block size")
     ap.add_argument("--json", default=None, help="write the report to this file")
+    ap.add_argument("--profile", default=None, metavar="NxC",
+                    help="cProfile the public calls at this shape (host-side overhead)")
     ap.add_argument("--pytest-args", default="", help="extra arguments for pytest")
     args = ap.parse_args(argv)
     args.shape_list = ([tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
@@ -494,6 +554,9 @@ def main(argv=None) -> int:
         dtypes = ("float32",) if args.sim_smoke else ("float16", "float32", "float64")
         if not kernel_checks(check_shapes, dtypes, report, rows_checked=3 if args.sim_smoke else 48):
             status = 1
+    if args.profile:
+        pn, pc = (int(v) for v in args.profile.lower().split("x"))
+        profile_api(pn, pc, reps=3 if args.sim_smoke else 30)
     if not args.skip_timing:
         for n, c in args.shape_list:
             for dt in args.dtype_list:

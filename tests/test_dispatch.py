@@ -168,3 +168,33 @@ def test_env_var_with_an_unavailable_backend_fails_loudly():
     r = _run("import xentfast", XENTFAST_BACKEND=unavailable[0])
     assert r.returncode != 0
     assert "BackendUnavailableError" in r.stderr and f"backend '{unavailable[0]}' is unavailable" in r.stderr
+
+
+class _GradTrackingTensor:
+    """Stands in for a PyTorch CUDA tensor with ``requires_grad=True``: reading its
+    ``__cuda_array_interface__`` raises RuntimeError (not AttributeError), and
+    ``detach()`` gives a view that exports it."""
+
+    requires_grad = True
+
+    @property
+    def __cuda_array_interface__(self):
+        raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad")
+
+    def detach(self):
+        return _Exporting()
+
+
+class _Exporting:
+    __cuda_array_interface__ = {"shape": (2,), "typestr": "<f4", "data": (0, False), "version": 3}
+
+
+def test_grad_tracking_tensor_is_recognised_as_a_device_array():
+    from xentfast._arrays import is_device_array, without_autograd
+
+    t = _GradTrackingTensor()
+    assert is_device_array(t)  # routed to the cuda backend, not np.asarray'd
+    assert isinstance(without_autograd(t), _Exporting)
+    plain = _Exporting()
+    assert without_autograd(plain) is plain
+    assert not is_device_array(np.zeros(2))

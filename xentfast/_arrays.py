@@ -144,6 +144,15 @@ def is_device_array(obj) -> bool:
     """
     if isinstance(obj, np.ndarray):
         return False
-    return hasattr(obj, "__cuda_array_interface__") or bool(
+    return hasattr(without_autograd(obj), "__cuda_array_interface__") or bool(
         getattr(type(obj), "__cuda_ndarray__", False)
     )
+
+
+def without_autograd(obj):
+    """``obj``, or for a PyTorch tensor that requires grad its ``detach()`` (a view of the
+    same memory): PyTorch refuses to export such a tensor and raises RuntimeError, not
+    AttributeError, when ``__cuda_array_interface__`` is read, which defeats ``hasattr``."""
+    if getattr(obj, "requires_grad", False) and callable(getattr(obj, "detach", None)):
+        return obj.detach()
+    return obj

@@ -40,7 +40,7 @@ import numpy as np
 from numba import cuda
 
 from .. import _validate
-from .._arrays import HOST
+from .._arrays import HOST, without_autograd
 from ._cuda_kernels import INT64_MAX, SIMULATED, host, jit, launch, prologue
 
 if SIMULATED:
@@ -59,20 +59,25 @@ def _is_numba(obj) -> bool:
 
 
 def _is_cupy(obj) -> bool:
-    return type(obj).__module__.split(".", 1)[0] == "cupy" and hasattr(obj, "__cuda_array_interface__")
+    return type(obj).__module__.split(".", 1)[0] == "cupy" and _exports_interface(obj)
+
+
+def _exports_interface(obj) -> bool:
+    return hasattr(without_autograd(obj), "__cuda_array_interface__")
 
 
 def is_device(obj) -> bool:
     """A CUDA array (anything the device layer reads in place)."""
     if isinstance(obj, np.ndarray):
         return False
-    return _is_numba(obj) or hasattr(obj, "__cuda_array_interface__")
+    return _is_numba(obj) or _exports_interface(obj)
 
 
 def as_numba(obj):
     """A Numba view of a device array (no copy); see the module docstring for streams."""
     if _is_numba(obj):
         return obj
+    obj = without_autograd(obj)  # PyTorch refuses to export tensors that require grad
     if not hasattr(obj, "__cuda_array_interface__"):
         raise TypeError(
             f"expected a CUDA device array (Numba, CuPy, PyTorch CUDA); got {type(obj).__name__}. "
@@ -80,8 +85,6 @@ def as_numba(obj):
         )
     if SIMULATED:  # pragma: no cover - the simulator only has its own arrays
         raise TypeError(f"the CUDA simulator cannot read {type(obj).__name__} arrays")
-    if hasattr(obj, "detach") and getattr(obj, "requires_grad", False):
-        obj = obj.detach()  # PyTorch refuses to export tensors that require grad
     desc = obj.__cuda_array_interface__
     arr = host.cuda.from_cuda_array_interface(desc, owner=obj, sync=False)
     stream = desc.get("stream")
@@ -436,7 +439,7 @@ class DeviceArrays:
         else through ``np.asarray``."""
         if isinstance(obj, np.ndarray) or _is_numba(obj) or _is_cupy(obj):
             return obj
-        if hasattr(obj, "__cuda_array_interface__"):
+        if _exports_interface(obj):
             return as_numba(obj)
         return np.asarray(obj)
 
@@ -589,7 +592,7 @@ class DeviceArrays:
             return HOST.is_writeable(x)
         if _is_numba(x):
             return bool(x._ary.flags.writeable) if SIMULATED else True
-        desc = getattr(x, "__cuda_array_interface__", None)
+        desc = getattr(without_autograd(x), "__cuda_array_interface__", None)
         if desc is not None:
             return not desc["data"][1]
         return False

@@ -135,8 +135,12 @@ def launch(kernel, blocks: int, threads: int, *args) -> None:
     """``kernel[blocks, threads](*args)`` on the default stream.
 
     Numba warns (NumbaPerformanceWarning) when a grid has fewer than 128 blocks; small
-    inputs legitimately launch small grids, and a test run with warnings as errors must
-    not fail on them, so that one message is silenced where the launch is configured.
+    inputs legitimately launch small grids, and a caller running with warnings as
+    errors must not fail on them.  The warning is raised when a launch is *configured*
+    (``kernel[blocks, threads]``), so small-grid configurations are made once, with
+    that warning ignored, and kept: a configuration holds no arguments and is reused
+    for every later launch of the same kernel and grid.  The message is matched after
+    any prefix, because Numba highlights it with terminal escape codes.
     """
     if SIMULATED:
         # The simulator keeps one fake ``cuda`` module (grid, shared memory) per kernel
@@ -145,15 +149,23 @@ def launch(kernel, blocks: int, threads: int, *args) -> None:
         with _sim_launch_lock:
             kernel[blocks, threads](*args)
         return
-    if blocks < 128:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in GPU")
+    if blocks >= 128:
+        kernel[blocks, threads](*args)
+        return
+    key = (id(kernel), blocks, threads)
+    configured = _small_grid_launches.get(key)
+    if configured is None or configured.dispatcher is not kernel:
+        with _small_grid_lock, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*Grid size \d+ will likely result in GPU")
             configured = kernel[blocks, threads]
-    else:
-        configured = kernel[blocks, threads]
+            _small_grid_launches[key] = configured
     configured(*args)
 
 
+# (id(kernel), blocks, threads) -> configured launch; at most 127 grids per kernel and
+# block size.  ``configured.dispatcher is kernel`` guards against a reused id.
+_small_grid_launches: dict = {}
+_small_grid_lock = threading.Lock()
 _sim_launch_lock = threading.RLock()
 
 
