@@ -336,6 +336,50 @@ def test_torch_cuda_tensors(rng):
     assert t.data_ptr() == grad.__cuda_array_interface__["data"][0]
 
 
+@gpu_only
+def test_outputs_come_from_the_callers_memory_pool(rng):
+    """CuPy in: the gradient lives in CuPy's pool; PyTorch in: in PyTorch's caching
+    allocator (no cudaMalloc/cudaFree per call).  On a side stream: Numba allocates."""
+    x = rng.standard_normal((256, 1000)).astype(np.float32)
+    y = rng.integers(0, 1000, 256)
+    want = xf.cross_entropy_with_grad(x, y, backend="numpy")
+    grad_bytes = x.nbytes
+    try:
+        import cupy as cp
+    except ImportError:
+        cp = None
+    if cp is not None:
+        pool = cp.get_default_memory_pool()
+        cx, cy = cp.asarray(x), cp.asarray(y)
+        before = pool.used_bytes()
+        loss, grad = xf.cross_entropy_with_grad(cx, cy)
+        assert pool.used_bytes() - before >= grad_bytes
+        _close(loss, want[0])
+        _close(grad, want[1])
+        with cp.cuda.Stream(non_blocking=True):
+            before = pool.used_bytes()
+            loss, grad = xf.cross_entropy_with_grad(cx, cy)
+            assert pool.used_bytes() - before < grad_bytes  # Numba's memory, not the pool
+        cp.cuda.Device().synchronize()
+        _close(grad, want[1])
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch has no CUDA device")
+    tx, ty = torch.as_tensor(x, device="cuda"), torch.as_tensor(y, device="cuda")
+    before = torch.cuda.memory_allocated()
+    loss, grad = xf.cross_entropy_with_grad(tx, ty)
+    assert torch.cuda.memory_allocated() - before >= grad_bytes
+    _close(loss, want[0])
+    _close(grad, want[1])
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        before = torch.cuda.memory_allocated()
+        loss, grad = xf.cross_entropy_with_grad(tx, ty)
+        assert torch.cuda.memory_allocated() - before < grad_bytes
+    torch.cuda.synchronize()
+    _close(grad, want[1])
+
+
 # ----------------------------------------------------------------------- gpu_check
 
 

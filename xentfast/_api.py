@@ -49,6 +49,7 @@ def _resolve(logits, *others, backend: str | None, name: str = "logits"):
     backend_name = _dispatch.resolve(backend, on_device)
     kernels = _dispatch.load(backend_name)
     arrays = getattr(kernels, "DEVICE", HOST) if backend_name == "cuda" else HOST
+    arrays.start_call(logits, *others)
     x = arrays.asarray(logits)
     dtype = _validate.check_float_dtype(x.dtype, name)
     native = tuple(np.dtype(d) for d in kernels.NATIVE_DTYPES)

@@ -31,6 +31,11 @@ class HostArrays:
     on_device = False
 
     @staticmethod
+    def start_call(*inputs) -> None:
+        """Called once per public call with its array arguments, before anything else
+        (the device layer picks the caller's memory pool there); nothing to do here."""
+
+    @staticmethod
     def asarray(obj) -> np.ndarray:
         return np.asarray(obj)
 
