@@ -363,8 +363,31 @@ def profile_api(n: int, c: int, reps: int, top: int = 25) -> None:
         print("\n".join(buf.getvalue().splitlines()[:top + 12]))
 
 
+def _sweep(n, c, acc, x, y, w0, loss, lse, grad, add, B) -> None:
+    """Time every feasible path / cached-word limit / stream launch shape."""
+    stream_shapes = [(t, u) for t in (256, 512, 1024) for u in (4, 8)]
+    for path in ("warp", "block", "stream"):
+        for words in ((16, 20, 32) if path != "stream" else (32,)):
+            for threads, unroll in (stream_shapes if path == "stream" else [(None, None)]):
+                changes = {"force_path": path, "max_cached_words": words}
+                if threads:
+                    changes.update(stream_threads=threads, stream_unroll=unroll)
+                try:
+                    with B.tuning(**changes):
+                        p = B.plan(c, acc, False)
+                except ValueError:
+                    continue
+
+                def run(changes=changes):
+                    with B.tuning(**changes):
+                        B.sparse(x, y, w0, -100, 0.0, 0.0, 1.0 / n, loss, lse, grad)
+
+                add(f"sweep {path}", "loss+grad", run,
+                    f"team {p.team} x vpt/unroll {p.vpt}, threads={p.threads}, words={words}")
+
+
 def time_shape(n: int, c: int, dtype, warmup: int, reps: int, report: Report,
-               sweep: bool) -> None:
+               sweep: bool, kernels_only: bool = False) -> None:
     from numba import cuda
 
     import xentfast as xf
@@ -397,6 +420,10 @@ def time_shape(n: int, c: int, dtype, warmup: int, reps: int, report: Report,
         lambda: B.sparse(x, y, w0, -100, 0.0, 0.0, 1.0 / n, loss, lse, grad), note)
     add("xentfast kernel", "loss",
         lambda: B.sparse(x, y, w0, -100, 0.0, 0.0, 1.0 / n, loss, lse, None), note)
+    if kernels_only:
+        _sweep(n, c, acc, x, y, w0, loss, lse, grad, add, B)
+        report.rows.extend(rows)
+        return
     add("xentfast api", "loss+grad", lambda: xf.cross_entropy_with_grad(x, y, out=grad),
         "mean, out=grad")
     add("xentfast api", "loss+grad", lambda: xf.cross_entropy_with_grad(x, y), "mean, allocating")
@@ -414,25 +441,7 @@ def time_shape(n: int, c: int, dtype, warmup: int, reps: int, report: Report,
         del xk, yk
 
     if sweep:
-        stream_shapes = [(t, u) for t in (256, 512, 1024) for u in (4, 8)]
-        for path in ("warp", "block", "stream"):
-            for words in ((20, 32) if path != "stream" else (32,)):
-                for threads, unroll in (stream_shapes if path == "stream" else [(None, None)]):
-                    changes = {"force_path": path, "max_cached_words": words}
-                    if threads:
-                        changes.update(stream_threads=threads, stream_unroll=unroll)
-                    try:
-                        with B.tuning(**changes):
-                            p = B.plan(c, acc, False)
-                    except ValueError:
-                        continue
-
-                    def run(changes=changes):
-                        with B.tuning(**changes):
-                            B.sparse(x, y, w0, -100, 0.0, 0.0, 1.0 / n, loss, lse, grad)
-
-                    add(f"sweep {path}", "loss+grad", run,
-                        f"team {p.team} x vpt/unroll {p.vpt}, threads={p.threads}, words={words}")
+        _sweep(n, c, acc, x, y, w0, loss, lse, grad, add, B)
 
     torch, why = _torch()
     if torch is None:
@@ -517,6 +526,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--sweep", action="store_true",
                     help="also time each feasible path / register limit / stream block size")
+    ap.add_argument("--kernels-only", action="store_true",
+                    help="with --sweep: only the copy, the kernels and the sweep (no API, no peers)")
     ap.add_argument("--json", default=None, help="write the report to this file")
     ap.add_argument("--profile", default=None, metavar="NxC",
                     help="cProfile the public calls at this shape (host-side overhead)")
@@ -562,7 +573,8 @@ def main(argv=None) -> int:
             for dt in args.dtype_list:
                 print(f"timing {n}x{c} {dt.name} ...", flush=True)
                 try:
-                    time_shape(n, c, dt, args.warmup, args.reps, report, args.sweep)
+                    time_shape(n, c, dt, args.warmup, args.reps, report, args.sweep,
+                               args.kernels_only)
                 except Exception:
                     traceback.print_exc()
                     status = 1
