@@ -269,7 +269,7 @@ def kernel_checks(shapes, dtypes, report: Report, rows_checked: int = 48) -> boo
                 try:
                     t = B.tuning(force_path=None if path == "auto" else path)
                     with t:
-                        p = B.plan(c, acc, False)
+                        p = B.plan(c, acc, False, itemsize=dt.itemsize)
                 except ValueError:
                     continue  # the row does not fit this path
                 for opts in ({}, {"eps": 0.1, "z": 1e-3, "weighted": True}):
@@ -374,7 +374,7 @@ def _sweep(n, c, acc, x, y, w0, loss, lse, grad, add, B) -> None:
                     changes.update(stream_threads=threads, stream_unroll=unroll)
                 try:
                     with B.tuning(**changes):
-                        p = B.plan(c, acc, False)
+                        p = B.plan(c, acc, False, itemsize=x.dtype.itemsize)
                 except ValueError:
                     continue
 
@@ -414,7 +414,7 @@ def time_shape(n: int, c: int, dtype, warmup: int, reps: int, report: Report,
     add("copy", "loss+grad", lambda: dst.copy_to_device(x), "device-to-device memcpy")
     del dst
 
-    plan = B.plan(c, acc, False)
+    plan = B.plan(c, acc, False, itemsize=dt.itemsize)
     note = f"{plan.path} {plan.team}x{plan.vpt}"
     add("xentfast kernel", "loss+grad",
         lambda: B.sparse(x, y, w0, -100, 0.0, 0.0, 1.0 / n, loss, lse, grad), note)

@@ -164,6 +164,20 @@ def test_every_path(cuda, rng, backend_module, path, labels):
     _close(lse, xf.logsumexp(x, backend="numpy"))
 
 
+@pytest.mark.parametrize("c, itemsize, path, threads", [
+    (256, 4, "warp", 256), (1000, 4, "warp", 256), (2048, 4, "block", 256),
+    (4096, 4, "block", 512), (8192, 4, "stream", 256), (8192, 2, "stream", 256),
+    (16000, 4, "stream", 512), (16000, 2, "stream", 256), (32000, 4, "stream", 1024),
+    (32000, 2, "stream", 512), (128000, 4, "stream", 1024), (128000, 8, "stream", 1024),
+])
+def test_gpu_plan_follows_the_h100_measurements(backend_module, c, itemsize, path, threads):
+    """The default GPU tuning (not the simulator's): the block path up to 4096 classes,
+    then the stream path with a block sized by the row's bytes (see ``Tuning``)."""
+    acc = np.float64 if itemsize == 8 else np.float32
+    p = backend_module.plan(c, acc, False, t=backend_module.Tuning(), itemsize=itemsize)
+    assert (p.path, p.threads) == (path, threads)
+
+
 def test_forced_cached_path_too_small_raises(backend_module):
     with backend_module.tuning(force_path="block", block_threads=64, max_cached_words=1):
         with pytest.raises(ValueError, match="cannot hold rows"):
