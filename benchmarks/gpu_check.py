@@ -414,12 +414,11 @@ def time_shape(n: int, c: int, dtype, warmup: int, reps: int, report: Report,
     add("copy", "loss+grad", lambda: dst.copy_to_device(x), "device-to-device memcpy")
     del dst
 
-    plan = B.plan(c, acc, False, itemsize=dt.itemsize)
-    note = f"{plan.path} {plan.team}x{plan.vpt}"
-    add("xentfast kernel", "loss+grad",
-        lambda: B.sparse(x, y, w0, -100, 0.0, 0.0, 1.0 / n, loss, lse, grad), note)
-    add("xentfast kernel", "loss",
-        lambda: B.sparse(x, y, w0, -100, 0.0, 0.0, 1.0 / n, loss, lse, None), note)
+    for op, target in (("loss+grad", grad), ("loss", None)):
+        plan = B.plan(c, acc, False, itemsize=dt.itemsize, with_grad=target is not None)
+        add("xentfast kernel", op,
+            lambda target=target: B.sparse(x, y, w0, -100, 0.0, 0.0, 1.0 / n, loss, lse, target),
+            f"{plan.path} {plan.team}x{plan.vpt}")
     if kernels_only:
         _sweep(n, c, acc, x, y, w0, loss, lse, grad, add, B)
         report.rows.extend(rows)

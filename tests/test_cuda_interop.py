@@ -176,6 +176,12 @@ def test_gpu_plan_follows_the_h100_measurements(backend_module, c, itemsize, pat
     acc = np.float64 if itemsize == 8 else np.float32
     p = backend_module.plan(c, acc, False, t=backend_module.Tuning(), itemsize=itemsize)
     assert (p.path, p.threads) == (path, threads)
+    loss_only = backend_module.plan(c, acc, False, t=backend_module.Tuning(), itemsize=itemsize,
+                                    with_grad=False)
+    # loss-only keeps the block path up to its register limit (32 float32 words a thread)
+    words = 2 if itemsize == 8 else 1
+    assert loss_only.path == ("stream" if c > 1024 * (32 // words) else
+                              "warp" if c <= 32 * (32 // words) else "block")
 
 
 def test_forced_cached_path_too_small_raises(backend_module):
