@@ -198,3 +198,24 @@ def test_grad_tracking_tensor_is_recognised_as_a_device_array():
     plain = _Exporting()
     assert without_autograd(plain) is plain
     assert not is_device_array(np.zeros(2))
+
+
+def test_numba_cuda_numpy_mismatch_becomes_a_reason(monkeypatch):
+    """A numba-cuda that breaks under the installed NumPy (numba-cuda 0.30 with NumPy
+    2.5 raised AttributeError: np.row_stack) is reported, not picked."""
+    import importlib
+
+    from xentfast import _dispatch
+
+    def broken(name, *args, **kwargs):
+        raise AttributeError("module 'numpy' has no attribute 'row_stack'")
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    reason = _dispatch._numba_cuda_numpy_mismatch()
+    assert reason is not None and "row_stack" in reason and "NumPy" in reason
+
+    def missing(name, *args, **kwargs):
+        raise ModuleNotFoundError(name)
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    assert _dispatch._numba_cuda_numpy_mismatch() is None

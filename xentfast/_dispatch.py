@@ -57,6 +57,23 @@ def _probe_cuda() -> str | None:
             return "numba.cuda.is_available() is False: no usable CUDA GPU"
     except Exception as exc:  # pragma: no cover - depends on the driver
         return f"numba.cuda.is_available() failed: {exc}"
+    return None if simulated else _numba_cuda_numpy_mismatch()
+
+
+def _numba_cuda_numpy_mismatch() -> str | None:
+    """numba-cuda registers its NumPy overloads at the first kernel compilation; with a
+    NumPy newer than it supports that fails there (numba-cuda 0.30 under NumPy 2.5:
+    ``np.row_stack`` is gone).  Importing that module here (only when a GPU is usable)
+    turns a failure at the first call into an unavailability reason."""
+    try:
+        importlib.import_module("numba.cuda.np.arrayobj")
+    except ModuleNotFoundError:  # another numba-cuda layout: nothing to check
+        return None
+    except Exception as exc:
+        import numpy
+
+        return (f"numba-cuda cannot compile kernels with NumPy {numpy.__version__} "
+                f"({type(exc).__name__}: {exc}); install a NumPy that numba-cuda supports")
     return None
 
 
