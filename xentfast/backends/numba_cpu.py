@@ -937,29 +937,30 @@ def _dense_grad_par(nchunks, chunk, x, t, w, one_m_eps, eps_c, z, gs, loss, lse,
 
 @njit(**_JIT)
 def _blk_load_max(x, b0, nb, buf, mv):
-    """buf[j, b] = x[b0 + b, j];  mv[b] = max_j x[b0 + b, j].  Loop order j-outer,
-    b-inner (strided reads, unit-stride writes) measured fastest for the transpose."""
+    """buf[j, b] = x[b0 + b, j];  mv[b] = max_j x[b0 + b, j].  Loop order b-outer,
+    j-inner (unit-stride reads of a row, strided writes into the L1-resident buf): the
+    kernel at 1M x 10 float32 took 0.86x the time of the j-outer order (paired, 40
+    alternations in one process; benchmarks/NOTES_cpu_kernels.md)."""
     xs = x[b0:b0 + nb]
     mb = mv[:nb]
     for b in range(nb):
-        mb[b] = mv.dtype.type(-np.inf)
-    for j in range(x.shape[1]):
-        bj = buf[j, :nb]
-        for b in range(nb):
-            v = xs[b, j]
-            bj[b] = v
-            mv_b = mb[b]
-            mb[b] = v if v > mv_b else mv_b     # elementwise (not a reduction): 1 vmaxps
+        xr = xs[b]
+        m = mv.dtype.type(-np.inf)
+        for j in range(x.shape[1]):
+            v = xr[j]
+            buf[j, b] = v
+            m = v if v > m else m           # a NaN never wins; it still poisons the sum
+        mb[b] = m
 
 
 @njit(**_JIT)
 def _blk_load(t, b0, nb, buf):
-    """buf[j, b] = t[b0 + b, j]."""
+    """buf[j, b] = t[b0 + b, j]  (b-outer like _blk_load_max)."""
     ts = t[b0:b0 + nb]
-    for j in range(t.shape[1]):
-        bj = buf[j, :nb]
-        for b in range(nb):
-            bj[b] = ts[b, j]
+    for b in range(nb):
+        tr = ts[b]
+        for j in range(t.shape[1]):
+            buf[j, b] = tr[j]
 
 
 @njit(**_JIT)
@@ -1005,13 +1006,15 @@ def _blk_wsum(buf, nb, mv, w, smv):
 
 @njit(**_JIT)
 def _blk_scale_store(buf, nb, av, g, b0):
-    """g[b0 + b, j] = buf[j, b] * av[b]."""
+    """g[b0 + b, j] = buf[j, b] * av[b]  (b-outer: unit-stride writes of a grad row;
+    0.95x the time of the j-outer order at 1M x 10, paired)."""
     ab = av[:nb]
     gs = g[b0:b0 + nb]
-    for j in range(buf.shape[0]):
-        bj = buf[j, :nb]
-        for b in range(nb):
-            gs[b, j] = bj[b] * ab[b]
+    for b in range(nb):
+        a = ab[b]
+        gr = gs[b]
+        for j in range(buf.shape[0]):
+            gr[j] = buf[j, b] * a
 
 
 @njit(**_JIT)
