@@ -1115,18 +1115,23 @@ def _small_sparse_rows(r0, r1, x, labels, w, bvec, ignore_index, one_m_eps, eps_
                 fix[b] = (buf[y, b] / s * coef - wy) * gs
         if not want_grad:
             continue
-        _blk_scale_store(buf, nb, av, g, b0)
+        # g[i, j] = e_jb * a_b, then the label column and the smoothing terms, one grad
+        # row at a time while it is in L1 (b-outer, as in _blk_scale_store).
+        gs_blk = g[b0:b0 + nb]
         for b in range(nb):
-            i = b0 + b
-            y = labels[i]
-            gr = g[i]
+            y = labels[b0 + b]
+            gr = gs_blk[b]
             if y == ignore_index:
                 _row_fill(gr, T(0))          # also for a NaN row (0 * NaN is NaN)
-            elif smooth:
+                continue
+            a = av[b]
+            if smooth:
                 for j in range(c):
-                    gr[j] -= bvec[j]
+                    gr[j] = buf[j, b] * a - bvec[j]
                 gr[y] = fix[b] - bvec[y]
             else:
+                for j in range(c):
+                    gr[j] = buf[j, b] * a
                 gr[y] = fix[b]
 
 
