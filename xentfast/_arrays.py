@@ -9,6 +9,9 @@ for device arrays (``xentfast.backends.numba_cuda.DEVICE``).
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import numpy as np
 
 from . import _validate
@@ -75,7 +78,12 @@ class HostArrays:
         Always runs on the host (``enabled`` only matters on the GPU): host kernels
         index with the labels and rely on this check for memory safety.
         """
-        _validate.check_label_range(labels.reshape(batch_shape), num_classes, ignore_index)
+        in_range = _validate.check_label_range(labels.reshape(batch_shape), num_classes,
+                                               ignore_index)
+        # Hand-over to kept_weight_total (same thread, same labels): when every label is
+        # a class id and ignore_index is none, every row is kept -- no counting pass.
+        every_row_kept = in_range and not 0 <= ignore_index < num_classes
+        _label_scan.every_row_kept = (weakref.ref(labels), ignore_index) if every_row_kept else None
 
     @staticmethod
     def weight_vector(weight, num_classes: int, dtype: np.dtype) -> np.ndarray:
@@ -90,9 +98,13 @@ class HostArrays:
     @staticmethod
     def kept_weight_total(labels: np.ndarray, weight: np.ndarray, ignore_index: int) -> float:
         """Denominator of a "mean": sum of w[y] over kept rows (their count without w)."""
-        kept = labels != ignore_index
+        hint = getattr(_label_scan, "every_row_kept", None)
+        _label_scan.every_row_kept = None
         if weight.shape[0] == 0:
-            return float(np.count_nonzero(kept))
+            if hint is not None and hint[0]() is labels and hint[1] == ignore_index:
+                return float(labels.size)
+            return float(np.count_nonzero(labels != ignore_index))
+        kept = labels != ignore_index
         return float(np.sum(weight[labels[kept]], dtype=np.float64))
 
     @staticmethod
@@ -137,6 +149,9 @@ class HostArrays:
     def is_writeable(x) -> bool:
         return bool(getattr(getattr(x, "flags", None), "writeable", False))
 
+
+# Per thread: what check_labels learnt about the labels, for kept_weight_total.
+_label_scan = threading.local()
 
 HOST = HostArrays()
 

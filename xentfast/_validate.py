@@ -166,14 +166,17 @@ def out_of_range_message(
 
 def check_label_range(
     labels: np.ndarray, num_classes: int, ignore_index: int | None
-) -> None:
-    """ValueError naming the first label outside [0, C) that is not ignore_index."""
+) -> bool:
+    """ValueError naming the first label outside [0, C) that is not ignore_index.
+
+    Returns True when every label lies in [0, C) (then none equals an ignore_index
+    outside that range, and every row is kept)."""
     if labels.size == 0:
-        return
+        return True
     # Fast path: two vectorised reductions, no boolean temporary of the labels' size.
     ids = labels.astype(np.int64, copy=False)
     if ids.min() >= 0 and ids.max() < num_classes:
-        return
+        return True
     bad = (ids < 0) | (ids >= num_classes)
     if ignore_index is not None:
         bad &= ids != ignore_index
@@ -182,6 +185,7 @@ def check_label_range(
         position = tuple(int(i) for i in np.unravel_index(first, labels.shape))
         value = labels.reshape(-1)[first]
         raise ValueError(out_of_range_message(int(value), position, num_classes, ignore_index))
+    return False
 
 
 def check_out(out_shape, out_dtype, writeable: bool, shape, dtype) -> None:
