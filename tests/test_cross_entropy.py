@@ -271,20 +271,20 @@ def test_dense_labels_of_another_float_dtype(backend, dtype_name, rng):
 
 
 def test_mean_denominator_hand_over_from_the_label_check():
-    """check_labels tells kept_weight_total when every row is kept (all labels are class
-    ids and ignore_index is none of them); any other case is counted."""
+    """check_labels returns the kept-row count when every row is kept (all labels are
+    class ids and ignore_index is none of them); any other case is counted."""
     from xentfast._arrays import HOST
 
     no_weight = np.empty(0)
     y = np.array([0, 1, 2, 1])
-    HOST.check_labels(y, (4,), 3, -100)
-    assert HOST.kept_weight_total(y, no_weight, -100) == 4.0
-    HOST.check_labels(y, (4,), 3, 1)  # ignore_index is a class id: rows 1 and 3 skipped
-    assert HOST.kept_weight_total(y, no_weight, 1) == 2.0
-    other = np.array([0, -100, 2, 1])  # not the labels that were checked: counted
-    HOST.check_labels(y, (4,), 3, -100)
+    kept = HOST.check_labels(y, (4,), 3, -100)
+    assert HOST.kept_weight_total(y, no_weight, -100, kept) == 4.0
+    kept = HOST.check_labels(y, (4,), 3, 1)  # ignore_index is a class id: rows 1 and 3 skipped
+    assert kept is None
+    assert HOST.kept_weight_total(y, no_weight, 1, kept) == 2.0
+    other = np.array([0, -100, 2, 1])  # contains ignored rows: counted
+    assert HOST.check_labels(other, (4,), 3, -100) is None
     assert HOST.kept_weight_total(other, no_weight, -100) == 3.0
-    HOST.check_labels(y, (4,), 3, -100)  # the hint is for one ignore_index only
     assert HOST.kept_weight_total(y, no_weight, 2) == 3.0
     # end to end: mean over the kept rows
     x = np.zeros((4, 3))

@@ -116,9 +116,11 @@ def _cross_entropy(
     x_rows = arrays.to_rows(x, axis, call.compute_dtype)
     if kind == "sparse":
         y_rows = arrays.label_rows(y)
-        arrays.check_labels(y_rows, batch_shape, num_classes, ignore_index, check_labels)
+        kept_rows = arrays.check_labels(y_rows, batch_shape, num_classes, ignore_index,
+                                        check_labels)
         denominator = (
-            arrays.kept_weight_total(y_rows, w, ignore_index) if reduction == "mean" else 1.0
+            arrays.kept_weight_total(y_rows, w, ignore_index, kept_rows)
+            if reduction == "mean" else 1.0
         )
     else:
         _validate.check_float_dtype(y.dtype, "labels")

@@ -9,9 +9,6 @@ for device arrays (``xentfast.backends.numba_cuda.DEVICE``).
 
 from __future__ import annotations
 
-import threading
-import weakref
-
 import numpy as np
 
 from . import _validate
@@ -72,7 +69,7 @@ class HostArrays:
 
     @staticmethod
     def check_labels(labels: np.ndarray, batch_shape, num_classes: int, ignore_index,
-                     enabled: bool = True) -> None:
+                     enabled: bool = True) -> int | None:
         """Raise for a class id outside [0, C) that is not ignore_index.
 
         Always runs on the host (``enabled`` only matters on the GPU): host kernels
@@ -80,10 +77,9 @@ class HostArrays:
         """
         in_range = _validate.check_label_range(labels.reshape(batch_shape), num_classes,
                                                ignore_index)
-        # Hand-over to kept_weight_total (same thread, same labels): when every label is
-        # a class id and ignore_index is none, every row is kept -- no counting pass.
-        every_row_kept = in_range and not 0 <= ignore_index < num_classes
-        _label_scan.every_row_kept = (weakref.ref(labels), ignore_index) if every_row_kept else None
+        # Every label a class id and ignore_index none of them: every row is kept, and
+        # the caller's "mean" denominator needs no counting pass.
+        return labels.size if in_range and not 0 <= ignore_index < num_classes else None
 
     @staticmethod
     def weight_vector(weight, num_classes: int, dtype: np.dtype) -> np.ndarray:
@@ -96,13 +92,13 @@ class HostArrays:
         return np.ascontiguousarray(w, dtype=dtype)
 
     @staticmethod
-    def kept_weight_total(labels: np.ndarray, weight: np.ndarray, ignore_index: int) -> float:
-        """Denominator of a "mean": sum of w[y] over kept rows (their count without w)."""
-        hint = getattr(_label_scan, "every_row_kept", None)
-        _label_scan.every_row_kept = None
+    def kept_weight_total(labels: np.ndarray, weight: np.ndarray, ignore_index: int,
+                          kept_rows: int | None = None) -> float:
+        """Denominator of a "mean": sum of w[y] over kept rows (their count without w;
+        ``kept_rows``, what check_labels returned, when it knew the count)."""
         if weight.shape[0] == 0:
-            if hint is not None and hint[0]() is labels and hint[1] == ignore_index:
-                return float(labels.size)
+            if kept_rows is not None:
+                return float(kept_rows)
             return float(np.count_nonzero(labels != ignore_index))
         kept = labels != ignore_index
         return float(np.sum(weight[labels[kept]], dtype=np.float64))
@@ -149,9 +145,6 @@ class HostArrays:
     def is_writeable(x) -> bool:
         return bool(getattr(getattr(x, "flags", None), "writeable", False))
 
-
-# Per thread: what check_labels learnt about the labels, for kept_weight_total.
-_label_scan = threading.local()
 
 HOST = HostArrays()
 

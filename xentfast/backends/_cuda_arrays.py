@@ -471,12 +471,6 @@ class DeviceArrays:
 
     on_device = True
 
-    def __init__(self) -> None:
-        # check_labels -> kept_weight_total hand-over (same thread, same labels object):
-        # the scan that checks the labels also counts the kept rows, which is the
-        # unweighted "mean" denominator, saving a second kernel and read-back.
-        self._local = threading.local()
-
     # -- inputs -------------------------------------------------------------------
     @staticmethod
     def start_call(*inputs) -> None:
@@ -540,21 +534,22 @@ class DeviceArrays:
         return out
 
     def check_labels(self, labels, batch_shape, num_classes: int, ignore_index,
-                     enabled: bool = True) -> None:
+                     enabled: bool = True) -> int | None:
         """One device scan (first bad row, kept count) and one small read-back;
-        ``enabled=False`` skips both (the kernels then give such rows NaN)."""
-        self._local.scan = None
+        ``enabled=False`` skips both (the kernels then give such rows NaN).  Returns the
+        number of kept rows (the unweighted "mean" denominator: no second scan), or
+        None when nothing was scanned."""
         if not enabled:
-            return
+            return None
         labels = as_numba(labels)
         bad, kept = device_scan(labels, num_classes, ignore_index)
-        self._local.scan = (labels, int(ignore_index), kept)
         if bad >= 0:
             value = int(labels[bad:bad + 1].copy_to_host()[0])
             position = tuple(int(i) for i in np.unravel_index(bad, tuple(batch_shape)))
             raise ValueError(
                 _validate.out_of_range_message(value, position, num_classes, ignore_index)
             )
+        return kept
 
     def weight_vector(self, weight, num_classes: int, dtype):
         dtype = np.dtype(dtype)
@@ -569,13 +564,12 @@ class DeviceArrays:
         _check_byte_order(w)
         return contiguous(w, dtype)
 
-    def kept_weight_total(self, labels, weight, ignore_index: int) -> float:
+    def kept_weight_total(self, labels, weight, ignore_index: int,
+                          kept_rows: int | None = None) -> float:
         labels = as_numba(labels)
         if weight.shape[0] == 0:
-            scan = getattr(self._local, "scan", None)
-            self._local.scan = None
-            if scan is not None and scan[0] is labels and scan[1] == int(ignore_index):
-                return float(scan[2])
+            if kept_rows is not None:
+                return float(kept_rows)
             return float(device_scan(labels, 0, ignore_index)[1])
         return device_weight_total(labels, as_numba(weight), ignore_index)
 
