@@ -15,6 +15,7 @@ from ._api import (
     softmax_cross_entropy_with_logits,
     sparse_softmax_cross_entropy_with_logits,
 )
+from ._buffers import empty_cache
 from ._dispatch import (
     BackendUnavailableError,
     available_backends,
@@ -39,6 +40,7 @@ __all__ = [
     "categorical_crossentropy",
     "cross_entropy",
     "cross_entropy_with_grad",
+    "empty_cache",
     "get_backend",
     "log_softmax",
     "logsumexp",

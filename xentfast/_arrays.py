@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _validate
+from . import _buffers, _validate
 
 
 def _class_axis_last(x: np.ndarray, axis: int) -> np.ndarray:
@@ -105,7 +105,9 @@ class HostArrays:
 
     @staticmethod
     def empty(shape, dtype) -> np.ndarray:
-        return np.empty(shape, dtype)
+        """Uninitialised output rows; large ones reuse dropped buffers of the same size
+        (no page faults or zeroing of fresh memory; see ``_buffers``)."""
+        return _buffers.HOST_CACHE.empty(shape, dtype)
 
     @staticmethod
     def full(shape, value, dtype) -> np.ndarray:
