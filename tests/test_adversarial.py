@@ -84,6 +84,58 @@ def test_value_cases(backend, value_case, dtype_name, kind, rng):
         assert xf.cross_entropy(x, labels, reduction="sum", backend=backend) == np.inf
 
 
+# Long rows reach other code than the 4 x 6 grid above: the loss-only 512-bit row passes
+# of the cpu backend (c >= 320) finish a row with a 64-element window that overlaps
+# elements already counted, and every backend has vector tails.  A special value must
+# act the same wherever it sits: in the vector body, in the overlap (counted once, not
+# twice), or in the tail.
+LONG_ROWS = {
+    383: "63-element tail: the window overlaps 1 counted element",
+    1000: "40-element tail, window overlaps 24 counted elements",
+    1024: "a multiple of 64: no tail window",
+}
+
+
+def _long_row_positions(c):
+    body = c - c % 64
+    return {"first": 0, "overlap": max(c - 64, 0), "last_body": body - 1, "last": c - 1}
+
+
+@pytest.mark.sim_sample(0.25)
+@pytest.mark.parametrize("where", ["first", "overlap", "last_body", "last"])
+@pytest.mark.parametrize("special", ["nan", "pos_inf", "neg_inf_mask", "max_here"])
+@pytest.mark.parametrize("c", list(LONG_ROWS), ids=[f"C{c}" for c in LONG_ROWS])
+def test_special_values_anywhere_in_a_long_row(backend, c, special, where, rng):
+    n = 5
+    x = rng.standard_normal((n, c)) * 3
+    y = rng.integers(0, c, size=n)
+    j = _long_row_positions(c)[where]
+    y[1] = (j + 1) % c  # the poisoned element is not the true class
+    if special == "nan":
+        x[1, j] = np.nan
+    elif special == "pos_inf":
+        x[1, j] = np.inf
+    elif special == "neg_inf_mask":
+        x[1, j] = -np.inf
+    else:  # the row's maximum sits at j, far above the rest: exp of everything else ~ 0
+        x[1, j] = 60.0
+    x = x.astype(np.float32)
+    loss = xf.cross_entropy(x, y, reduction="none", backend=backend)
+    lse = xf.logsumexp(x, backend=backend)
+    exp_loss, _, exp_lse = naive.cross_entropy(x, y, reduction="none")
+    finite = [0, 2, 3, 4]
+    assert np.all(np.isfinite(loss[finite])) and np.all(np.isfinite(lse[finite]))
+    if special in ("nan", "pos_inf"):
+        assert np.isnan(loss[1]) and np.isnan(lse[1]), "the poisoned row must be NaN"
+        rows = finite
+    else:
+        rows = list(range(n))
+    assert_close(loss[rows], exp_loss[rows], rtol=rtol_for(np.float32),
+                 atol=loss_atol(x[rows], y[rows], {}, "none", np.float32), what="loss")
+    assert_close(lse[rows], exp_lse[rows], rtol=rtol_for(np.float32), atol=1e-6,
+                 what="lse")
+
+
 @pytest.mark.sim_sample(0.4)
 @pytest.mark.parametrize("with_grad", [False, True], ids=["loss", "grad"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)

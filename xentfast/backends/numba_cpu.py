@@ -68,6 +68,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 NAME = "cpu"
@@ -123,6 +124,9 @@ SPLIT_MIN_C = 1 << 15           # split path: c at least this ...
 SPLIT_MAX_ROWS = 4              # ... and n at most this
 SPLIT_SEGMENTS = 16             # split path: segments per row (a constant, NOT the
                                 # thread count, so results do not depend on it)
+WIDE_MIN_C = 320                # loss-only / logsumexp rows of at least this many
+                                # classes: the 512-bit pass A+B (`_row_max_sumexp_wide`)
+PREFETCH_MAX_ROW_BYTES = 1 << 20  # ... prefetching the next row if a row is at most this
 
 # ---------------------------------------------------------------------------------------
 # 2. Intrinsics, the exponential and the logarithm
@@ -159,6 +163,51 @@ def _maxnum(typingctx, a, b):
 
         return a(a, b), codegen
     return None
+
+
+@intrinsic
+def _prefetch(typingctx, arr, index):
+    """``llvm.prefetch`` of the cache line holding ``arr[index]`` (read, into L2:
+    locality 2).  A hint: it never faults, even past the end of the array."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1
+            and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]],
+                                       wraparound=False)
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [ptr, i32(0), i32(2), i32(1)])  # read, locality 2, data
+        return context.get_dummy_value()
+
+    return types.void(arr, index), codegen
+
+
+@intrinsic
+def _prefer_wide_vectors(typingctx):
+    """Compile the calling function for 512-bit vectors, as a function of its own.
+
+    LLVM's x86 tuning for AVX-512 CPUs prefers 256-bit vectors (``prefer-vector-width``
+    = 256: wide instructions can lower the clock on older parts), and Numba offers no
+    option to change it.  For the exp pass that halves the work per instruction: on the
+    project machine the loss-only row passes run 1.3-1.5x faster with 16 float lanes.
+    The attribute is per function, and the instruction selector honours the function
+    the code ends up in, so the caller must not inline it: ``noinline`` (one call per
+    row, which is why only long rows take this path).  On a CPU without AVX-512 the
+    attribute changes nothing."""
+    def codegen(context, builder, signature, args):
+        attributes = builder.function.attributes
+        # llvmlite only accepts the attribute names it knows; a string attribute is
+        # printed as given ("name"="value" is valid LLVM IR in that position).
+        set.add(attributes, '"prefer-vector-width"="512"')
+        attributes.add("noinline")
+        return context.get_dummy_value()
+
+    return types.void(), codegen
 
 
 def _exp(x):  # pragma: no cover - replaced by the overload below inside jitted code
@@ -430,6 +479,64 @@ def _row_sumexp(xr, m):
 
 
 @njit(**_JIT)
+def _row_max_sumexp_wide(xr, xnext, prefetch):
+    """Passes A and B of a loss-only row of at least 64 classes, on 512-bit vectors
+    (see ``_prefer_wide_vectors``); returns (m, s).  With ``prefetch``, the next row
+    ``xnext`` is requested into L2 during pass B, so that its pass A, which would
+    otherwise wait on memory with the core idle, reads from cache.
+
+    Tails: LLVM runs 4 x 16 lanes per iteration, and a remainder of up to 63 scalar exps
+    costs as much as a thousand vector ones.  So the loops run over the first
+    ``body = c - c % 64`` elements, and the rest is one more full 64-element window
+    ``x[c-64:c)``: for the max, overlapping is harmless; for the sum, the lanes already
+    counted contribute 0 (a select on the index, so the window vectorises)."""
+    _prefer_wide_vectors()
+    T = xr.dtype.type
+    n = xr.shape[0]
+    body = n - n % 64
+    window = xr[n - 64:]
+    m = T(-np.inf)
+    xb = xr[:body]
+    for j in range(xb.shape[0]):
+        m = _maxnum(m, xb[j])
+    for j in range(64):
+        m = _maxnum(m, window[j])
+    line = 64 // xr.itemsize  # elements per cache line
+    s = T(0)
+    for j0 in range(0, body, 1024):
+        if prefetch:
+            for k in range(j0, min(j0 + 1024, n), line):
+                _prefetch(xnext, k)
+        xb = xr[j0:min(j0 + 1024, body)]
+        b = T(0)
+        for j in range(xb.shape[0]):
+            b += _exp(xb[j] - m)
+        s += b
+    if body < n:
+        if prefetch:
+            _prefetch(xnext, n - 1)
+        counted = body - (n - 64)  # window lanes [0, counted) are in the blocks above
+        b = T(0)
+        for j in range(64):
+            e = _exp(window[j] - m)
+            b += e if j >= counted else T(0)
+        s += b
+    return m, s
+
+
+@njit(**_JIT)
+def _row_max_sumexp(x, i, r1, wide, prefetch):
+    """(m, s) of row i of x, loss only: the wide passes for long rows (``wide``),
+    prefetching row i + 1 when it is in [r0, r1) of this thread; else passes A, B."""
+    if wide:
+        following = i + 1 < r1
+        return _row_max_sumexp_wide(x[i], x[i + 1] if following else x[i],
+                                    prefetch and following)
+    m = _row_max(x[i])
+    return m, _row_sumexp(x[i], m)
+
+
+@njit(**_JIT)
 def _row_sumexp_store(xr, m, gr):
     """Pass B with gradient: gr_j = e_j = exp(x_j - m), returns s = sum_j e_j."""
     T = xr.dtype.type
@@ -669,12 +776,11 @@ def _zterm(z, ls):
 
 
 @njit(**_JIT)
-def _lse_rows(r0, r1, x, out):
+def _lse_rows(r0, r1, x, out, wide, prefetch):
     # Step 1: m = max x;  s = sum exp(x - m) >= 1;  lse = m + log s.
     for i in range(r0, r1):
-        xr = x[i]
-        m = _row_max(xr)
-        out[i] = m + np.log(_row_sumexp(xr, m))
+        m, s = _row_max_sumexp(x, i, r1, wide, prefetch)
+        out[i] = m + np.log(s)
 
 
 @njit(**_JIT)
@@ -698,15 +804,15 @@ def _softmax_rows(r0, r1, x, out):
 
 
 @njit(**_JIT)
-def _sparse_loss_rows(r0, r1, x, labels, w, ignore_index, z, loss, lse):
+def _sparse_loss_rows(r0, r1, x, labels, w, ignore_index, z, loss, lse, wide, prefetch):
     # Step 2, eps = 0:  loss = w_y (lse - x_y) + z lse^2,
     # with lse - x_y = (m - x_y) + log s.   Ignored rows: loss 0, lse still computed.
     T = x.dtype.type
     has_w = w.shape[0] != 0
     for i in range(r0, r1):
         xr = x[i]
-        m = _row_max(xr)
-        log_s = np.log(_row_sumexp(xr, m))
+        m, s = _row_max_sumexp(x, i, r1, wide, prefetch)
+        log_s = np.log(s)
         ls = m + log_s
         lse[i] = ls
         y = labels[i]
@@ -848,10 +954,10 @@ def _dense_grad_rows(r0, r1, x, t, w, one_m_eps, eps_c, z, gs, loss, lse, g, inp
 
 
 @njit(**_PJIT)
-def _lse_par(nchunks, chunk, x, out):
+def _lse_par(nchunks, chunk, x, out, wide, prefetch):
     n = x.shape[0]
     for k in prange(nchunks):
-        _lse_rows(k * chunk, min(n, (k + 1) * chunk), x, out)
+        _lse_rows(k * chunk, min(n, (k + 1) * chunk), x, out, wide, prefetch)
 
 
 @njit(**_PJIT)
@@ -869,11 +975,12 @@ def _softmax_par(nchunks, chunk, x, out):
 
 
 @njit(**_PJIT)
-def _sparse_loss_par(nchunks, chunk, x, labels, w, ignore_index, z, loss, lse):
+def _sparse_loss_par(nchunks, chunk, x, labels, w, ignore_index, z, loss, lse, wide,
+                     prefetch):
     n = x.shape[0]
     for k in prange(nchunks):
         _sparse_loss_rows(k * chunk, min(n, (k + 1) * chunk), x, labels, w, ignore_index,
-                          z, loss, lse)
+                          z, loss, lse, wide, prefetch)
 
 
 @njit(**_PJIT)
@@ -1411,6 +1518,14 @@ def _split_lse(x, sp, store=None):
     return m, s, log_s, lse
 
 
+def _wide(x):
+    """(wide, prefetch) for the loss-only row passes of x: the 512-bit passes for rows
+    of at least WIDE_MIN_C classes, prefetching the next row if a row fits in
+    PREFETCH_MAX_ROW_BYTES (beyond that it would push the current row out of L2)."""
+    c = x.shape[1]
+    return c >= WIDE_MIN_C, c * x.itemsize <= PREFETCH_MAX_ROW_BYTES
+
+
 def logsumexp(x, out):
     n, c = x.shape
     sp = _split(n, c)
@@ -1424,9 +1539,9 @@ def logsumexp(x, out):
         else:
             _small_lse_par(ch[0], ch[1], x, out, SMALL_C_BLOCK)
     elif ch is None:
-        _lse_rows(0, n, x, out)
+        _lse_rows(0, n, x, out, *_wide(x))
     else:
-        _lse_par(ch[0], ch[1], x, out)
+        _lse_par(ch[0], ch[1], x, out, *_wide(x))
 
 
 def log_softmax(x, out):
@@ -1535,9 +1650,10 @@ def sparse(logits, labels, weight, ignore_index, label_smoothing, z_loss, grad_s
     if eps == 0:
         if grad is None:
             if ch is None:
-                _sparse_loss_rows(0, n, logits, labels, w, ii, z, loss, lse)
+                _sparse_loss_rows(0, n, logits, labels, w, ii, z, loss, lse, *_wide(logits))
             else:
-                _sparse_loss_par(ch[0], ch[1], logits, labels, w, ii, z, loss, lse)
+                _sparse_loss_par(ch[0], ch[1], logits, labels, w, ii, z, loss, lse,
+                                 *_wide(logits))
         elif ch is None:
             _sparse_grad_rows(0, n, logits, labels, w, ii, z, gs, loss, lse, grad, inplace)
         else:
