@@ -10,7 +10,10 @@ writes every element it returns).
 from __future__ import annotations
 
 import gc
+import os
+import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -156,6 +159,42 @@ def test_a_return_while_the_lock_is_held_is_settled_later(cache):
         assert len(cache._pending) == 1
     assert cache.cached_bytes() == NBYTES
     assert not cache._pending
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_starts_with_a_fresh_cache():
+    """Forked while another thread holds the cache's lock, the child must not hang on
+    it, and must not hand out blocks from free lists it cannot trust."""
+    xf.empty_cache()
+    a = _buffers.HOST_CACHE.empty(SHAPE, np.float32)
+    del a  # one block cached in the parent
+    assert _buffers.HOST_CACHE.cached_bytes() == NBYTES
+    with _buffers.HOST_CACHE._lock:  # held at the fork, as by another thread
+        pid = os.fork()
+        if pid == 0:  # child: exit code says what went wrong
+            code = 0
+            try:
+                if _buffers.HOST_CACHE.cached_bytes() != 0:
+                    code = 2
+                b = _buffers.HOST_CACHE.empty(SHAPE, np.float32)
+                del b
+                if _buffers.HOST_CACHE.cached_bytes() != NBYTES:
+                    code = 3
+            except BaseException:
+                code = 4
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung on the cache's lock")
+        time.sleep(0.01)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    assert _buffers.HOST_CACHE.cached_bytes() == NBYTES  # the parent keeps its block
 
 
 def test_threads_never_share_a_buffer():

@@ -149,6 +149,12 @@ class BufferCache:
             self._cached_bytes += nbytes
         return dropped
 
+    def _forget_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._pending = collections.deque()
+        self._free = {}
+        self._cached_bytes = 0
+
     # ------------------------------------------------------------------ control
     def cached_bytes(self) -> int:
         """Bytes of dropped blocks kept for reuse right now."""
@@ -173,6 +179,12 @@ class BufferCache:
 
 #: The process-wide cache the host arrays layer allocates from.
 HOST_CACHE = BufferCache(default_limit())
+
+if hasattr(os, "register_at_fork"):
+    # A child forked while another thread held the lock would wait on it forever, and
+    # free lists caught mid-update cannot be trusted: the child starts with a new lock
+    # and an empty cache (arrays it inherited still come back to it when dropped).
+    os.register_at_fork(after_in_child=HOST_CACHE._forget_after_fork)
 
 
 def empty_cache() -> int:
