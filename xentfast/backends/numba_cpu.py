@@ -17,7 +17,9 @@ never from the thread count):
 * serial   -- n*c <= SERIAL_MAX_ELEMS: the row-range body is called directly (a parallel
               launch costs more than it saves on tiny inputs).
 * rows     -- c > SMALL_C_MAX: ``prange`` over chunks of rows, one row per pass A/B/C
-              sequence, SIMD along the row.
+              sequence, SIMD along the row.  Loss-only and logsumexp rows of at least
+              WIDE_MIN_C classes run passes A and B on 512-bit vectors and prefetch
+              the next row (``_row_max_sumexp_wide``).
 * small C  -- c <= SMALL_C_MAX: blocks of SMALL_C_BLOCK rows are transposed into a
               class-major scratch buffer so the SIMD lanes run across rows.
 * split    -- n <= SPLIT_MAX_ROWS and c >= SPLIT_MIN_C (few, very long rows: fewer rows
@@ -30,8 +32,9 @@ Layout of this module
 ---------------------
 1. Numba options, all in one place (``_JIT``, ``_PJIT``, ``_EXP_JIT``), the choice of a
    thread-safe threading layer, and the dispatch tunables.
-2. Two LLVM intrinsics (bit-casts, ``llvm.maxnum``), the vectorisable exponential
-   ``_exp`` and logarithm ``_log`` with their error analysis.
+2. LLVM intrinsics (bit-casts, ``llvm.maxnum``, ``llvm.prefetch``, the 512-bit vector
+   preference of a function), the vectorisable exponential ``_exp`` and logarithm
+   ``_log`` with their error analysis.
 3. Row passes (``_row_*``): the inner loops, written so that LLVM vectorises them.
 4. Row-range bodies (``_*_rows(r0, r1, ...)``): everything one row needs, for rows
    [r0, r1); and 5. their parallel drivers (``_*_par``).
@@ -1523,7 +1526,8 @@ def _wide(x):
     of at least WIDE_MIN_C classes, prefetching the next row if a row fits in
     PREFETCH_MAX_ROW_BYTES (beyond that it would push the current row out of L2)."""
     c = x.shape[1]
-    return c >= WIDE_MIN_C, c * x.itemsize <= PREFETCH_MAX_ROW_BYTES
+    # (the wide passes end with a 64-element window: never for shorter rows)
+    return c >= max(WIDE_MIN_C, 64), c * x.itemsize <= PREFETCH_MAX_ROW_BYTES
 
 
 def logsumexp(x, out):
