@@ -122,16 +122,25 @@ def test_special_values_anywhere_in_a_long_row(backend, c, special, where, rng):
     x = x.astype(np.float32)
     loss = xf.cross_entropy(x, y, reduction="none", backend=backend)
     lse = xf.logsumexp(x, backend=backend)
-    exp_loss, _, exp_lse = naive.cross_entropy(x, y, reduction="none")
+    loss_g, grad = xf.cross_entropy_with_grad(x, y, reduction="none", backend=backend)
+    exp_loss, exp_grad, exp_lse = naive.cross_entropy(x, y, reduction="none")
     finite = [0, 2, 3, 4]
     assert np.all(np.isfinite(loss[finite])) and np.all(np.isfinite(lse[finite]))
+    assert np.all(np.isfinite(grad[finite]))
     if special in ("nan", "pos_inf"):
         assert np.isnan(loss[1]) and np.isnan(lse[1]), "the poisoned row must be NaN"
+        assert np.isnan(loss_g[1]) and np.all(np.isnan(grad[1]))
         rows = finite
     else:
         rows = list(range(n))
+    if special == "neg_inf_mask":
+        assert grad[1, j] == 0, "a -inf logit has probability 0 and gradient 0"
     assert_close(loss[rows], exp_loss[rows], rtol=rtol_for(np.float32),
                  atol=loss_atol(x[rows], y[rows], {}, "none", np.float32), what="loss")
+    assert_close(loss_g[rows], exp_loss[rows], rtol=rtol_for(np.float32),
+                 atol=loss_atol(x[rows], y[rows], {}, "none", np.float32), what="loss (grad)")
+    assert_close(grad[rows], exp_grad[rows], rtol=rtol_for(np.float32),
+                 atol=grad_atol(x[rows], y[rows], {}, "none", np.float32), what="grad")
     assert_close(lse[rows], exp_lse[rows], rtol=rtol_for(np.float32), atol=1e-6,
                  what="lse")
 

@@ -17,9 +17,10 @@ never from the thread count):
 * serial   -- n*c <= SERIAL_MAX_ELEMS: the row-range body is called directly (a parallel
               launch costs more than it saves on tiny inputs).
 * rows     -- c > SMALL_C_MAX: ``prange`` over chunks of rows, one row per pass A/B/C
-              sequence, SIMD along the row.  Loss-only and logsumexp rows of at least
-              WIDE_MIN_C classes run passes A and B on 512-bit vectors and prefetch
-              the next row (``_row_max_sumexp_wide``).
+              sequence, SIMD along the row.  Loss-only, logsumexp and sparse
+              loss+grad rows (not in place, no label smoothing) of at least WIDE_MIN_C
+              classes run passes A, B (and C) on 512-bit vectors and prefetch the
+              next row (``_row_max_sumexp_wide``).
 * small C  -- c <= SMALL_C_MAX: blocks of SMALL_C_BLOCK rows are transposed into a
               class-major scratch buffer so the SIMD lanes run across rows.
 * split    -- n <= SPLIT_MAX_ROWS and c >= SPLIT_MIN_C (few, very long rows: fewer rows
@@ -127,9 +128,10 @@ SPLIT_MIN_C = 1 << 15           # split path: c at least this ...
 SPLIT_MAX_ROWS = 4              # ... and n at most this
 SPLIT_SEGMENTS = 16             # split path: segments per row (a constant, NOT the
                                 # thread count, so results do not depend on it)
-WIDE_MIN_C = 320                # loss-only / logsumexp rows of at least this many
-                                # classes: the 512-bit pass A+B (`_row_max_sumexp_wide`)
+WIDE_MIN_C = 320                # loss-only, logsumexp and sparse loss+grad rows of at
+                                # least this many classes: the 512-bit passes A+B (+C)
 PREFETCH_MAX_ROW_BYTES = 1 << 20  # ... prefetching the next row if a row is at most this
+PREFETCH_MAX_GRAD_ROW_BYTES = 1 << 18  # (with a gradient: x, grad and the next row share L2)
 
 # ---------------------------------------------------------------------------------------
 # 2. Intrinsics, the exponential and the logarithm
@@ -482,17 +484,19 @@ def _row_sumexp(xr, m):
 
 
 @njit(**_JIT)
-def _row_max_sumexp_wide(xr, xnext, prefetch):
-    """Passes A and B of a loss-only row of at least 64 classes, on 512-bit vectors
-    (see ``_prefer_wide_vectors``); returns (m, s).  With ``prefetch``, the next row
-    ``xnext`` is requested into L2 during pass B, so that its pass A, which would
+def _row_max_sumexp_wide(xr, xnext, prefetch, gr, store):
+    """Passes A and B of a row of at least 64 classes, on 512-bit vectors (see
+    ``_prefer_wide_vectors``); returns (m, s), and with ``store`` writes e_j into ``gr``
+    (which must not be ``xr``: in place has its own pass).  With ``prefetch``, the next
+    row ``xnext`` is requested into L2 during pass B, so that its pass A, which would
     otherwise wait on memory with the core idle, reads from cache.
 
     Tails: LLVM runs 4 x 16 lanes per iteration, and a remainder of up to 63 scalar exps
     costs as much as a thousand vector ones.  So the loops run over the first
     ``body = c - c % 64`` elements, and the rest is one more full 64-element window
     ``x[c-64:c)``: for the max, overlapping is harmless; for the sum, the lanes already
-    counted contribute 0 (a select on the index, so the window vectorises)."""
+    counted contribute 0 (a select on the index, so the window vectorises); the stores
+    of the overlap write again the values already there (same x, same m, same exp)."""
     _prefer_wide_vectors()
     T = xr.dtype.type
     n = xr.shape[0]
@@ -512,29 +516,50 @@ def _row_max_sumexp_wide(xr, xnext, prefetch):
                 _prefetch(xnext, k)
         xb = xr[j0:min(j0 + 1024, body)]
         b = T(0)
-        for j in range(xb.shape[0]):
-            b += _exp(xb[j] - m)
+        if store:
+            gb = gr[j0:min(j0 + 1024, body)]
+            for j in range(xb.shape[0]):
+                e = _exp(xb[j] - m)
+                gb[j] = e
+                b += e
+        else:
+            for j in range(xb.shape[0]):
+                b += _exp(xb[j] - m)
         s += b
     if body < n:
         if prefetch:
             _prefetch(xnext, n - 1)
         counted = body - (n - 64)  # window lanes [0, counted) are in the blocks above
+        gw = gr[n - 64:]
         b = T(0)
         for j in range(64):
             e = _exp(window[j] - m)
+            if store:
+                gw[j] = e
             b += e if j >= counted else T(0)
         s += b
     return m, s
 
 
 @njit(**_JIT)
-def _row_max_sumexp(x, i, r1, wide, prefetch):
+def _row_scale_wide(gr, a):
+    """Pass C (``_row_scale``) on 512-bit vectors, for the rows that took the wide
+    pass B."""
+    _prefer_wide_vectors()
+    for j in range(gr.shape[0]):
+        gr[j] = gr[j] * a
+
+
+@njit(**_JIT)
+def _row_max_sumexp(x, i, r1, wide, prefetch, unused):
     """(m, s) of row i of x, loss only: the wide passes for long rows (``wide``),
-    prefetching row i + 1 when it is in [r0, r1) of this thread; else passes A, B."""
+    prefetching row i + 1 when it is in [r0, r1) of this thread; else passes A, B.
+    ``unused``: any writeable 1-D array (the wide pass's store target, not written
+    with store=False; x itself may be read-only)."""
     if wide:
         following = i + 1 < r1
         return _row_max_sumexp_wide(x[i], x[i + 1] if following else x[i],
-                                    prefetch and following)
+                                    prefetch and following, unused, False)
     m = _row_max(x[i])
     return m, _row_sumexp(x[i], m)
 
@@ -781,8 +806,9 @@ def _zterm(z, ls):
 @njit(**_JIT)
 def _lse_rows(r0, r1, x, out, wide, prefetch):
     # Step 1: m = max x;  s = sum exp(x - m) >= 1;  lse = m + log s.
+    unused = np.empty(0, x.dtype)
     for i in range(r0, r1):
-        m, s = _row_max_sumexp(x, i, r1, wide, prefetch)
+        m, s = _row_max_sumexp(x, i, r1, wide, prefetch, unused)
         out[i] = m + np.log(s)
 
 
@@ -812,9 +838,10 @@ def _sparse_loss_rows(r0, r1, x, labels, w, ignore_index, z, loss, lse, wide, pr
     # with lse - x_y = (m - x_y) + log s.   Ignored rows: loss 0, lse still computed.
     T = x.dtype.type
     has_w = w.shape[0] != 0
+    unused = np.empty(0, x.dtype)
     for i in range(r0, r1):
         xr = x[i]
-        m, s = _row_max_sumexp(x, i, r1, wide, prefetch)
+        m, s = _row_max_sumexp(x, i, r1, wide, prefetch, unused)
         log_s = np.log(s)
         ls = m + log_s
         lse[i] = ls
@@ -827,27 +854,37 @@ def _sparse_loss_rows(r0, r1, x, labels, w, ignore_index, z, loss, lse, wide, pr
 
 
 @njit(**_JIT)
-def _sparse_grad_rows(r0, r1, x, labels, w, ignore_index, z, gs, loss, lse, g, inplace):
+def _sparse_grad_rows(r0, r1, x, labels, w, ignore_index, z, gs, loss, lse, g, inplace,
+                      wide, prefetch):
     # Step 2, eps = 0, with the gradient (x is g when inplace):
     #   d loss / d x_j = p_j coef - w_y [j == y],  coef = w_y + 2 z lse,  times gs.
     # Pass B stores e_j in g; pass C multiplies by a = coef gs / s; then the true class
     # gets (p_y coef - w_y) gs, p_y = e_y / s, formed in the accumulation dtype.
+    # Rows of at least WIDE_MIN_C classes (``wide``, not in place) take the 512-bit
+    # passes A+B and C, prefetching the next row during pass B (``prefetch``).
     T = x.dtype.type
     has_w = w.shape[0] != 0
+    wide_b = wide and not inplace
     for i in range(r0, r1):
         gr = g[i]
         y = labels[i]
-        m = _row_max(x[i])
         if y == ignore_index:
-            lse[i] = m + np.log(_row_sumexp(x[i], m))
+            m, s = _row_max_sumexp(x, i, r1, wide, prefetch, gr)
+            lse[i] = m + np.log(s)
             loss[i] = T(0)
             _row_fill(gr, T(0))
             continue
         xy = x[i, y]                      # read before pass B overwrites it (in place)
-        if inplace:
-            s = _row_sumexp_store_ip(gr, m)
+        if wide_b:
+            following = i + 1 < r1
+            m, s = _row_max_sumexp_wide(x[i], x[i + 1] if following else x[i],
+                                        prefetch and following, gr, True)
         else:
-            s = _row_sumexp_store(x[i], m, gr)
+            m = _row_max(x[i])
+            if inplace:
+                s = _row_sumexp_store_ip(gr, m)
+            else:
+                s = _row_sumexp_store(x[i], m, gr)
         log_s = np.log(s)
         ls = m + log_s
         lse[i] = ls
@@ -855,7 +892,10 @@ def _sparse_grad_rows(r0, r1, x, labels, w, ignore_index, z, gs, loss, lse, g, i
         loss[i] = wy * ((m - xy) + log_s) + _zterm(z, ls)
         coef = wy + T(2) * z * ls
         py = gr[y] / s
-        _row_scale(gr, coef * gs / s)
+        if wide_b:
+            _row_scale_wide(gr, coef * gs / s)
+        else:
+            _row_scale(gr, coef * gs / s)
         gr[y] = (py * coef - wy) * gs
 
 
@@ -988,11 +1028,11 @@ def _sparse_loss_par(nchunks, chunk, x, labels, w, ignore_index, z, loss, lse, w
 
 @njit(**_PJIT)
 def _sparse_grad_par(nchunks, chunk, x, labels, w, ignore_index, z, gs, loss, lse, g,
-                     inplace):
+                     inplace, wide, prefetch):
     n = x.shape[0]
     for k in prange(nchunks):
         _sparse_grad_rows(k * chunk, min(n, (k + 1) * chunk), x, labels, w, ignore_index,
-                          z, gs, loss, lse, g, inplace)
+                          z, gs, loss, lse, g, inplace, wide, prefetch)
 
 
 @njit(**_PJIT)
@@ -1521,13 +1561,15 @@ def _split_lse(x, sp, store=None):
     return m, s, log_s, lse
 
 
-def _wide(x):
-    """(wide, prefetch) for the loss-only row passes of x: the 512-bit passes for rows
+def _wide(x, with_grad=False):
+    """(wide, prefetch) for the row passes of x: the 512-bit passes for rows
     of at least WIDE_MIN_C classes, prefetching the next row if a row fits in
-    PREFETCH_MAX_ROW_BYTES (beyond that it would push the current row out of L2)."""
+    PREFETCH_MAX_ROW_BYTES, or PREFETCH_MAX_GRAD_ROW_BYTES when a gradient row is
+    written too (beyond that it would push the current rows out of L2)."""
     c = x.shape[1]
+    limit = PREFETCH_MAX_GRAD_ROW_BYTES if with_grad else PREFETCH_MAX_ROW_BYTES
     # (the wide passes end with a 64-element window: never for shorter rows)
-    return c >= max(WIDE_MIN_C, 64), c * x.itemsize <= PREFETCH_MAX_ROW_BYTES
+    return c >= max(WIDE_MIN_C, 64), c * x.itemsize <= limit
 
 
 def logsumexp(x, out):
@@ -1659,10 +1701,11 @@ def sparse(logits, labels, weight, ignore_index, label_smoothing, z_loss, grad_s
                 _sparse_loss_par(ch[0], ch[1], logits, labels, w, ii, z, loss, lse,
                                  *_wide(logits))
         elif ch is None:
-            _sparse_grad_rows(0, n, logits, labels, w, ii, z, gs, loss, lse, grad, inplace)
+            _sparse_grad_rows(0, n, logits, labels, w, ii, z, gs, loss, lse, grad, inplace,
+                              *_wide(logits, with_grad=True))
         else:
             _sparse_grad_par(ch[0], ch[1], logits, labels, w, ii, z, gs, loss, lse, grad,
-                             inplace)
+                             inplace, *_wide(logits, with_grad=True))
         return
     # label smoothing: a full weight vector (ones when the user gave none)
     if w.shape[0] == 0:
