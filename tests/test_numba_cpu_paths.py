@@ -1,4 +1,4 @@
-"""The cpu backend's loss-only row paths: the 512-bit passes against the plain ones.
+"""The cpu backend's long-row paths: the 512-bit passes against the plain ones.
 
 The public-API suites reach the wide passes through their long-row shapes; here the two
 paths are run side by side on the same rows (the plain one is itself checked against
