@@ -33,6 +33,7 @@ the pending returns after releasing it.
 from __future__ import annotations
 
 import collections
+import math
 import os
 import threading
 import weakref
@@ -90,9 +91,7 @@ class BufferCache:
         """An uninitialised C-contiguous array, like ``np.empty(shape, dtype)``."""
         dtype = np.dtype(dtype)
         shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-        nbytes = dtype.itemsize
-        for extent in shape:
-            nbytes *= int(extent)
+        nbytes = dtype.itemsize * math.prod(int(extent) for extent in shape)
         if nbytes < MIN_BYTES or nbytes > self.limit:
             return np.empty(shape, dtype)
         block = None

@@ -551,16 +551,18 @@ def _row_scale_wide(gr, a):
 
 
 @njit(**_JIT)
-def _row_max_sumexp(x, i, r1, wide, prefetch, unused):
-    """(m, s) of row i of x, loss only: the wide passes for long rows (``wide``),
-    prefetching row i + 1 when it is in [r0, r1) of this thread; else passes A, B.
-    ``unused``: any writeable 1-D array (the wide pass's store target, not written
-    with store=False; x itself may be read-only)."""
+def _row_max_sumexp(x, i, r1, wide, prefetch, gr, store):
+    """(m, s) of row i of x, and with ``store`` e_j written into ``gr`` (not x: in place
+    has its own pass): the wide passes for long rows (``wide``), prefetching row i + 1
+    when it is in [r0, r1) of this thread; else passes A, B.  Without ``store``, ``gr``
+    is any writeable 1-D array (never written; x itself may be read-only)."""
     if wide:
         following = i + 1 < r1
         return _row_max_sumexp_wide(x[i], x[i + 1] if following else x[i],
-                                    prefetch and following, unused, False)
+                                    prefetch and following, gr, store)
     m = _row_max(x[i])
+    if store:
+        return m, _row_sumexp_store(x[i], m, gr)
     return m, _row_sumexp(x[i], m)
 
 
@@ -808,7 +810,7 @@ def _lse_rows(r0, r1, x, out, wide, prefetch):
     # Step 1: m = max x;  s = sum exp(x - m) >= 1;  lse = m + log s.
     unused = np.empty(0, x.dtype)
     for i in range(r0, r1):
-        m, s = _row_max_sumexp(x, i, r1, wide, prefetch, unused)
+        m, s = _row_max_sumexp(x, i, r1, wide, prefetch, unused, False)
         out[i] = m + np.log(s)
 
 
@@ -841,7 +843,7 @@ def _sparse_loss_rows(r0, r1, x, labels, w, ignore_index, z, loss, lse, wide, pr
     unused = np.empty(0, x.dtype)
     for i in range(r0, r1):
         xr = x[i]
-        m, s = _row_max_sumexp(x, i, r1, wide, prefetch, unused)
+        m, s = _row_max_sumexp(x, i, r1, wide, prefetch, unused, False)
         log_s = np.log(s)
         ls = m + log_s
         lse[i] = ls
@@ -869,22 +871,17 @@ def _sparse_grad_rows(r0, r1, x, labels, w, ignore_index, z, gs, loss, lse, g, i
         gr = g[i]
         y = labels[i]
         if y == ignore_index:
-            m, s = _row_max_sumexp(x, i, r1, wide, prefetch, gr)
+            m, s = _row_max_sumexp(x, i, r1, wide, prefetch, gr, False)
             lse[i] = m + np.log(s)
             loss[i] = T(0)
             _row_fill(gr, T(0))
             continue
         xy = x[i, y]                      # read before pass B overwrites it (in place)
-        if wide_b:
-            following = i + 1 < r1
-            m, s = _row_max_sumexp_wide(x[i], x[i + 1] if following else x[i],
-                                        prefetch and following, gr, True)
-        else:
+        if inplace:
             m = _row_max(x[i])
-            if inplace:
-                s = _row_sumexp_store_ip(gr, m)
-            else:
-                s = _row_sumexp_store(x[i], m, gr)
+            s = _row_sumexp_store_ip(gr, m)
+        else:
+            m, s = _row_max_sumexp(x, i, r1, wide, prefetch, gr, True)
         log_s = np.log(s)
         ls = m + log_s
         lse[i] = ls
