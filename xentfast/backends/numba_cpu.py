@@ -75,6 +75,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from . import rowmath
+
 NAME = "cpu"
 NATIVE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -102,6 +104,11 @@ _JIT = dict(
 )
 _PJIT = dict(_JIT, parallel=True)
 _EXP_JIT = dict(_JIT, fastmath=set(_EXP_FASTMATH))
+# The per-row scalar maths (rowmath) gets no fastmath flag at all: "reassoc" and "nsz"
+# together let LLVM rewrite (m - x_y) + log s into lse - x_y, or (1 - e_y) + r into
+# s - e_y, undoing the forms that keep confident rows exact.  "Reassoc" is for the SIMD
+# reductions over a row, nothing else.
+_STRICT_JIT = dict(_JIT, fastmath=False)
 
 # Numba's default threading layer, "workqueue", is not thread-safe: two Python threads
 # launching parallel kernels at the same time abort the whole process ("Numba workqueue
@@ -447,12 +454,70 @@ def exp_array(x, out):
         out[i] = _exp(x[i])
 
 
+def _log1p(x):  # pragma: no cover - replaced by the overload below inside jitted code
+    """log1p(r) for r >= 0 (or NaN), vectorisable; see the overload."""
+    raise NotImplementedError
+
+
+# log1p(r) = log s for s = 1 + r, r >= 0 the rest mass of rowmath (the small-C path does
+# a block of rows at once; the row paths call libm's log1p once per row):
+#   u = 1 + r rounds r; log1p(r) = log(u) + (r - (u - 1)) / u  recovers the lost part to
+#   first order (u - 1 is exact by Sterbenz, r - (u - 1) is exactly the rounding error of
+#   u, and d log u = du / u).  Error: _log's 1.91 ulp of log u plus ~1 ulp, relative to
+#   log1p(r) also for r far below the unit roundoff (then log u = 0 and the correction
+#   is r itself).  Compiled without reassoc: with it LLVM would fold (u - 1) - r to 0.
+
+
+@overload(_log1p, jit_options=_EXP_JIT)
+def _log1p_impl(x):
+    if x in (types.float32, types.float64):
+        ONE = np.float32(1.0) if x == types.float32 else np.float64(1.0)
+
+        def impl(x):
+            u = ONE + x
+            return _log(u) + (x - (u - ONE)) / u
+
+        return impl
+    return None
+
+
+@njit(**_JIT)
+def log1p_array(x, out):
+    """out[i] = _log1p(x[i]) for a 1-D array (a test hook)."""
+    for i in range(x.shape[0]):
+        out[i] = _log1p(x[i])
+
+
+# The per-row maths of rowmath, compiled with strict IEEE semantics (no fastmath at all:
+# see rowmath's docstring) and inlined by LLVM into the kernels that call them; the
+# flags stay on the inlined instructions, so the kernels' "reassoc" cannot reach them.
+_rest_mass = njit(**_STRICT_JIT)(rowmath.rest_mass)
+_log_sum_exp = njit(**_STRICT_JIT)(rowmath.log_sum_exp)
+
+_sparse_loss = njit(**_STRICT_JIT)(rowmath.sparse_loss)
+_dense_loss = njit(**_STRICT_JIT)(rowmath.dense_loss)
+_sparse_scale = njit(**_STRICT_JIT)(rowmath.sparse_scale)
+_sparse_true_grad = njit(**_STRICT_JIT)(rowmath.sparse_true_grad)
+_smoothed_weight = njit(**_STRICT_JIT)(rowmath.smoothed_weight)
+_dense_coef = njit(**_STRICT_JIT)(rowmath.dense_coef)
+_grad_over_sum = njit(**_STRICT_JIT)(rowmath.grad_over_sum)
+_dense_grad = njit(**_STRICT_JIT)(rowmath.dense_grad)
+_log_softmax = njit(**_STRICT_JIT)(rowmath.log_softmax)
+_inverse_sum = njit(**_STRICT_JIT)(rowmath.inverse_sum)
+
+
 # ---------------------------------------------------------------------------------------
 # 3. Row passes.  ``xr``, ``gr`` ... are 1-D contiguous views of one row (or segment).
+#    Pass B returns rowmath's (u, t): u = sum_{x_j < m} e_j, t = the sum of the other
+#    e_j (the ties at the max, 1 each; NaN for a NaN or +inf in the row), in two lane
+#    accumulators, so that r = u + (t - 1) keeps the mass of a confident row's other
+#    classes instead of rounding it into s = 1 + r.
 #    Sums run over blocks of 1024 elements (``xr[j0:j0 + 1024]``: a view with a plain
 #    0-based index, which LLVM vectorises; an index like range(j0, j1) it could not prove
-#    non-negative and turned into gathers).  The block size is a literal, not a tunable:
-#    it is part of the fixed summation order.
+#    non-negative and turned into gathers).  Inside a block the SIMD lanes add in the
+#    row's dtype; the block totals are added in float64, so a float32 row of any length
+#    drifts no more than one block does (~1024/lanes ulp worst case, a few in practice).
+#    The block size is a literal, not a tunable: it is part of the fixed summation order.
 #    The *_ip variants are the in-place versions (grad is logits): they take the one
 #    array, so LLVM sees a single pointer.  Given two arguments that happen to be the
 #    same array, the vectoriser's run-time overlap check fails and the scalar loop runs
@@ -470,35 +535,58 @@ def _row_max(xr):
 
 
 @njit(**_JIT)
-def _row_sumexp(xr, m):
-    """Pass B, loss only: s = sum_j exp(x_j - m)."""
+def _row_scalars(xr, m, u, t):
+    """(r, log s, lse) of a row in its dtype, from pass A's m and pass B's float64 (u, t):
+    r = u + (t - 1), log s = log1p(r), lse = m + log s."""
     T = xr.dtype.type
-    s = T(0)
+    r = T(_rest_mass(u, t, 1.0))
+    log_s = T(np.log1p(r))
+    return r, log_s, _log_sum_exp(m, log_s)
+
+
+@njit(**_JIT)
+def _row_sumexp(xr, m):
+    """Pass B, loss only: (u, t)."""
+    T = xr.dtype.type
+    zero = T(0)
+    one = T(1)
+    u = 0.0
+    t = 0.0
     for j0 in range(0, xr.shape[0], 1024):
         xb = xr[j0:j0 + 1024]
-        b = T(0)
+        bu = zero
+        bt = zero
         for j in range(xb.shape[0]):
-            b += _exp(xb[j] - m)
-        s += b
-    return s
+            xj = xb[j]
+            e = _exp(xj - m)
+            d = xj - m
+            eu = zero if d == zero else e
+            tie = one if d == zero else zero
+            bu += eu
+            bt += tie
+        u += bu
+        t += bt
+    return u, t
 
 
 @njit(**_JIT)
 def _row_max_sumexp_wide(xr, xnext, prefetch, gr, store):
     """Passes A and B of a row of at least 64 classes, on 512-bit vectors (see
-    ``_prefer_wide_vectors``); returns (m, s), and with ``store`` writes e_j into ``gr``
-    (which must not be ``xr``: in place has its own pass).  With ``prefetch``, the next
-    row ``xnext`` is requested into L2 during pass B, so that its pass A, which would
+    ``_prefer_wide_vectors``); returns (m, u, t), and with ``store`` writes e_j into
+    ``gr`` (which must not be ``xr``: in place has its own pass).  With ``prefetch``, the
+    next row ``xnext`` is requested into L2 during pass B, so that its pass A, which would
     otherwise wait on memory with the core idle, reads from cache.
 
     Tails: LLVM runs 4 x 16 lanes per iteration, and a remainder of up to 63 scalar exps
     costs as much as a thousand vector ones.  So the loops run over the first
     ``body = c - c % 64`` elements, and the rest is one more full 64-element window
-    ``x[c-64:c)``: for the max, overlapping is harmless; for the sum, the lanes already
+    ``x[c-64:c)``: for the max, overlapping is harmless; for the sums, the lanes already
     counted contribute 0 (a select on the index, so the window vectorises); the stores
     of the overlap write again the values already there (same x, same m, same exp)."""
     _prefer_wide_vectors()
     T = xr.dtype.type
+    zero = T(0)
+    one = T(1)
     n = xr.shape[0]
     body = n - n % 64
     window = xr[n - 64:]
@@ -509,36 +597,58 @@ def _row_max_sumexp_wide(xr, xnext, prefetch, gr, store):
     for j in range(64):
         m = _maxnum(m, window[j])
     line = 64 // xr.itemsize  # elements per cache line
-    s = T(0)
+    u = 0.0
+    t = 0.0
     for j0 in range(0, body, 1024):
         if prefetch:
             for k in range(j0, min(j0 + 1024, n), line):
                 _prefetch(xnext, k)
         xb = xr[j0:min(j0 + 1024, body)]
-        b = T(0)
+        bu = zero
+        bt = zero
         if store:
             gb = gr[j0:min(j0 + 1024, body)]
             for j in range(xb.shape[0]):
-                e = _exp(xb[j] - m)
+                xj = xb[j]
+                e = _exp(xj - m)
                 gb[j] = e
-                b += e
+                d = xj - m
+                eu = zero if d == zero else e
+                tie = one if d == zero else zero
+                bu += eu
+                bt += tie
         else:
             for j in range(xb.shape[0]):
-                b += _exp(xb[j] - m)
-        s += b
+                xj = xb[j]
+                e = _exp(xj - m)
+                d = xj - m
+                eu = zero if d == zero else e
+                tie = one if d == zero else zero
+                bu += eu
+                bt += tie
+        u += bu
+        t += bt
     if body < n:
         if prefetch:
             _prefetch(xnext, n - 1)
         counted = body - (n - 64)  # window lanes [0, counted) are in the blocks above
         gw = gr[n - 64:]
-        b = T(0)
+        bu = zero
+        bt = zero
         for j in range(64):
-            e = _exp(window[j] - m)
+            xj = window[j]
+            e = _exp(xj - m)
             if store:
                 gw[j] = e
-            b += e if j >= counted else T(0)
-        s += b
-    return m, s
+            fresh = j >= counted               # lanes [0, counted) were summed above:
+            d = xj - m if fresh else one       # such a lane is no tie ...
+            eu = zero if (d == zero or not fresh) else e   # ... and adds no term
+            tie = one if d == zero else zero
+            bu += eu
+            bt += tie
+        u += bu
+        t += bt
+    return m, u, t
 
 
 @njit(**_JIT)
@@ -552,74 +662,105 @@ def _row_scale_wide(gr, a):
 
 @njit(**_JIT)
 def _row_max_sumexp(x, i, r1, wide, prefetch, gr, store):
-    """(m, s) of row i of x, and with ``store`` e_j written into ``gr`` (not x: in place
-    has its own pass): the wide passes for long rows (``wide``), prefetching row i + 1
-    when it is in [r0, r1) of this thread; else passes A, B.  Without ``store``, ``gr``
-    is any writeable 1-D array (never written; x itself may be read-only)."""
+    """(m, u, t) of row i of x, and with ``store`` e_j written into ``gr`` (not x: in
+    place has its own pass): the wide passes for long rows (``wide``), prefetching row
+    i + 1 when it is in [r0, r1) of this thread; else passes A, B.  Without ``store``,
+    ``gr`` is any writeable 1-D array (never written; x itself may be read-only)."""
     if wide:
         following = i + 1 < r1
         return _row_max_sumexp_wide(x[i], x[i + 1] if following else x[i],
                                     prefetch and following, gr, store)
     m = _row_max(x[i])
     if store:
-        return m, _row_sumexp_store(x[i], m, gr)
-    return m, _row_sumexp(x[i], m)
+        u, t = _row_sumexp_store(x[i], m, gr)
+    else:
+        u, t = _row_sumexp(x[i], m)
+    return m, u, t
 
 
 @njit(**_JIT)
 def _row_sumexp_store(xr, m, gr):
-    """Pass B with gradient: gr_j = e_j = exp(x_j - m), returns s = sum_j e_j."""
+    """Pass B with gradient: gr_j = e_j = exp(x_j - m); returns (u, t)."""
     T = xr.dtype.type
-    s = T(0)
+    zero = T(0)
+    one = T(1)
+    u = 0.0
+    t = 0.0
     for j0 in range(0, xr.shape[0], 1024):
         xb = xr[j0:j0 + 1024]
         gb = gr[j0:j0 + 1024]
-        b = T(0)
+        bu = zero
+        bt = zero
         for j in range(xb.shape[0]):
-            e = _exp(xb[j] - m)
+            xj = xb[j]
+            e = _exp(xj - m)
             gb[j] = e
-            b += e
-        s += b
-    return s
+            d = xj - m
+            eu = zero if d == zero else e
+            tie = one if d == zero else zero
+            bu += eu
+            bt += tie
+        u += bu
+        t += bt
+    return u, t
 
 
 @njit(**_JIT)
 def _row_sumexp_store_ip(gr, m):
     """_row_sumexp_store in place: gr_j <- exp(gr_j - m) (x_j read before written)."""
     T = gr.dtype.type
-    s = T(0)
+    zero = T(0)
+    one = T(1)
+    u = 0.0
+    t = 0.0
     for j0 in range(0, gr.shape[0], 1024):
         gb = gr[j0:j0 + 1024]
-        b = T(0)
+        bu = zero
+        bt = zero
         for j in range(gb.shape[0]):
-            e = _exp(gb[j] - m)
+            xj = gb[j]
+            e = _exp(xj - m)
             gb[j] = e
-            b += e
-        s += b
-    return s
+            d = xj - m
+            eu = zero if d == zero else e
+            tie = one if d == zero else zero
+            bu += eu
+            bt += tie
+        u += bu
+        t += bt
+    return u, t
 
 
 @njit(**_JIT)
 def _row_sumexp_wsum(xr, m, w):
-    """Pass B, sparse + label smoothing, loss only: returns (s, sm) with
-    sm = sum_{w_j != 0} w_j (m - x_j)  (m - x_j >= 0: a zero weight skips even x_j = -inf)."""
+    """Pass B, sparse + label smoothing, loss only: returns (u, t, wd) with
+    wd = sum_{w_j != 0} w_j (m - x_j)  (m - x_j >= 0: a zero weight skips even x_j = -inf)."""
     T = xr.dtype.type
     zero = T(0)
-    s = T(0)
-    sm = T(0)
+    one = T(1)
+    u = 0.0
+    t = 0.0
+    wd = 0.0
     for j0 in range(0, xr.shape[0], 1024):
         xb = xr[j0:j0 + 1024]
         wb = w[j0:j0 + 1024]
-        b = T(0)
-        bm = T(0)
+        bu = zero
+        bt = zero
+        bm = zero
         for j in range(xb.shape[0]):
             xj = xb[j]
-            b += _exp(xj - m)
+            e = _exp(xj - m)
+            d = xj - m
+            eu = zero if d == zero else e
+            tie = one if d == zero else zero
+            bu += eu
+            bt += tie
             wj = wb[j]
             bm += wj * (m - xj) if wj != zero else zero
-        s += b
-        sm += bm
-    return s, sm
+        u += bu
+        t += bt
+        wd += bm
+    return u, t, wd
 
 
 @njit(**_JIT)
@@ -627,24 +768,32 @@ def _row_sumexp_wsum_store(xr, m, w, gr):
     """_row_sumexp_wsum, also storing e_j into gr."""
     T = xr.dtype.type
     zero = T(0)
-    s = T(0)
-    sm = T(0)
+    one = T(1)
+    u = 0.0
+    t = 0.0
+    wd = 0.0
     for j0 in range(0, xr.shape[0], 1024):
         xb = xr[j0:j0 + 1024]
         wb = w[j0:j0 + 1024]
         gb = gr[j0:j0 + 1024]
-        b = T(0)
-        bm = T(0)
+        bu = zero
+        bt = zero
+        bm = zero
         for j in range(xb.shape[0]):
             xj = xb[j]
             e = _exp(xj - m)
             gb[j] = e
-            b += e
+            d = xj - m
+            eu = zero if d == zero else e
+            tie = one if d == zero else zero
+            bu += eu
+            bt += tie
             wj = wb[j]
             bm += wj * (m - xj) if wj != zero else zero
-        s += b
-        sm += bm
-    return s, sm
+        u += bu
+        t += bt
+        wd += bm
+    return u, t, wd
 
 
 @njit(**_JIT)
@@ -652,53 +801,70 @@ def _row_sumexp_wsum_store_ip(gr, m, w):
     """_row_sumexp_wsum_store in place."""
     T = gr.dtype.type
     zero = T(0)
-    s = T(0)
-    sm = T(0)
+    one = T(1)
+    u = 0.0
+    t = 0.0
+    wd = 0.0
     for j0 in range(0, gr.shape[0], 1024):
         gb = gr[j0:j0 + 1024]
         wb = w[j0:j0 + 1024]
-        b = T(0)
-        bm = T(0)
+        bu = zero
+        bt = zero
+        bm = zero
         for j in range(gb.shape[0]):
             xj = gb[j]
             e = _exp(xj - m)
             gb[j] = e
-            b += e
+            d = xj - m
+            eu = zero if d == zero else e
+            tie = one if d == zero else zero
+            bu += eu
+            bt += tie
             wj = wb[j]
             bm += wj * (m - xj) if wj != zero else zero
-        s += b
-        sm += bm
-    return s, sm
+        u += bu
+        t += bt
+        wd += bm
+    return u, t, wd
 
 
 @njit(**_JIT)
 def _row_sumexp_dense(xr, tr, w, one_m_eps, eps_c, m):
-    """Pass B, probability labels, loss only: returns (s, tw, el) with
-    wt_j = w_j ((1 - eps) t_j + eps/C),  tw = sum_j wt_j,
-    el = sum_{wt_j != 0} wt_j (m - x_j)   (a class with wt_j == 0 adds nothing, even
+    """Pass B, probability labels, loss only: returns (u, t, t_sum, wd) with
+    wt_j = w_j ((1 - eps) t_j + eps/C),  t_sum = sum_j wt_j,
+    wd = sum_{wt_j != 0} wt_j (m - x_j)   (a class with wt_j == 0 adds nothing, even
     where x_j = -inf)."""
     T = xr.dtype.type
     zero = T(0)
-    s = T(0)
-    tw = T(0)
-    el = T(0)
+    one = T(1)
+    u = 0.0
+    t = 0.0
+    tw = 0.0
+    wd = 0.0
     for j0 in range(0, xr.shape[0], 1024):
         xb = xr[j0:j0 + 1024]
         tb = tr[j0:j0 + 1024]
         wb = w[j0:j0 + 1024]
-        b = T(0)
-        bt = T(0)
-        bl = T(0)
+        bu = zero
+        bt = zero
+        btw = zero
+        bm = zero
         for j in range(xb.shape[0]):
             xj = xb[j]
-            b += _exp(xj - m)
-            wt = wb[j] * (one_m_eps * tb[j] + eps_c)
-            bt += wt
-            bl += wt * (m - xj) if wt != zero else zero
-        s += b
-        tw += bt
-        el += bl
-    return s, tw, el
+            e = _exp(xj - m)
+            d = xj - m
+            eu = zero if d == zero else e
+            tie = one if d == zero else zero
+            bu += eu
+            bt += tie
+            wt = _smoothed_weight(wb[j], tb[j], one_m_eps, eps_c)
+            btw += wt
+            bm += wt * (m - xj) if wt != zero else zero
+        u += bu
+        t += bt
+        tw += btw
+        wd += bm
+    return u, t, tw, wd
 
 
 @njit(**_JIT)
@@ -706,29 +872,37 @@ def _row_sumexp_dense_store(xr, tr, w, one_m_eps, eps_c, m, gr):
     """_row_sumexp_dense, also storing e_j into gr."""
     T = xr.dtype.type
     zero = T(0)
-    s = T(0)
-    tw = T(0)
-    el = T(0)
+    one = T(1)
+    u = 0.0
+    t = 0.0
+    tw = 0.0
+    wd = 0.0
     for j0 in range(0, xr.shape[0], 1024):
         xb = xr[j0:j0 + 1024]
         tb = tr[j0:j0 + 1024]
         wb = w[j0:j0 + 1024]
         gb = gr[j0:j0 + 1024]
-        b = T(0)
-        bt = T(0)
-        bl = T(0)
+        bu = zero
+        bt = zero
+        btw = zero
+        bm = zero
         for j in range(xb.shape[0]):
             xj = xb[j]
             e = _exp(xj - m)
             gb[j] = e
-            b += e
-            wt = wb[j] * (one_m_eps * tb[j] + eps_c)
-            bt += wt
-            bl += wt * (m - xj) if wt != zero else zero
-        s += b
-        tw += bt
-        el += bl
-    return s, tw, el
+            d = xj - m
+            eu = zero if d == zero else e
+            tie = one if d == zero else zero
+            bu += eu
+            bt += tie
+            wt = _smoothed_weight(wb[j], tb[j], one_m_eps, eps_c)
+            btw += wt
+            bm += wt * (m - xj) if wt != zero else zero
+        u += bu
+        t += bt
+        tw += btw
+        wd += bm
+    return u, t, tw, wd
 
 
 @njit(**_JIT)
@@ -736,28 +910,36 @@ def _row_sumexp_dense_store_ip(gr, tr, w, one_m_eps, eps_c, m):
     """_row_sumexp_dense_store in place."""
     T = gr.dtype.type
     zero = T(0)
-    s = T(0)
-    tw = T(0)
-    el = T(0)
+    one = T(1)
+    u = 0.0
+    t = 0.0
+    tw = 0.0
+    wd = 0.0
     for j0 in range(0, gr.shape[0], 1024):
         gb = gr[j0:j0 + 1024]
         tb = tr[j0:j0 + 1024]
         wb = w[j0:j0 + 1024]
-        b = T(0)
-        bt = T(0)
-        bl = T(0)
+        bu = zero
+        bt = zero
+        btw = zero
+        bm = zero
         for j in range(gb.shape[0]):
             xj = gb[j]
             e = _exp(xj - m)
             gb[j] = e
-            b += e
-            wt = wb[j] * (one_m_eps * tb[j] + eps_c)
-            bt += wt
-            bl += wt * (m - xj) if wt != zero else zero
-        s += b
-        tw += bt
-        el += bl
-    return s, tw, el
+            d = xj - m
+            eu = zero if d == zero else e
+            tie = one if d == zero else zero
+            bu += eu
+            bt += tie
+            wt = _smoothed_weight(wb[j], tb[j], one_m_eps, eps_c)
+            btw += wt
+            bm += wt * (m - xj) if wt != zero else zero
+        u += bu
+        t += bt
+        tw += btw
+        wd += bm
+    return u, t, tw, wd
 
 
 @njit(**_JIT)
@@ -775,10 +957,11 @@ def _row_scale_sub(gr, a, bvec):
 
 
 @njit(**_JIT)
-def _row_scale_sub_dense(gr, a, tr, w, one_m_eps, eps_c, gs):
-    """Pass C, probability labels: gr_j <- gr_j * a - wt_j * gs."""
+def _row_dense_grad(gr, tr, w, one_m_eps, eps_c, r, coef, gs_over_s):
+    """Pass C, probability labels: gr_j <- rowmath.dense_grad(e_j, wt_j, ...)."""
     for j in range(gr.shape[0]):
-        gr[j] = gr[j] * a - (w[j] * (one_m_eps * tr[j] + eps_c)) * gs
+        wt = _smoothed_weight(w[j], tr[j], one_m_eps, eps_c)
+        gr[j] = _dense_grad(gr[j], wt, r, coef, gs_over_s)
 
 
 @njit(**_JIT)
@@ -789,201 +972,189 @@ def _row_fill(gr, v):
 
 @njit(**_JIT)
 def _row_logsm(xr, m, log_s, out):
-    """out_j = (x_j - m) - log s  (= x_j - lse; x_j - m is exact near the max)."""
+    """out_j = (x_j - m) - log s  (rowmath.log_softmax)."""
     for j in range(xr.shape[0]):
-        out[j] = (xr[j] - m) - log_s
-
-
-@njit(**_JIT)
-def _zterm(z, ls):
-    """z lse^2, exactly 0 when z == 0 (so lse = 1e30 does not give 0 * inf = NaN)."""
-    return (z * ls) * ls if z != 0 else z
+        out[j] = _log_softmax(xr[j], m, log_s)
 
 
 # ---------------------------------------------------------------------------------------
-# 4. Row-range bodies: rows [r0, r1).  Step numbers refer to the contract's derivation.
+# 4. Row-range bodies: rows [r0, r1).  The formulas are rowmath's (see its docstring).
 # ---------------------------------------------------------------------------------------
 
 
 @njit(**_JIT)
 def _lse_rows(r0, r1, x, out, wide, prefetch):
-    # Step 1: m = max x;  s = sum exp(x - m) >= 1;  lse = m + log s.
     unused = np.empty(0, x.dtype)
     for i in range(r0, r1):
-        m, s = _row_max_sumexp(x, i, r1, wide, prefetch, unused, False)
-        out[i] = m + np.log(s)
+        m, u, t = _row_max_sumexp(x, i, r1, wide, prefetch, unused, False)
+        out[i] = _row_scalars(x[i], m, u, t)[2]
 
 
 @njit(**_JIT)
 def _log_softmax_rows(r0, r1, x, out):
-    # log p_j = x_j - lse = (x_j - m) - log s.
     for i in range(r0, r1):
         xr = x[i]
         m = _row_max(xr)
-        _row_logsm(xr, m, np.log(_row_sumexp(xr, m)), out[i])
+        u, t = _row_sumexp(xr, m)
+        _row_logsm(xr, m, _row_scalars(xr, m, u, t)[1], out[i])
 
 
 @njit(**_JIT)
 def _softmax_rows(r0, r1, x, out):
     # p_j = e_j / s: e_j stored in pass B, scaled by 1/s in pass C while in cache.
-    T = x.dtype.type
+    one = x.dtype.type(1)
     for i in range(r0, r1):
         orow = out[i]
         m = _row_max(x[i])
-        s = _row_sumexp_store(x[i], m, orow)
-        _row_scale(orow, T(1) / s)
+        u, t = _row_sumexp_store(x[i], m, orow)
+        r = _row_scalars(x[i], m, u, t)[0]
+        _row_scale(orow, _inverse_sum(one, r))
 
 
 @njit(**_JIT)
 def _sparse_loss_rows(r0, r1, x, labels, w, ignore_index, z, loss, lse, wide, prefetch):
-    # Step 2, eps = 0:  loss = w_y (lse - x_y) + z lse^2,
-    # with lse - x_y = (m - x_y) + log s.   Ignored rows: loss 0, lse still computed.
+    # No smoothing: loss = w_y ((m - x_y) + log s) + z lse^2.  Ignored rows: loss 0, lse
+    # still computed.
     T = x.dtype.type
+    zero = T(0)
+    one = T(1)
     has_w = w.shape[0] != 0
     unused = np.empty(0, x.dtype)
     for i in range(r0, r1):
-        xr = x[i]
-        m, s = _row_max_sumexp(x, i, r1, wide, prefetch, unused, False)
-        log_s = np.log(s)
-        ls = m + log_s
+        m, u, t = _row_max_sumexp(x, i, r1, wide, prefetch, unused, False)
+        _, log_s, ls = _row_scalars(x[i], m, u, t)
         lse[i] = ls
         y = labels[i]
         if y == ignore_index:
-            loss[i] = T(0)
+            loss[i] = zero
         else:
-            wy = w[y] if has_w else T(1)
-            loss[i] = wy * ((m - xr[y]) + log_s) + _zterm(z, ls)
+            wy = w[y] if has_w else one
+            loss[i] = _sparse_loss(m, log_s, x[i, y], wy, one, zero, zero, zero, z)
 
 
 @njit(**_JIT)
 def _sparse_grad_rows(r0, r1, x, labels, w, ignore_index, z, gs, loss, lse, g, inplace,
                       wide, prefetch):
-    # Step 2, eps = 0, with the gradient (x is g when inplace):
-    #   d loss / d x_j = p_j coef - w_y [j == y],  coef = w_y + 2 z lse,  times gs.
-    # Pass B stores e_j in g; pass C multiplies by a = coef gs / s; then the true class
-    # gets (p_y coef - w_y) gs, p_y = e_y / s, formed in the accumulation dtype.
+    # No smoothing, with the gradient (x is g when inplace): pass B stores e_j in g;
+    # pass C multiplies by a = (w_y + 2 z lse) gs / s; then the true class gets
+    # rowmath.sparse_true_grad from e_y (read before pass C).
     # Rows of at least WIDE_MIN_C classes (``wide``, not in place) take the 512-bit
     # passes A+B and C, prefetching the next row during pass B (``prefetch``).
     T = x.dtype.type
+    zero = T(0)
+    one = T(1)
     has_w = w.shape[0] != 0
     wide_b = wide and not inplace
     for i in range(r0, r1):
         gr = g[i]
         y = labels[i]
         if y == ignore_index:
-            m, s = _row_max_sumexp(x, i, r1, wide, prefetch, gr, False)
-            lse[i] = m + np.log(s)
-            loss[i] = T(0)
-            _row_fill(gr, T(0))
+            m, u, t = _row_max_sumexp(x, i, r1, wide, prefetch, gr, False)
+            lse[i] = _row_scalars(gr, m, u, t)[2]
+            loss[i] = zero
+            _row_fill(gr, zero)
             continue
         xy = x[i, y]                      # read before pass B overwrites it (in place)
         if inplace:
             m = _row_max(x[i])
-            s = _row_sumexp_store_ip(gr, m)
+            u, t = _row_sumexp_store_ip(gr, m)
         else:
-            m, s = _row_max_sumexp(x, i, r1, wide, prefetch, gr, True)
-        log_s = np.log(s)
-        ls = m + log_s
+            m, u, t = _row_max_sumexp(x, i, r1, wide, prefetch, gr, True)
+        r, log_s, ls = _row_scalars(gr, m, u, t)
         lse[i] = ls
-        wy = w[y] if has_w else T(1)
-        loss[i] = wy * ((m - xy) + log_s) + _zterm(z, ls)
-        coef = wy + T(2) * z * ls
-        py = gr[y] / s
+        wy = w[y] if has_w else one
+        loss[i] = _sparse_loss(m, log_s, xy, wy, one, zero, zero, zero, z)
+        ey = gr[y]
+        a = _sparse_scale(one, r, ls, wy, one, zero, zero, z, gs)
         if wide_b:
-            _row_scale_wide(gr, coef * gs / s)
+            _row_scale_wide(gr, a)
         else:
-            _row_scale(gr, coef * gs / s)
-        gr[y] = (py * coef - wy) * gs
+            _row_scale(gr, a)
+        gr[y] = _sparse_true_grad(one, ey, r, ls, wy, one, zero, zero, z, gs)
 
 
 @njit(**_JIT)
 def _sparse_smooth_loss_rows(r0, r1, x, labels, w, ignore_index, one_m_eps, eps_c,
-                             w_sum,  z, loss, lse):
-    # Step 2 with smoothing (w = class weights, ones when the user gave none):
-    #   loss = (1 - eps) w_y (lse - x_y) + (eps/C) sum_c w_c (lse - x_c) + z lse^2, and
-    #   sum_c w_c (lse - x_c) = W log s + sum_{w_c != 0} w_c (m - x_c),  W = w_sum
-    #   (lse - x_c = log s + (m - x_c); negative weights are real weights, as in torch).
+                             w_sum, z, loss, lse):
+    # With smoothing (w = class weights, ones when the user gave none):
+    #   loss = (1 - eps) w_y ((m - x_y) + log s) + (eps/C) (W log s + wd) + z lse^2.
     T = x.dtype.type
     for i in range(r0, r1):
         xr = x[i]
         m = _row_max(xr)
-        s, sm = _row_sumexp_wsum(xr, m, w)
-        log_s = np.log(s)
-        ls = m + log_s
+        u, t, wd = _row_sumexp_wsum(xr, m, w)
+        _, log_s, ls = _row_scalars(xr, m, u, t)
         lse[i] = ls
         y = labels[i]
         if y == ignore_index:
             loss[i] = T(0)
             continue
-        smooth = w_sum * log_s + sm
-        loss[i] = one_m_eps * w[y] * ((m - xr[y]) + log_s) + eps_c * smooth + _zterm(z, ls)
+        loss[i] = _sparse_loss(m, log_s, xr[y], w[y], one_m_eps, eps_c, w_sum, T(wd), z)
 
 
 @njit(**_JIT)
 def _sparse_smooth_grad_rows(r0, r1, x, labels, w, bvec, ignore_index, one_m_eps, eps_c,
-                             w_sum,  z, gs, loss, lse, g, inplace):
-    #   d loss / d x_j = p_j coef - (1 - eps) w_y [j == y] - (eps/C) w_j,  times gs,
-    #   coef = (1 - eps) w_y + eps W / C + 2 z lse;   bvec_j = (eps/C) w_j gs.
+                             w_sum, z, gs, loss, lse, g, inplace):
+    #   g_j = e_j a - b_j,  a = A gs / s,  bvec_j = (eps/C) w_j gs;  g_y from
+    #   rowmath.sparse_true_grad (which includes its own b_y).
     T = x.dtype.type
+    one = T(1)
     for i in range(r0, r1):
         gr = g[i]
         y = labels[i]
         m = _row_max(x[i])
         if y == ignore_index:
-            s, sm = _row_sumexp_wsum(x[i], m, w)
-            lse[i] = m + np.log(s)
+            u, t, wd = _row_sumexp_wsum(x[i], m, w)
+            lse[i] = _row_scalars(gr, m, u, t)[2]
             loss[i] = T(0)
             _row_fill(gr, T(0))
             continue
         xy = x[i, y]
         if inplace:
-            s, sm = _row_sumexp_wsum_store_ip(gr, m, w)
+            u, t, wd = _row_sumexp_wsum_store_ip(gr, m, w)
         else:
-            s, sm = _row_sumexp_wsum_store(x[i], m, w, gr)
-        log_s = np.log(s)
-        ls = m + log_s
+            u, t, wd = _row_sumexp_wsum_store(x[i], m, w, gr)
+        r, log_s, ls = _row_scalars(gr, m, u, t)
         lse[i] = ls
-        smooth = w_sum * log_s + sm
-        wy = one_m_eps * w[y]
-        loss[i] = wy * ((m - xy) + log_s) + eps_c * smooth + _zterm(z, ls)
-        coef = wy + eps_c * w_sum + T(2) * z * ls
-        py = gr[y] / s
-        _row_scale_sub(gr, coef * gs / s, bvec)
-        gr[y] = (py * coef - wy) * gs - bvec[y]
+        wy = w[y]
+        loss[i] = _sparse_loss(m, log_s, xy, wy, one_m_eps, eps_c, w_sum, T(wd), z)
+        ey = gr[y]
+        _row_scale_sub(gr, _sparse_scale(one, r, ls, wy, one_m_eps, eps_c, w_sum, z, gs),
+                       bvec)
+        gr[y] = _sparse_true_grad(one, ey, r, ls, wy, one_m_eps, eps_c, w_sum, z, gs)
 
 
 @njit(**_JIT)
 def _dense_loss_rows(r0, r1, x, t, w, one_m_eps, eps_c, z, loss, lse):
-    # Step 3: loss = sum_{wt_c != 0} wt_c (lse - x_c) + z lse^2
-    #              = el + tw log s + z lse^2,   el = sum wt_c (m - x_c), tw = sum wt_c.
+    # loss = T log s + wd + z lse^2,  T = sum wt_c, wd = sum wt_c (m - x_c).
+    T = x.dtype.type
     for i in range(r0, r1):
         xr = x[i]
         m = _row_max(xr)
-        s, tw, el = _row_sumexp_dense(xr, t[i], w, one_m_eps, eps_c, m)
-        log_s = np.log(s)
-        ls = m + log_s
+        u, tt, tw, wd = _row_sumexp_dense(xr, t[i], w, one_m_eps, eps_c, m)
+        _, log_s, ls = _row_scalars(xr, m, u, tt)
         lse[i] = ls
-        loss[i] = el + tw * log_s + _zterm(z, ls)
+        loss[i] = _dense_loss(m, log_s, T(tw), T(wd), z)
 
 
 @njit(**_JIT)
 def _dense_grad_rows(r0, r1, x, t, w, one_m_eps, eps_c, z, gs, loss, lse, g, inplace):
-    #   d loss / d x_j = p_j (tw + 2 z lse) - wt_j,  times gs.
+    #   g_j = ((e_j A - wt_j) - wt_j r) gs / s,  A = T + 2 z lse.
     T = x.dtype.type
+    one = T(1)
     for i in range(r0, r1):
         tr = t[i]
         gr = g[i]
         m = _row_max(x[i])
         if inplace:
-            s, tw, el = _row_sumexp_dense_store_ip(gr, tr, w, one_m_eps, eps_c, m)
+            u, tt, tw, wd = _row_sumexp_dense_store_ip(gr, tr, w, one_m_eps, eps_c, m)
         else:
-            s, tw, el = _row_sumexp_dense_store(x[i], tr, w, one_m_eps, eps_c, m, gr)
-        log_s = np.log(s)
-        ls = m + log_s
+            u, tt, tw, wd = _row_sumexp_dense_store(x[i], tr, w, one_m_eps, eps_c, m, gr)
+        r, log_s, ls = _row_scalars(gr, m, u, tt)
         lse[i] = ls
-        loss[i] = el + tw * log_s + _zterm(z, ls)
-        a = (tw + T(2) * z * ls) * gs / s
-        _row_scale_sub_dense(gr, a, tr, w, one_m_eps, eps_c, gs)
+        loss[i] = _dense_loss(m, log_s, T(tw), T(wd), z)
+        _row_dense_grad(gr, tr, w, one_m_eps, eps_c, r, _dense_coef(ls, T(tw), z),
+                        _grad_over_sum(one, r, gs))
 
 
 # ---------------------------------------------------------------------------------------
@@ -1074,11 +1245,12 @@ def _dense_grad_par(nchunks, chunk, x, t, w, one_m_eps, eps_c, z, gs, loss, lse,
 #    log call) dominates.  Instead a block of `blk` rows is transposed into a class-major
 #    scratch buffer buf[j, b] = x[b0 + b, j], and every pass runs over b (rows) in SIMD:
 #      max:  m_b = max_j buf[j, b]  (fused with the transpose)
-#      exp:  buf[j, b] = e_jb,  s_b += e_jb;   log: log s_b with the vectorised _log
+#      exp:  buf[j, b] = e_jb,  u_b, t_b += e_jb;  r_b and log1p r_b with the vectorised
+#            _log1p
 #      scale (gradient): g[b0 + b, j] = buf[j, b] * a_b  (fused with the transpose back)
 #    The whole block is read into buf before any of its grad rows is written, so grad may
-#    be logits.  Same formulas as the row bodies; a row's sum runs over j in order.
-#    Scratch (c*blk + a few blk-vectors) is allocated once per chunk.
+#    be logits.  Same rowmath formulas as the row bodies; a row's sum runs over j in
+#    order.  Scratch (c*blk + a few blk-vectors) is allocated once per chunk.
 # ---------------------------------------------------------------------------------------
 
 
@@ -1111,27 +1283,44 @@ def _blk_load(t, b0, nb, buf):
 
 
 @njit(**_JIT)
-def _blk_sumexp(buf, nb, mv, sv, lv, store):
-    """sv[b] = sum_j exp(buf[j, b] - mv[b]) (and buf[j, b] <- e_jb when store);
-    lv[b] = log sv[b]."""
+def _blk_sumexp(buf, nb, mv, rv, tv, lv, store):
+    """Pass B of a block: rv[b] = r = u + (t - 1) of row b, lv[b] = log1p r (tv is
+    scratch for the t sums); buf[j, b] <- e_jb when store."""
     T = buf.dtype.type
+    zero = T(0)
+    one = T(1)
     mb = mv[:nb]
-    sb = sv[:nb]
+    ub = rv[:nb]
+    tb = tv[:nb]
     for b in range(nb):
-        sb[b] = T(0)
+        ub[b] = zero
+        tb[b] = zero
     for j in range(buf.shape[0]):
         bj = buf[j, :nb]
         if store:
             for b in range(nb):
-                e = _exp(bj[b] - mb[b])
+                v = bj[b]
+                d = v - mb[b]
+                e = _exp(d)
                 bj[b] = e
-                sb[b] += e
+                eu = zero if d == zero else e
+                tie = one if d == zero else zero
+                ub[b] += eu
+                tb[b] += tie
         else:
             for b in range(nb):
-                sb[b] += _exp(bj[b] - mb[b])
+                v = bj[b]
+                d = v - mb[b]
+                e = _exp(d)
+                eu = zero if d == zero else e
+                tie = one if d == zero else zero
+                ub[b] += eu
+                tb[b] += tie
     lb = lv[:nb]
     for b in range(nb):
-        lb[b] = _log(sb[b])
+        r = _rest_mass(ub[b], tb[b], one)
+        ub[b] = r
+        lb[b] = _log1p(r)
 
 
 @njit(**_JIT)
@@ -1170,15 +1359,16 @@ def _small_lse_rows(r0, r1, x, out, blk):
     T = x.dtype.type
     buf = np.empty((c, blk), T)
     mv = np.empty(blk, T)
-    sv = np.empty(blk, T)
+    rv = np.empty(blk, T)
+    tv = np.empty(blk, T)
     lv = np.empty(blk, T)
     for b0 in range(r0, r1, blk):
         nb = min(blk, r1 - b0)
         _blk_load_max(x, b0, nb, buf, mv)
-        _blk_sumexp(buf, nb, mv, sv, lv, False)
+        _blk_sumexp(buf, nb, mv, rv, tv, lv, False)
         ob = out[b0:b0 + nb]
         for b in range(nb):
-            ob[b] = mv[b] + lv[b]
+            ob[b] = _log_sum_exp(mv[b], lv[b])
 
 
 @njit(**_JIT)
@@ -1187,12 +1377,13 @@ def _small_log_softmax_rows(r0, r1, x, out, blk):
     T = x.dtype.type
     buf = np.empty((c, blk), T)
     mv = np.empty(blk, T)
-    sv = np.empty(blk, T)
+    rv = np.empty(blk, T)
+    tv = np.empty(blk, T)
     lv = np.empty(blk, T)
     for b0 in range(r0, r1, blk):
         nb = min(blk, r1 - b0)
         _blk_load_max(x, b0, nb, buf, mv)
-        _blk_sumexp(buf, nb, mv, sv, lv, False)
+        _blk_sumexp(buf, nb, mv, rv, tv, lv, False)
         for b in range(nb):
             _row_logsm(x[b0 + b], mv[b], lv[b], out[b0 + b])
 
@@ -1201,31 +1392,36 @@ def _small_log_softmax_rows(r0, r1, x, out, blk):
 def _small_softmax_rows(r0, r1, x, out, blk):
     c = x.shape[1]
     T = x.dtype.type
+    one = T(1)
     buf = np.empty((c, blk), T)
     mv = np.empty(blk, T)
-    sv = np.empty(blk, T)
+    rv = np.empty(blk, T)
+    tv = np.empty(blk, T)
     lv = np.empty(blk, T)
     for b0 in range(r0, r1, blk):
         nb = min(blk, r1 - b0)
         _blk_load_max(x, b0, nb, buf, mv)
-        _blk_sumexp(buf, nb, mv, sv, lv, True)
+        _blk_sumexp(buf, nb, mv, rv, tv, lv, True)
         for b in range(nb):
-            sv[b] = T(1) / sv[b]
-        _blk_scale_store(buf, nb, sv, out, b0)
+            rv[b] = _inverse_sum(one, rv[b])
+        _blk_scale_store(buf, nb, rv, out, b0)
 
 
 @njit(**_JIT)
 def _small_sparse_rows(r0, r1, x, labels, w, bvec, ignore_index, one_m_eps, eps_c, w_sum,
                         smooth, z, gs, loss, lse, g, want_grad, blk):
-    """Small-C index labels, every option (formulas of _sparse_grad_rows and
+    """Small-C index labels, every option (rowmath's formulas, as in _sparse_grad_rows and
     _sparse_smooth_grad_rows).  smooth: eps > 0, then w is a full weight vector and
-    bvec_j = (eps/C) w_j gs; otherwise w may be empty (no weights)."""
+    bvec_j = (eps/C) w_j gs; otherwise w may be empty (no weights) and eps_c = w_sum = 0."""
     c = x.shape[1]
     T = x.dtype.type
+    zero = T(0)
+    one = T(1)
     has_w = w.shape[0] != 0
     buf = np.empty((c, blk), T)
     mv = np.empty(blk, T)
-    sv = np.empty(blk, T)
+    rv = np.empty(blk, T)
+    tv = np.empty(blk, T)
     lv = np.empty(blk, T)
     smv = np.empty(blk, T)
     av = np.empty(blk, T)
@@ -1235,104 +1431,105 @@ def _small_sparse_rows(r0, r1, x, labels, w, bvec, ignore_index, one_m_eps, eps_
         _blk_load_max(x, b0, nb, buf, mv)
         if smooth:
             _blk_wsum(buf, nb, mv, w, smv)
-        _blk_sumexp(buf, nb, mv, sv, lv, want_grad)
+        _blk_sumexp(buf, nb, mv, rv, tv, lv, want_grad)
         for b in range(nb):
             i = b0 + b
             y = labels[i]
             m = mv[b]
-            s = sv[b]
+            r = rv[b]
             log_s = lv[b]
-            ls = m + log_s
+            ls = _log_sum_exp(m, log_s)
             lse[i] = ls
             if y == ignore_index:
-                loss[i] = T(0)
-                av[b] = T(0)
+                loss[i] = zero
+                av[b] = zero
                 continue
             xy = x[i, y]                    # this block's grad rows are not written yet
-            wy = (w[y] if has_w else T(1)) * one_m_eps
-            el = wy * ((m - xy) + log_s) + _zterm(z, ls)
-            coef = wy + T(2) * z * ls
-            if smooth:
-                sm = w_sum * log_s + smv[b]
-                el += eps_c * sm
-                coef += eps_c * w_sum
-            loss[i] = el
+            wy = w[y] if has_w else one
+            wd = smv[b] if smooth else zero
+            loss[i] = _sparse_loss(m, log_s, xy, wy, one_m_eps, eps_c, w_sum, wd, z)
             if want_grad:
-                av[b] = coef * gs / s
-                fix[b] = (buf[y, b] / s * coef - wy) * gs
+                av[b] = _sparse_scale(one, r, ls, wy, one_m_eps, eps_c, w_sum, z, gs)
+                fix[b] = _sparse_true_grad(one, buf[y, b], r, ls, wy, one_m_eps, eps_c,
+                                           w_sum, z, gs)
         if not want_grad:
             continue
-        # g[i, j] = e_jb * a_b, then the label column and the smoothing terms, one grad
-        # row at a time while it is in L1 (b-outer, as in _blk_scale_store).
+        # g[i, j] = e_jb * a_b (- b_j), then the label column, one grad row at a time
+        # while it is in L1 (b-outer, as in _blk_scale_store).
         gs_blk = g[b0:b0 + nb]
         for b in range(nb):
             y = labels[b0 + b]
             gr = gs_blk[b]
             if y == ignore_index:
-                _row_fill(gr, T(0))          # also for a NaN row (0 * NaN is NaN)
+                _row_fill(gr, zero)          # also for a NaN row (0 * NaN is NaN)
                 continue
             a = av[b]
             if smooth:
                 for j in range(c):
                     gr[j] = buf[j, b] * a - bvec[j]
-                gr[y] = fix[b] - bvec[y]
             else:
                 for j in range(c):
                     gr[j] = buf[j, b] * a
-                gr[y] = fix[b]
+            gr[y] = fix[b]
 
 
 @njit(**_JIT)
 def _small_dense_rows(r0, r1, x, t, w, one_m_eps, eps_c, z, gs, loss, lse, g, want_grad,
                       blk):
-    """Small-C probability labels (formulas of _dense_grad_rows)."""
+    """Small-C probability labels (rowmath's formulas, as in _dense_grad_rows)."""
     c = x.shape[1]
     T = x.dtype.type
     zero = T(0)
+    one = T(1)
     buf = np.empty((c, blk), T)
     tbuf = np.empty((c, blk), T)
     mv = np.empty(blk, T)
-    sv = np.empty(blk, T)
+    rv = np.empty(blk, T)
+    tv = np.empty(blk, T)
     lv = np.empty(blk, T)
     twv = np.empty(blk, T)
-    elv = np.empty(blk, T)
-    av = np.empty(blk, T)
+    wdv = np.empty(blk, T)
+    cv = np.empty(blk, T)
+    gv = np.empty(blk, T)
     for b0 in range(r0, r1, blk):
         nb = min(blk, r1 - b0)
         _blk_load_max(x, b0, nb, buf, mv)
         _blk_load(t, b0, nb, tbuf)
         mb = mv[:nb]
         twb = twv[:nb]
-        elb = elv[:nb]
+        wdb = wdv[:nb]
         for b in range(nb):
             twb[b] = zero
-            elb[b] = zero
+            wdb[b] = zero
         for j in range(c):
             wj = w[j]
             bj = buf[j, :nb]
             tj = tbuf[j, :nb]
             for b in range(nb):
-                wt = wj * (one_m_eps * tj[b] + eps_c)
+                wt = _smoothed_weight(wj, tj[b], one_m_eps, eps_c)
                 tj[b] = wt
                 twb[b] += wt
-                elb[b] += wt * (mb[b] - bj[b]) if wt != zero else zero
-        _blk_sumexp(buf, nb, mv, sv, lv, want_grad)
+                wdb[b] += wt * (mb[b] - bj[b]) if wt != zero else zero
+        _blk_sumexp(buf, nb, mv, rv, tv, lv, want_grad)
         for b in range(nb):
             i = b0 + b
             log_s = lv[b]
-            ls = mv[b] + log_s
+            ls = _log_sum_exp(mv[b], log_s)
             lse[i] = ls
-            loss[i] = elb[b] + twb[b] * log_s + _zterm(z, ls)
-            av[b] = (twb[b] + T(2) * z * ls) * gs / sv[b]
+            loss[i] = _dense_loss(mv[b], log_s, twb[b], wdb[b], z)
+            cv[b] = _dense_coef(ls, twb[b], z)
+            gv[b] = _grad_over_sum(one, rv[b], gs)
         if not want_grad:
             continue
-        ab = av[:nb]
+        rb = rv[:nb]
+        cb = cv[:nb]
+        gb = gv[:nb]
         gsl = g[b0:b0 + nb]
         for j in range(c):
             bj = buf[j, :nb]
             tj = tbuf[j, :nb]
             for b in range(nb):
-                gsl[b, j] = bj[b] * ab[b] - tj[b] * gs
+                gsl[b, j] = _dense_grad(bj[b], tj[b], rb[b], cb[b], gb[b])
 
 
 @njit(**_PJIT)
@@ -1380,8 +1577,9 @@ def _small_dense_par(nchunks, chunk, x, t, w, one_m_eps, eps_c, z, gs, loss, lse
 #    row is cut into `nseg` segments of `seglen` (nseg = SPLIT_SEGMENTS: a constant) and
 #    the (row, segment) tasks run in parallel:
 #      phase 1  m_ip = max over segment p;   m_i = max_p m_ip  (max is exact: any order)
-#      phase 2  s_ip = sum over segment p of exp(x - m_i)  (e stored when needed);
-#               s_i = sum_p s_ip, p ascending (fixed order);  lse_i = m_i + log s_i
+#      phase 2  (u_ip, t_ip) = pass B over segment p against m_i (e stored when needed);
+#               u_i, t_i = sums over p ascending in float64 (fixed order);
+#               r_i = u_i + (t_i - 1), log s_i = log1p r_i, lse_i = m_i + log s_i
 #      phase 3  per-row scalars (serial, n values), then the scaling pass per segment.
 # ---------------------------------------------------------------------------------------
 
@@ -1396,7 +1594,7 @@ def _seg_max_par(x, seglen, nseg, mseg):
 
 
 @njit(**_PJIT)
-def _seg_sumexp_par(x, m, seglen, nseg, sseg, g, mode):
+def _seg_sumexp_par(x, m, seglen, nseg, useg, tseg, g, mode):
     """mode 0: sums only;  1: also e -> g;  2: in place (g is x; only g is used)."""
     n, c = x.shape
     for task in prange(n * nseg):
@@ -1405,11 +1603,13 @@ def _seg_sumexp_par(x, m, seglen, nseg, sseg, g, mode):
         lo = p * seglen
         hi = min(c, lo + seglen)
         if mode == 0:
-            sseg[i, p] = _row_sumexp(x[i, lo:hi], m[i])
+            u, t = _row_sumexp(x[i, lo:hi], m[i])
         elif mode == 1:
-            sseg[i, p] = _row_sumexp_store(x[i, lo:hi], m[i], g[i, lo:hi])
+            u, t = _row_sumexp_store(x[i, lo:hi], m[i], g[i, lo:hi])
         else:
-            sseg[i, p] = _row_sumexp_store_ip(g[i, lo:hi], m[i])
+            u, t = _row_sumexp_store_ip(g[i, lo:hi], m[i])
+        useg[i, p] = u
+        tseg[i, p] = t
 
 
 @njit(**_PJIT)
@@ -1433,19 +1633,19 @@ def _seg_logsm_par(x, m, log_s, seglen, nseg, out):
 
 
 @njit(**_JIT)
-def _seg_combine(sseg, m, log_s, lse):
-    """s_i = sum_p s_ip in segment order; fills log_s and lse, returns s."""
-    n, nseg = sseg.shape
-    T = sseg.dtype.type
-    s = np.empty(n, sseg.dtype)
+def _seg_combine(useg, tseg, m, r, log_s, lse):
+    """u_i, t_i = sums of the segments' in segment order; fills r, log_s and lse."""
+    n, nseg = useg.shape
     for i in range(n):
-        acc = T(0)
+        u = 0.0
+        t = 0.0
         for p in range(nseg):
-            acc += sseg[i, p]
-        s[i] = acc
-        log_s[i] = np.log(acc)
-        lse[i] = m[i] + log_s[i]
-    return s
+            u += useg[i, p]
+            t += tseg[i, p]
+        ri, log_si, lsei = _row_scalars(m, m[i], u, t)
+        r[i] = ri
+        log_s[i] = log_si
+        lse[i] = lsei
 
 
 @njit(**_JIT)
@@ -1459,38 +1659,41 @@ def _seg_rowmax(mseg, m):
 
 
 @njit(**_JIT)
-def _split_sparse_scalars(labels, w, ignore_index, z, gs, m, s, log_s, xy, loss, a):
-    """Per-row loss and scale factor a_i = coef gs / s of _sparse_grad_rows, for the
-    split path (xy[i] = x[i, y_i], read before phase 2)."""
+def _split_sparse_scalars(labels, w, ignore_index, z, gs, m, r, log_s, xy, loss, a):
+    """Per-row loss and scale factor a_i of _sparse_grad_rows, for the split path
+    (xy[i] = x[i, y_i], read before phase 2)."""
     T = m.dtype.type
+    zero = T(0)
+    one = T(1)
     has_w = w.shape[0] != 0
     for i in range(m.shape[0]):
         y = labels[i]
-        ls = m[i] + log_s[i]
         if y == ignore_index:
-            loss[i] = T(0)
-            a[i] = T(0)
+            loss[i] = zero
+            a[i] = zero
             continue
-        wy = w[y] if has_w else T(1)
-        loss[i] = wy * ((m[i] - xy[i]) + log_s[i]) + _zterm(z, ls)
-        a[i] = (wy + T(2) * z * ls) * gs / s[i]
+        ls = _log_sum_exp(m[i], log_s[i])
+        wy = w[y] if has_w else one
+        loss[i] = _sparse_loss(m[i], log_s[i], xy[i], wy, one, zero, zero, zero, z)
+        a[i] = _sparse_scale(one, r[i], ls, wy, one, zero, zero, z, gs)
 
 
 @njit(**_JIT)
-def _split_sparse_fix(labels, ignore_index, z, gs, m, s, log_s, w, g, ey):
-    """True class after the scaling pass: g[i, y] = (p_y coef - w_y) gs, p_y = e_y / s
-    with e_y saved before scaling; ignored rows are zeroed."""
+def _split_sparse_fix(labels, ignore_index, z, gs, m, r, log_s, w, g, ey):
+    """True class after the scaling pass (rowmath.sparse_true_grad from e_y saved before
+    scaling); ignored rows are zeroed."""
     T = m.dtype.type
+    zero = T(0)
+    one = T(1)
     has_w = w.shape[0] != 0
     for i in range(m.shape[0]):
         y = labels[i]
         if y == ignore_index:
-            _row_fill(g[i], T(0))
+            _row_fill(g[i], zero)
             continue
-        ls = m[i] + log_s[i]
-        wy = w[y] if has_w else T(1)
-        coef = wy + T(2) * z * ls
-        g[i, y] = (ey[i] / s[i] * coef - wy) * gs
+        ls = _log_sum_exp(m[i], log_s[i])
+        wy = w[y] if has_w else one
+        g[i, y] = _sparse_true_grad(one, ey[i], r[i], ls, wy, one, zero, zero, z, gs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1535,13 +1738,15 @@ def _is_inplace(x: np.ndarray, g) -> bool:
 
 
 def _split_lse(x, sp, store=None):
-    """Phases 1-2 of the split path: (m, s, log_s, lse); e stored into `store`."""
+    """Phases 1-2 of the split path: (m, r, log_s, lse); e stored into `store`."""
     n = x.shape[0]
     seglen, nseg = sp
     T = x.dtype
     mseg = np.empty((n, nseg), T)
-    sseg = np.empty((n, nseg), T)
+    useg = np.empty((n, nseg), np.float64)
+    tseg = np.empty((n, nseg), np.float64)
     m = np.empty(n, T)
+    r = np.empty(n, T)
     log_s = np.empty(n, T)
     lse = np.empty(n, T)
     _seg_max_par(x, seglen, nseg, mseg)
@@ -1549,13 +1754,13 @@ def _split_lse(x, sp, store=None):
     if store is None:
         # Mode 0 never writes g, but Numba types the store branch anyway: hand it a
         # writeable placeholder so read-only logits compile.
-        _seg_sumexp_par(x, m, seglen, nseg, sseg, np.empty((1, 1), T), 0)
+        _seg_sumexp_par(x, m, seglen, nseg, useg, tseg, np.empty((1, 1), T), 0)
     elif store is x:
-        _seg_sumexp_par(x, m, seglen, nseg, sseg, x, 2)
+        _seg_sumexp_par(x, m, seglen, nseg, useg, tseg, x, 2)
     else:
-        _seg_sumexp_par(x, m, seglen, nseg, sseg, store, 1)
-    s = _seg_combine(sseg, m, log_s, lse)
-    return m, s, log_s, lse
+        _seg_sumexp_par(x, m, seglen, nseg, useg, tseg, store, 1)
+    _seg_combine(useg, tseg, m, r, log_s, lse)
+    return m, r, log_s, lse
 
 
 def _wide(x, with_grad=False):
@@ -1614,8 +1819,9 @@ def softmax(x, out):
         x = x.copy()
     sp = _split(n, c)
     if sp is not None:
-        _, s, _, _ = _split_lse(x, sp, store=out)
-        _seg_scale_par(out, (1 / s).astype(x.dtype), sp[0], sp[1])
+        _, r, _, _ = _split_lse(x, sp, store=out)
+        one = x.dtype.type(1)
+        _seg_scale_par(out, rowmath.inverse_sum(one, r).astype(x.dtype), sp[0], sp[1])
         return
     ch = _chunking(n, c)
     if c <= SMALL_C_MAX:
@@ -1635,16 +1841,16 @@ def _sparse_split(x, labels, w, ii, z, gs, loss, lse, grad, inplace, sp):
     xy = np.zeros(n, x.dtype)
     xy[kept] = x[np.nonzero(kept)[0], labels[kept]]        # before phase 2 (in place)
     store = None if grad is None else (x if inplace else grad)
-    m, s, log_s, row_lse = _split_lse(x, sp, store=store)
+    m, r, log_s, row_lse = _split_lse(x, sp, store=store)
     lse[...] = row_lse
     a = np.empty(n, x.dtype)
-    _split_sparse_scalars(labels, w, ii, z, gs, m, s, log_s, xy, loss, a)
+    _split_sparse_scalars(labels, w, ii, z, gs, m, r, log_s, xy, loss, a)
     if grad is None:
         return
     ey = np.zeros(n, x.dtype)
     ey[kept] = grad[np.nonzero(kept)[0], labels[kept]]      # e_y, before scaling
     _seg_scale_par(grad, a, sp[0], sp[1])
-    _split_sparse_fix(labels, ii, z, gs, m, s, log_s, w, grad, ey)
+    _split_sparse_fix(labels, ii, z, gs, m, r, log_s, w, grad, ey)
 
 
 def _sparse_small(x, labels, w, ii, eps, z, gs, loss, lse, grad, ch):

@@ -2,13 +2,16 @@
 
 Always available; the fallback of last resort and, with the naive per-row loop in
 ``tests/naive.py``, the oracle the fast backends are tested against.  It follows the
-kernel contract and the derivations in ``xentfast/backends/__init__.py`` line by line,
-trading memory (it builds (n, c) temporaries) for obviousness.
+kernel contract in ``xentfast/backends/__init__.py`` and calls the per-row maths of
+``rowmath`` on whole columns of row scalars, trading memory (it builds (n, c)
+temporaries) for obviousness.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from . import rowmath
 
 NAME = "numpy"
 NATIVE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -18,97 +21,107 @@ def _accumulation_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
-def _shifted_exp(x: np.ndarray):
-    """Steps 1 of the derivation: (m, exp(x - m), lse), all in the accumulation dtype."""
+def _row_passes(x: np.ndarray):
+    """The row passes of rowmath's docstring, vectorised over rows:
+    (x, e, m, r, log s, lse, one) in the accumulation dtype; e_j = exp(x_j - m),
+    r = u + (t - 1) the mass of every class but one maximum (u: the terms off the
+    max, t: the number of ties at it), log s = log1p(r)."""
     acc = _accumulation_dtype(x.dtype)
+    one = acc.type(1)
     x = x.astype(acc, copy=False)
     with np.errstate(invalid="ignore", over="ignore"):
-        m = np.max(x, axis=1)
+        m = np.max(x, axis=1)  # NaN propagates: a NaN row is NaN throughout
         e = np.exp(x - m[:, None])
-        s = np.sum(e, axis=1)
-        lse = m + np.log(s)
-    return x, e, s, lse
+        tie = (x - m[:, None]) == 0
+        u = np.sum(np.where(tie, 0, e), axis=1, dtype=acc)
+        t = np.sum(tie, axis=1, dtype=acc)
+        r = rowmath.rest_mass(u, t, one)
+        log_s = np.log1p(r)
+        lse = rowmath.log_sum_exp(m, log_s)
+    return x, e, m, r, log_s, lse, one
 
 
-def _weight_or_ones(weight: np.ndarray, c: int, acc: np.dtype) -> np.ndarray:
-    return weight.astype(acc, copy=False) if weight.shape[0] else np.ones(c, acc)
+def _weighted_distance(coefficient: np.ndarray, m: np.ndarray, x: np.ndarray, acc):
+    """wd = sum_{c_j != 0} c_j (m - x_j): a zero coefficient adds nothing, even where
+    x_j = -inf (negative coefficients are real weights, as in PyTorch)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        terms = np.where(coefficient != 0, coefficient * (m[:, None] - x), 0)
+    return np.sum(terms, axis=1, dtype=acc)
 
 
 def logsumexp(x, out):
-    _, _, _, lse = _shifted_exp(x)
-    out[...] = lse
+    out[...] = _row_passes(x)[5]
 
 
 def log_softmax(x, out):
-    xa, _, _, lse = _shifted_exp(x)
+    xa, _, m, _, log_s, _, _ = _row_passes(x)
     with np.errstate(invalid="ignore"):
-        out[...] = xa - lse[:, None]
+        out[...] = rowmath.log_softmax(xa, m[:, None], log_s[:, None])
 
 
 def softmax(x, out):
-    _, e, s, _ = _shifted_exp(x)
+    _, e, _, r, _, _, one = _row_passes(x)
     with np.errstate(invalid="ignore"):
-        out[...] = e / s[:, None]
+        out[...] = e * rowmath.inverse_sum(one, r)[:, None]
 
 
 def sparse(logits, labels, weight, ignore_index, label_smoothing, z_loss, grad_scale,
            loss, lse, grad):
     n, c = logits.shape
-    x, e, s, row_lse = _shifted_exp(logits)
+    x, e, m, r, log_s, row_lse, one = _row_passes(logits)
     acc = x.dtype
-    w = _weight_or_ones(weight, c, acc)
-    eps = acc.type(label_smoothing)
+    zero = acc.type(0)
+    w = weight.astype(acc, copy=False) if weight.shape[0] else np.ones(c, acc)
+    one_m_eps = acc.type(1 - label_smoothing)
     z = acc.type(z_loss)
+    gs = acc.type(grad_scale)
     kept = labels != ignore_index
     y = np.where(kept, labels, 0)
     rows = np.arange(n)
-    w_y = np.where(kept, w[y], 0).astype(acc)
+    w_y = np.where(kept, w[y], zero).astype(acc, copy=False)
     x_y = x[rows, y]
+    e_y = e[rows, y]
+    if label_smoothing:
+        eps_c = acc.type(label_smoothing / c)
+        w_sum = w.sum(dtype=acc)
+        wd = _weighted_distance(w[None, :], m, x, acc)
+    else:
+        eps_c = w_sum = zero
+        wd = np.zeros(n, acc)
     with np.errstate(invalid="ignore", over="ignore"):
-        row_loss = (1 - eps) * w_y * (row_lse - x_y) + z * row_lse * row_lse
-        if label_smoothing:
-            w_total = w.sum(dtype=acc)
-            # A zero weight contributes nothing (also at x = -inf); negative weights
-            # are real weights (PyTorch accepts them) and must be summed.
-            weighted_x = np.sum(np.where(w != 0, w * x, 0), axis=1, dtype=acc)
-            row_loss = row_loss + eps / c * (w_total * row_lse - weighted_x)
-    loss[...] = np.where(kept, row_loss, 0)
+        row_loss = rowmath.sparse_loss(m, log_s, x_y, w_y, one_m_eps, eps_c, w_sum, wd, z)
+    loss[...] = np.where(kept, row_loss, zero)
     lse[...] = row_lse
     if grad is None:
         return
-    with np.errstate(invalid="ignore", over="ignore"):
-        p = e / s[:, None]
-        p_coeff = (1 - eps) * w_y + z * 2 * row_lse
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        a = rowmath.sparse_scale(one, r, row_lse, w_y, one_m_eps, eps_c, w_sum, z, gs)
+        g = e * a[:, None]
         if label_smoothing:
-            p_coeff = p_coeff + eps * w.sum(dtype=acc) / c
-        g = p * p_coeff[:, None]
-        g[rows, y] -= (1 - eps) * w_y
-        if label_smoothing:
-            g -= (eps / c) * w[None, :]
-        g *= acc.type(grad_scale)
+            g -= (eps_c * w * gs)[None, :]
+        g[rows, y] = rowmath.sparse_true_grad(one, e_y, r, row_lse, w_y, one_m_eps,
+                                              eps_c, w_sum, z, gs)
     g[~kept] = 0
     grad[...] = g
 
 
 def dense(logits, labels, weight, label_smoothing, z_loss, grad_scale, loss, lse, grad):
     n, c = logits.shape
-    x, e, s, row_lse = _shifted_exp(logits)
+    x, e, m, r, log_s, row_lse, one = _row_passes(logits)
     acc = x.dtype
-    w = _weight_or_ones(weight, c, acc)
-    eps = acc.type(label_smoothing)
+    w = weight.astype(acc, copy=False) if weight.shape[0] else np.ones(c, acc)
     z = acc.type(z_loss)
     t = labels.astype(acc, copy=False)
-    t_smooth = (1 - eps) * t + eps / c if label_smoothing else t
-    wt = w * t_smooth
+    wt = rowmath.smoothed_weight(w, t, acc.type(1 - label_smoothing),
+                                 acc.type(label_smoothing / c))
+    t_sum = np.sum(wt, axis=1, dtype=acc)
+    wd = _weighted_distance(wt, m, x, acc)
     with np.errstate(invalid="ignore", over="ignore"):
-        # Step 3: a class with w_c t'_c == 0 contributes nothing, even at x_c = -inf.
-        terms = np.where(wt != 0, wt * (row_lse[:, None] - x), 0)
-        loss[...] = np.sum(terms, axis=1, dtype=acc) + z * row_lse * row_lse
+        loss[...] = rowmath.dense_loss(m, log_s, t_sum, wd, z)
     lse[...] = row_lse
     if grad is None:
         return
-    with np.errstate(invalid="ignore", over="ignore"):
-        p = e / s[:, None]
-        p_coeff = np.sum(wt, axis=1, dtype=acc) + z * 2 * row_lse
-        g = (p * p_coeff[:, None] - wt) * acc.type(grad_scale)
-    grad[...] = g
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        coef = rowmath.dense_coef(row_lse, t_sum, z)
+        gs_over_s = rowmath.grad_over_sum(one, r, acc.type(grad_scale))
+        grad[...] = rowmath.dense_grad(e, wt, r[:, None], coef[:, None], gs_over_s[:, None])

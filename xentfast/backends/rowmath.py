@@ -11,7 +11,9 @@ calls -- so that the same source serves three compilers unchanged:
 
 A branch would not vectorise over NumPy arrays, and a literal like ``1`` or ``2`` would
 make Numba promote a float32 computation to float64; so the value one comes in as the
-argument ``one`` (of the accumulation dtype) and ``2 z`` is written ``z + z``.
+argument ``one`` (of the accumulation dtype) and ``2 z`` is written ``z + z``.  The
+functions call no other function (Numba and CUDA compile each one on its own), so a
+shared subexpression such as lse = m + log s is spelled out where it is used.
 
 The row passes and the quantities they hand over
 ------------------------------------------------
@@ -20,9 +22,11 @@ for float64) the SIMD passes compute
 
     m  = max_j x_j                                  (NaN ignored by the max itself)
     e_j = exp(x_j - m)                              (e_j = 1 exactly where x_j = m)
-    u  = sum_{j: x_j < m} e_j                       "under": the terms below the max
-    t  = sum_{j: not x_j < m} e_j                   "top": the ties at the max (1 each),
-                                                    and NaN for a NaN or +inf in the row
+    u  = sum_{j: x_j - m != 0} e_j                  the terms off the max; a NaN, a
+                                                    +inf (inf - inf) or an all -inf row
+                                                    (-inf - -inf) makes u NaN
+    t  = #{j: x_j - m == 0}                         the ties at the max (1 for a unique
+                                                    maximum)
 
 and the row's scalars follow from them:
 
@@ -35,8 +39,10 @@ Why r and not s.  In a confident row (the regime training spends its time in) th
 maximum's term is exactly 1 and all others are tiny: s = 1 + r rounds r to a multiple
 of the unit roundoff, and log(s) returns 0 for a loss of 1e-8 (float32) or 1e-17
 (float64).  Summing the terms below the max apart from the ties keeps r exact to a few
-ulps, and log1p(r) keeps it.  t is an integer (or NaN): t - 1 is exact, so r = u
-exactly when the maximum is unique.
+ulps, and log1p(r) keeps it.  t is a small integer: t - 1 is exact, so r = u exactly
+when the maximum is unique.  (A tie count costs one compare and one masked add per
+element, the cheapest form LLVM still vectorises; summing e_j of the ties instead,
+which would also carry NaN, measured the same.)
 
 The non-cancelling forms (every subtraction below is of quantities of one sign, or a
 genuine zero crossing of the exact result)
@@ -83,46 +89,46 @@ def log_sum_exp(m, log_s):
     return m + log_s
 
 
-def z_penalty(z, lse):
-    """PaLM's z-loss term z lse^2."""
-    return (z * lse) * lse
-
-
 def sparse_loss(m, log_s, x_y, w_y, one_m_eps, eps_c, w_sum, wd, z):
     """Loss of a kept row with index label y:
-    (1-eps) w_y ((m - x_y) + log s) + (eps/C) (W log s + wd) + z lse^2.
+    (1-eps) w_y ((m - x_y) + log s) + (eps/C) (W log s + wd) + z lse^2, lse = m + log s.
     Without smoothing pass eps_c = w_sum = wd = 0."""
     return (one_m_eps * w_y * ((m - x_y) + log_s)
             + eps_c * (w_sum * log_s + wd)
-            + z_penalty(z, m + log_s))
+            + (z * (m + log_s)) * (m + log_s))
 
 
 def dense_loss(m, log_s, t_sum, wd, z):
     """Loss of a row with probability labels: T log s + wd + z lse^2."""
-    return (t_sum * log_s + wd) + z_penalty(z, m + log_s)
-
-
-def sparse_extra(lse, eps_c, w_sum, z):
-    """The part of A = (1-eps) w_y + eps W/C + 2 z lse that is not (1-eps) w_y."""
-    return eps_c * w_sum + (z + z) * lse
+    return (t_sum * log_s + wd) + (z * (m + log_s)) * (m + log_s)
 
 
 def sparse_scale(one, r, lse, w_y, one_m_eps, eps_c, w_sum, z, gs):
-    """a of g_j = e_j a - b_j (j != y): a = A gs / s, s = 1 + r."""
-    return ((one_m_eps * w_y + sparse_extra(lse, eps_c, w_sum, z)) * gs) / (one + r)
+    """a of g_j = e_j a - b_j (j != y): a = A gs / s, s = 1 + r,
+    A = (1-eps) w_y + eps W/C + 2 z lse."""
+    return ((one_m_eps * w_y + (eps_c * w_sum + (z + z) * lse)) * gs) / (one + r)
 
 
 def sparse_true_grad(one, e_y, r, lse, w_y, one_m_eps, eps_c, w_sum, z, gs):
     """g_y = gs (p_y (eps W/C + 2 z lse) - ((1-eps) w_y ((1 - e_y) + r)/s + (eps/C) w_y)),
     the true-class gradient without the cancelling p_y - 1."""
-    s = one + r
-    return gs * ((e_y / s) * sparse_extra(lse, eps_c, w_sum, z)
-                 - ((one_m_eps * w_y) * (((one - e_y) + r) / s) + eps_c * w_y))
+    return gs * ((e_y / (one + r)) * (eps_c * w_sum + (z + z) * lse)
+                 - ((one_m_eps * w_y) * (((one - e_y) + r) / (one + r)) + eps_c * w_y))
+
+
+def smoothed_weight(w, t, one_m_eps, eps_c):
+    """wt_c = w_c ((1 - eps) t_c + eps/C): a probability label smoothed and weighted."""
+    return w * (one_m_eps * t + eps_c)
 
 
 def dense_coef(lse, t_sum, z):
     """A = T + 2 z lse of the probability-label gradient."""
     return t_sum + (z + z) * lse
+
+
+def grad_over_sum(one, r, gs):
+    """gs / s, s = 1 + r: the factor of dense_grad."""
+    return gs / (one + r)
 
 
 def dense_grad(e, wt, r, coef, gs_over_s):
