@@ -25,17 +25,6 @@ def nc():
     return numba_cpu
 
 
-def test_wide_passes_are_chosen_by_row_length(nc):
-    f32 = np.dtype(np.float32)
-    assert nc._wide(np.empty((2, nc.WIDE_MIN_C - 1), f32)) == (False, True)
-    assert nc._wide(np.empty((2, nc.WIDE_MIN_C), f32)) == (True, True)
-    rows_past_prefetch = nc.PREFETCH_MAX_ROW_BYTES // f32.itemsize + 1
-    assert nc._wide(np.empty((1, rows_past_prefetch), f32)) == (True, False)
-    grad_rows_past_prefetch = nc.PREFETCH_MAX_GRAD_ROW_BYTES // f32.itemsize + 1
-    assert nc._wide(np.empty((1, grad_rows_past_prefetch), f32)) == (True, True)
-    assert nc._wide(np.empty((1, grad_rows_past_prefetch), f32), with_grad=True) == (True, False)
-
-
 def test_wide_pass_is_compiled_for_512_bit_vectors_on_its_own(nc):
     import numba
 

@@ -66,7 +66,12 @@ depends only on the shape and the options.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import os
+from collections.abc import Iterator
+from typing import Literal
 
 import numba
 import numpy as np
@@ -331,6 +336,52 @@ def _exp_impl(x):
             return p * scale
 
         return impl
+    return None
+
+
+def _exp_diff(x, m):  # pragma: no cover - replaced by the overload below
+    """exp(x - m) without the rounding of x - m; see the overload."""
+    raise NotImplementedError
+
+
+def _exp_grad(x, m):  # pragma: no cover - replaced by the overload below
+    """e_j = exp(x - m) as the gradient passes store it; see the overload."""
+    raise NotImplementedError
+
+
+# exp(x - m) for x <= m, compensated for the rounding of the difference:
+#   d = x - m rounds; its error err = (x - m) - d is exact in floating point (TwoSum:
+#   bb = d - x, err = (x - (d - bb)) + (-m - bb)), and exp(x - m) = exp(d) exp(err)
+#   = exp(d) (1 + err) to within err^2 < 2**-48.  Without it the relative error of e_j
+#   is up to |x - m| / 2 ulps (the rounding of d, amplified by exp): 4 ulps at a spread
+#   of 8, 44 at float32's 87, 350 at float64's 700.
+#   A masked x = -inf gives d = -inf and err = NaN: then e = exp(d) = 0 as it is.
+#   Compiled without reassoc (which would fold err to 0).
+# Used for softmax (4 ulps, DESIGN.md) on every dtype; and, through _exp_grad, for the
+# stored e_j of float64 gradients (64 ulps at any spread).  float32 gradients keep the
+# plain exp (<= 44 + 2 ulps within the 64), and loss-only passes too (the loss is a sum).
+
+
+@overload(_exp_diff, jit_options=_EXP_JIT)
+def _exp_diff_impl(x, m):
+    if isinstance(x, types.Float) and x == m:
+        def impl(x, m):
+            d = x - m
+            bb = d - x
+            err = (x - (d - bb)) + (-m - bb)
+            e = _exp(d)
+            return e + e * err if err == err else e
+
+        return impl
+    return None
+
+
+@overload(_exp_grad, jit_options=_EXP_JIT)
+def _exp_grad_impl(x, m):
+    if x == types.float64 and m == types.float64:
+        return lambda x, m: _exp_diff(x, m)
+    if isinstance(x, types.Float) and x == m:
+        return lambda x, m: _exp(x - m)
     return None
 
 
@@ -610,7 +661,7 @@ def _row_max_sumexp_wide(xr, xnext, prefetch, gr, store):
             gb = gr[j0:min(j0 + 1024, body)]
             for j in range(xb.shape[0]):
                 xj = xb[j]
-                e = _exp(xj - m)
+                e = _exp_grad(xj, m)
                 gb[j] = e
                 d = xj - m
                 eu = zero if d == zero else e
@@ -637,7 +688,7 @@ def _row_max_sumexp_wide(xr, xnext, prefetch, gr, store):
         bt = zero
         for j in range(64):
             xj = window[j]
-            e = _exp(xj - m)
+            e = _exp_grad(xj, m)
             if store:
                 gw[j] = e
             fresh = j >= counted               # lanes [0, counted) were summed above:
@@ -693,8 +744,36 @@ def _row_sumexp_store(xr, m, gr):
         bt = zero
         for j in range(xb.shape[0]):
             xj = xb[j]
-            e = _exp(xj - m)
+            e = _exp_grad(xj, m)
             gb[j] = e
+            d = xj - m
+            eu = zero if d == zero else e
+            tie = one if d == zero else zero
+            bu += eu
+            bt += tie
+        u += bu
+        t += bt
+    return u, t
+
+
+@njit(**_JIT)
+def _row_softmax_exp(xr, m, out):
+    """Pass B of softmax: out_j = e_j = exp(x_j - m) compensated for the rounding of
+    x_j - m (_exp_diff: 4 ulps at any spread); returns (u, t)."""
+    T = xr.dtype.type
+    zero = T(0)
+    one = T(1)
+    u = 0.0
+    t = 0.0
+    for j0 in range(0, xr.shape[0], 1024):
+        xb = xr[j0:j0 + 1024]
+        ob = out[j0:j0 + 1024]
+        bu = zero
+        bt = zero
+        for j in range(xb.shape[0]):
+            xj = xb[j]
+            e = _exp_diff(xj, m)
+            ob[j] = e
             d = xj - m
             eu = zero if d == zero else e
             tie = one if d == zero else zero
@@ -719,7 +798,7 @@ def _row_sumexp_store_ip(gr, m):
         bt = zero
         for j in range(gb.shape[0]):
             xj = gb[j]
-            e = _exp(xj - m)
+            e = _exp_grad(xj, m)
             gb[j] = e
             d = xj - m
             eu = zero if d == zero else e
@@ -781,7 +860,7 @@ def _row_sumexp_wsum_store(xr, m, w, gr):
         bm = zero
         for j in range(xb.shape[0]):
             xj = xb[j]
-            e = _exp(xj - m)
+            e = _exp_grad(xj, m)
             gb[j] = e
             d = xj - m
             eu = zero if d == zero else e
@@ -813,7 +892,7 @@ def _row_sumexp_wsum_store_ip(gr, m, w):
         bm = zero
         for j in range(gb.shape[0]):
             xj = gb[j]
-            e = _exp(xj - m)
+            e = _exp_grad(xj, m)
             gb[j] = e
             d = xj - m
             eu = zero if d == zero else e
@@ -888,7 +967,7 @@ def _row_sumexp_dense_store(xr, tr, w, one_m_eps, eps_c, m, gr):
         bm = zero
         for j in range(xb.shape[0]):
             xj = xb[j]
-            e = _exp(xj - m)
+            e = _exp_grad(xj, m)
             gb[j] = e
             d = xj - m
             eu = zero if d == zero else e
@@ -925,7 +1004,7 @@ def _row_sumexp_dense_store_ip(gr, tr, w, one_m_eps, eps_c, m):
         bm = zero
         for j in range(gb.shape[0]):
             xj = gb[j]
-            e = _exp(xj - m)
+            e = _exp_grad(xj, m)
             gb[j] = e
             d = xj - m
             eu = zero if d == zero else e
@@ -1006,7 +1085,7 @@ def _softmax_rows(r0, r1, x, out):
     for i in range(r0, r1):
         orow = out[i]
         m = _row_max(x[i])
-        u, t = _row_sumexp_store(x[i], m, orow)
+        u, t = _row_softmax_exp(x[i], m, orow)
         r = _row_scalars(x[i], m, u, t)[0]
         _row_scale(orow, _inverse_sum(one, r))
 
@@ -1285,7 +1364,8 @@ def _blk_load(t, b0, nb, buf):
 @njit(**_JIT)
 def _blk_sumexp(buf, nb, mv, rv, tv, lv, store):
     """Pass B of a block: rv[b] = r = u + (t - 1) of row b, lv[b] = log1p r (tv is
-    scratch for the t sums); buf[j, b] <- e_jb when store."""
+    scratch for the tie counts).  store: 0 sums only; 1 buf[j, b] <- e_jb as the
+    gradient passes store it (_exp_grad); 2 the same for softmax (_exp_diff)."""
     T = buf.dtype.type
     zero = T(0)
     one = T(1)
@@ -1297,11 +1377,18 @@ def _blk_sumexp(buf, nb, mv, rv, tv, lv, store):
         tb[b] = zero
     for j in range(buf.shape[0]):
         bj = buf[j, :nb]
-        if store:
+        if store == 0:
             for b in range(nb):
-                v = bj[b]
-                d = v - mb[b]
+                d = bj[b] - mb[b]
                 e = _exp(d)
+                eu = zero if d == zero else e
+                tie = one if d == zero else zero
+                ub[b] += eu
+                tb[b] += tie
+        elif store == 1:
+            for b in range(nb):
+                d = bj[b] - mb[b]
+                e = _exp_grad(bj[b], mb[b])
                 bj[b] = e
                 eu = zero if d == zero else e
                 tie = one if d == zero else zero
@@ -1309,9 +1396,9 @@ def _blk_sumexp(buf, nb, mv, rv, tv, lv, store):
                 tb[b] += tie
         else:
             for b in range(nb):
-                v = bj[b]
-                d = v - mb[b]
-                e = _exp(d)
+                d = bj[b] - mb[b]
+                e = _exp_diff(bj[b], mb[b])
+                bj[b] = e
                 eu = zero if d == zero else e
                 tie = one if d == zero else zero
                 ub[b] += eu
@@ -1365,7 +1452,7 @@ def _small_lse_rows(r0, r1, x, out, blk):
     for b0 in range(r0, r1, blk):
         nb = min(blk, r1 - b0)
         _blk_load_max(x, b0, nb, buf, mv)
-        _blk_sumexp(buf, nb, mv, rv, tv, lv, False)
+        _blk_sumexp(buf, nb, mv, rv, tv, lv, 0)
         ob = out[b0:b0 + nb]
         for b in range(nb):
             ob[b] = _log_sum_exp(mv[b], lv[b])
@@ -1383,7 +1470,7 @@ def _small_log_softmax_rows(r0, r1, x, out, blk):
     for b0 in range(r0, r1, blk):
         nb = min(blk, r1 - b0)
         _blk_load_max(x, b0, nb, buf, mv)
-        _blk_sumexp(buf, nb, mv, rv, tv, lv, False)
+        _blk_sumexp(buf, nb, mv, rv, tv, lv, 0)
         for b in range(nb):
             _row_logsm(x[b0 + b], mv[b], lv[b], out[b0 + b])
 
@@ -1401,7 +1488,7 @@ def _small_softmax_rows(r0, r1, x, out, blk):
     for b0 in range(r0, r1, blk):
         nb = min(blk, r1 - b0)
         _blk_load_max(x, b0, nb, buf, mv)
-        _blk_sumexp(buf, nb, mv, rv, tv, lv, True)
+        _blk_sumexp(buf, nb, mv, rv, tv, lv, 2)
         for b in range(nb):
             rv[b] = _inverse_sum(one, rv[b])
         _blk_scale_store(buf, nb, rv, out, b0)
@@ -1431,7 +1518,7 @@ def _small_sparse_rows(r0, r1, x, labels, w, bvec, ignore_index, one_m_eps, eps_
         _blk_load_max(x, b0, nb, buf, mv)
         if smooth:
             _blk_wsum(buf, nb, mv, w, smv)
-        _blk_sumexp(buf, nb, mv, rv, tv, lv, want_grad)
+        _blk_sumexp(buf, nb, mv, rv, tv, lv, 1 if want_grad else 0)
         for b in range(nb):
             i = b0 + b
             y = labels[i]
@@ -1510,7 +1597,7 @@ def _small_dense_rows(r0, r1, x, t, w, one_m_eps, eps_c, z, gs, loss, lse, g, wa
                 tj[b] = wt
                 twb[b] += wt
                 wdb[b] += wt * (mb[b] - bj[b]) if wt != zero else zero
-        _blk_sumexp(buf, nb, mv, rv, tv, lv, want_grad)
+        _blk_sumexp(buf, nb, mv, rv, tv, lv, 1 if want_grad else 0)
         for b in range(nb):
             i = b0 + b
             log_s = lv[b]
@@ -1595,7 +1682,8 @@ def _seg_max_par(x, seglen, nseg, mseg):
 
 @njit(**_PJIT)
 def _seg_sumexp_par(x, m, seglen, nseg, useg, tseg, g, mode):
-    """mode 0: sums only;  1: also e -> g;  2: in place (g is x; only g is used)."""
+    """mode 0: sums only;  1: also e -> g;  2: in place (g is x; only g is used);
+    3: softmax's compensated e -> g."""
     n, c = x.shape
     for task in prange(n * nseg):
         i = task // nseg
@@ -1606,6 +1694,8 @@ def _seg_sumexp_par(x, m, seglen, nseg, useg, tseg, g, mode):
             u, t = _row_sumexp(x[i, lo:hi], m[i])
         elif mode == 1:
             u, t = _row_sumexp_store(x[i, lo:hi], m[i], g[i, lo:hi])
+        elif mode == 3:
+            u, t = _row_softmax_exp(x[i, lo:hi], m[i], g[i, lo:hi])
         else:
             u, t = _row_sumexp_store_ip(g[i, lo:hi], m[i])
         useg[i, p] = u
@@ -1697,17 +1787,127 @@ def _split_sparse_fix(labels, ignore_index, z, gs, m, r, log_s, w, g, ey):
 
 
 # ---------------------------------------------------------------------------------------
-# 8. Public kernels (plain Python): choose the path, convert scalars to the accumulation
-#    dtype (so no float64 constant sneaks into float32 arithmetic), call.
+# 8. Public kernels (plain Python): ``plan`` names the path from the shape and the
+#    options alone, ``tuning`` forces one (so that tests reach every path by
+#    construction), and each kernel converts scalars to the accumulation dtype (so no
+#    float64 constant sneaks into float32 arithmetic) and calls the path's driver.
 # ---------------------------------------------------------------------------------------
 
+Path = Literal["small", "rows", "split"]
+PATHS: tuple[str, ...] = ("small", "rows", "split")
+OPS: tuple[str, ...] = ("sparse", "dense", "logsumexp", "log_softmax", "softmax")
 
-def _chunking(n: int, c: int):
-    """(nchunks, rows per chunk), or None for the serial path.  Depends on the shape only;
-    a row is never split across chunks, so chunking never changes results."""
-    if n * c <= SERIAL_MAX_ELEMS or n == 1:
-        return None
-    if c <= SMALL_C_MAX:
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How one call runs.
+
+    path      "small": blocks of SMALL_C_BLOCK rows transposed class-major (SIMD across
+              rows); "rows": one row at a time, SIMD along it; "split": every row cut
+              into SPLIT_SEGMENTS segments that run in parallel (few, very long rows).
+    parallel  small/rows: chunks of rows under ``prange``; else one thread, no launch.
+              (split is always parallel.)
+    wide      rows: the 512-bit passes A+B(+C) of ``_row_max_sumexp_wide`` (only where
+              the kernel has them: logsumexp, and index labels without smoothing, not
+              in place for the gradient).
+    prefetch  wide: request the next row into L2 during pass B.
+    """
+
+    path: Path
+    parallel: bool
+    wide: bool = False
+    prefetch: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Forced choices for ``plan`` (None: choose by shape).  A forced choice the call
+    cannot take (split for probability labels or label smoothing; wide where the
+    kernel has no wide passes, or rows of fewer than 64 classes) raises ValueError."""
+
+    force_path: Path | None = None
+    force_parallel: bool | None = None
+    force_wide: bool | None = None
+    force_prefetch: bool | None = None
+
+
+_tuning: contextvars.ContextVar[Tuning] = contextvars.ContextVar(
+    "xentfast_cpu_tuning", default=Tuning())
+
+
+@contextlib.contextmanager
+def tuning(**forced) -> Iterator[Tuning]:
+    """``with tuning(force_path="small", force_parallel=True): ...`` for this context
+    (thread / task) only."""
+    t = dataclasses.replace(_tuning.get(), **forced)
+    if t.force_path not in (None, *PATHS):
+        raise ValueError(f"force_path must be None or one of {PATHS}; got {t.force_path!r}")
+    token = _tuning.set(t)
+    try:
+        yield t
+    finally:
+        _tuning.reset(token)
+
+
+def has_wide_passes(op: str, with_grad: bool, smoothing: bool, inplace: bool) -> bool:
+    """Whether the rows path of ``op`` with these options has the 512-bit passes."""
+    if op == "logsumexp":
+        return True
+    return op == "sparse" and not smoothing and not (with_grad and inplace)
+
+
+def can_split(op: str, smoothing: bool) -> bool:
+    """Whether ``op`` has a split path: the primitives and index labels without
+    smoothing (the rarer dense / smoothed cases use the rows path for long rows)."""
+    return op != "dense" and not (op == "sparse" and smoothing)
+
+
+def plan(op: str, n: int, c: int, itemsize: int, *, with_grad: bool = False,
+         smoothing: bool = False, inplace: bool = False, t: Tuning | None = None) -> Plan:
+    """The path for a call of kernel ``op`` on (n, c) logits of ``itemsize`` bytes.
+    Depends on the shape and the options only (never on the thread count), so the same
+    call always takes the same path and gives the same bits."""
+    t = t or _tuning.get()
+    path = t.force_path
+    if path is None:
+        if c <= SMALL_C_MAX:
+            path = "small"
+        elif (can_split(op, smoothing) and n <= SPLIT_MAX_ROWS and c >= SPLIT_MIN_C
+              and n * c > SERIAL_MAX_ELEMS):
+            path = "split"
+        else:
+            path = "rows"
+    elif path == "split" and not can_split(op, smoothing):
+        raise ValueError(f"the split path has no {op} kernel"
+                         f"{' with label smoothing' if smoothing else ''}")
+    if path == "split":
+        return Plan("split", True)
+    parallel = t.force_parallel
+    if parallel is None:
+        parallel = n * c > SERIAL_MAX_ELEMS and n > 1
+    if path == "small":
+        if t.force_wide:
+            raise ValueError("the small-C path has no wide passes")
+        return Plan("small", bool(parallel))
+    available = has_wide_passes(op, with_grad, smoothing, inplace) and c >= 64
+    wide = t.force_wide
+    if wide is None:
+        wide = available and c >= WIDE_MIN_C
+    elif wide and not available:
+        raise ValueError(f"no wide passes for {op} with these options and {c} classes "
+                         f"(they need index labels without smoothing, not in place for "
+                         f"the gradient, and rows of at least 64 classes)")
+    prefetch = t.force_prefetch
+    if prefetch is None:
+        limit = PREFETCH_MAX_GRAD_ROW_BYTES if with_grad else PREFETCH_MAX_ROW_BYTES
+        prefetch = c * itemsize <= limit
+    return Plan("rows", bool(parallel), bool(wide), bool(wide and prefetch))
+
+
+def _chunking(p: Plan, n: int, c: int):
+    """(nchunks, rows per chunk) for a parallel plan.  A row is never split across
+    chunks, so the chunking never changes results."""
+    if p.path == "small":
         chunk = max(SMALL_C_BLOCK,
                     (SMALL_C_CHUNK_ELEMS // c) // SMALL_C_BLOCK * SMALL_C_BLOCK)
     else:
@@ -1715,10 +1915,16 @@ def _chunking(n: int, c: int):
     return (n + chunk - 1) // chunk, chunk
 
 
-def _split(n: int, c: int):
-    """(seglen, nseg) for the split path, or None."""
-    if n > SPLIT_MAX_ROWS or c < SPLIT_MIN_C or n * c <= SERIAL_MAX_ELEMS:
-        return None
+def _run(p: Plan, n: int, c: int, serial, par, *args):
+    """serial(0, n, *args) or par(nchunks, chunk, *args) as the plan says."""
+    if p.parallel:
+        par(*_chunking(p, n, c), *args)
+    else:
+        serial(0, n, *args)
+
+
+def _split_geometry(c: int):
+    """(seglen, nseg) of the split path."""
     seglen = -(-c // SPLIT_SEGMENTS)
     return seglen, -(-c // seglen)
 
@@ -1737,10 +1943,11 @@ def _is_inplace(x: np.ndarray, g) -> bool:
     return False
 
 
-def _split_lse(x, sp, store=None):
-    """Phases 1-2 of the split path: (m, r, log_s, lse); e stored into `store`."""
-    n = x.shape[0]
-    seglen, nseg = sp
+def _split_lse(x, store=None, softmax=False):
+    """Phases 1-2 of the split path: (m, r, log_s, lse); e stored into `store` (as
+    softmax stores it with ``softmax``)."""
+    n, c = x.shape
+    seglen, nseg = _split_geometry(c)
     T = x.dtype
     mseg = np.empty((n, nseg), T)
     useg = np.empty((n, nseg), np.float64)
@@ -1758,90 +1965,61 @@ def _split_lse(x, sp, store=None):
     elif store is x:
         _seg_sumexp_par(x, m, seglen, nseg, useg, tseg, x, 2)
     else:
-        _seg_sumexp_par(x, m, seglen, nseg, useg, tseg, store, 1)
+        _seg_sumexp_par(x, m, seglen, nseg, useg, tseg, store, 3 if softmax else 1)
     _seg_combine(useg, tseg, m, r, log_s, lse)
     return m, r, log_s, lse
 
 
-def _wide(x, with_grad=False):
-    """(wide, prefetch) for the row passes of x: the 512-bit passes for rows
-    of at least WIDE_MIN_C classes, prefetching the next row if a row fits in
-    PREFETCH_MAX_ROW_BYTES, or PREFETCH_MAX_GRAD_ROW_BYTES when a gradient row is
-    written too (beyond that it would push the current rows out of L2)."""
-    c = x.shape[1]
-    limit = PREFETCH_MAX_GRAD_ROW_BYTES if with_grad else PREFETCH_MAX_ROW_BYTES
-    # (the wide passes end with a 64-element window: never for shorter rows)
-    return c >= max(WIDE_MIN_C, 64), c * x.itemsize <= limit
-
-
 def logsumexp(x, out):
     n, c = x.shape
-    sp = _split(n, c)
-    if sp is not None:
-        out[...] = _split_lse(x, sp)[3]
-        return
-    ch = _chunking(n, c)
-    if c <= SMALL_C_MAX:
-        if ch is None:
-            _small_lse_rows(0, n, x, out, SMALL_C_BLOCK)
-        else:
-            _small_lse_par(ch[0], ch[1], x, out, SMALL_C_BLOCK)
-    elif ch is None:
-        _lse_rows(0, n, x, out, *_wide(x))
+    p = plan("logsumexp", n, c, x.itemsize)
+    if p.path == "split":
+        out[...] = _split_lse(x)[3]
+    elif p.path == "small":
+        _run(p, n, c, _small_lse_rows, _small_lse_par, x, out, SMALL_C_BLOCK)
     else:
-        _lse_par(ch[0], ch[1], x, out, *_wide(x))
+        _run(p, n, c, _lse_rows, _lse_par, x, out, p.wide, p.prefetch)
 
 
 def log_softmax(x, out):
     n, c = x.shape
     if _is_inplace(x, out):
         x = x.copy()
-    sp = _split(n, c)
-    if sp is not None:
-        m, _, log_s, _ = _split_lse(x, sp)
-        _seg_logsm_par(x, m, log_s, sp[0], sp[1], out)
-        return
-    ch = _chunking(n, c)
-    if c <= SMALL_C_MAX:
-        if ch is None:
-            _small_log_softmax_rows(0, n, x, out, SMALL_C_BLOCK)
-        else:
-            _small_log_softmax_par(ch[0], ch[1], x, out, SMALL_C_BLOCK)
-    elif ch is None:
-        _log_softmax_rows(0, n, x, out)
+    p = plan("log_softmax", n, c, x.itemsize)
+    if p.path == "split":
+        m, _, log_s, _ = _split_lse(x)
+        seglen, nseg = _split_geometry(c)
+        _seg_logsm_par(x, m, log_s, seglen, nseg, out)
+    elif p.path == "small":
+        _run(p, n, c, _small_log_softmax_rows, _small_log_softmax_par, x, out,
+             SMALL_C_BLOCK)
     else:
-        _log_softmax_par(ch[0], ch[1], x, out)
+        _run(p, n, c, _log_softmax_rows, _log_softmax_par, x, out)
 
 
 def softmax(x, out):
     n, c = x.shape
     if _is_inplace(x, out):
         x = x.copy()
-    sp = _split(n, c)
-    if sp is not None:
-        _, r, _, _ = _split_lse(x, sp, store=out)
+    p = plan("softmax", n, c, x.itemsize)
+    if p.path == "split":
+        _, r, _, _ = _split_lse(x, store=out, softmax=True)
+        seglen, nseg = _split_geometry(c)
         one = x.dtype.type(1)
-        _seg_scale_par(out, rowmath.inverse_sum(one, r).astype(x.dtype), sp[0], sp[1])
-        return
-    ch = _chunking(n, c)
-    if c <= SMALL_C_MAX:
-        if ch is None:
-            _small_softmax_rows(0, n, x, out, SMALL_C_BLOCK)
-        else:
-            _small_softmax_par(ch[0], ch[1], x, out, SMALL_C_BLOCK)
-    elif ch is None:
-        _softmax_rows(0, n, x, out)
+        _seg_scale_par(out, rowmath.inverse_sum(one, r).astype(x.dtype), seglen, nseg)
+    elif p.path == "small":
+        _run(p, n, c, _small_softmax_rows, _small_softmax_par, x, out, SMALL_C_BLOCK)
     else:
-        _softmax_par(ch[0], ch[1], x, out)
+        _run(p, n, c, _softmax_rows, _softmax_par, x, out)
 
 
-def _sparse_split(x, labels, w, ii, z, gs, loss, lse, grad, inplace, sp):
-    n = x.shape[0]
+def _sparse_split(x, labels, w, ii, z, gs, loss, lse, grad, inplace):
+    n, c = x.shape
     kept = labels != ii
     xy = np.zeros(n, x.dtype)
     xy[kept] = x[np.nonzero(kept)[0], labels[kept]]        # before phase 2 (in place)
     store = None if grad is None else (x if inplace else grad)
-    m, r, log_s, row_lse = _split_lse(x, sp, store=store)
+    m, r, log_s, row_lse = _split_lse(x, store=store)
     lse[...] = row_lse
     a = np.empty(n, x.dtype)
     _split_sparse_scalars(labels, w, ii, z, gs, m, r, log_s, xy, loss, a)
@@ -1849,32 +2027,9 @@ def _sparse_split(x, labels, w, ii, z, gs, loss, lse, grad, inplace, sp):
         return
     ey = np.zeros(n, x.dtype)
     ey[kept] = grad[np.nonzero(kept)[0], labels[kept]]      # e_y, before scaling
-    _seg_scale_par(grad, a, sp[0], sp[1])
+    seglen, nseg = _split_geometry(c)
+    _seg_scale_par(grad, a, seglen, nseg)
     _split_sparse_fix(labels, ii, z, gs, m, r, log_s, w, grad, ey)
-
-
-def _sparse_small(x, labels, w, ii, eps, z, gs, loss, lse, grad, ch):
-    n, c = x.shape
-    T = x.dtype.type
-    smooth = bool(eps != 0)
-    if smooth:
-        if w.shape[0] == 0:
-            w = np.ones(c, dtype=T)
-        one_m_eps = T(1) - eps
-        eps_c = eps / T(c)
-        w_sum = w.sum(dtype=T)
-        bvec = (w * (eps_c * gs)).astype(T)
-    else:
-        one_m_eps, eps_c, w_sum = T(1), T(0), T(0)
-        bvec = np.empty(0, dtype=T)
-    want_grad = grad is not None
-    g = grad if want_grad else np.empty((0, 0), dtype=T)
-    if ch is None:
-        _small_sparse_rows(0, n, x, labels, w, bvec, ii, one_m_eps, eps_c, w_sum, 
-                           smooth, z, gs, loss, lse, g, want_grad, SMALL_C_BLOCK)
-    else:
-        _small_sparse_par(ch[0], ch[1], x, labels, w, bvec, ii, one_m_eps, eps_c, w_sum,
-                           smooth, z, gs, loss, lse, g, want_grad, SMALL_C_BLOCK)
 
 
 def sparse(logits, labels, weight, ignore_index, label_smoothing, z_loss, grad_scale,
@@ -1887,50 +2042,40 @@ def sparse(logits, labels, weight, ignore_index, label_smoothing, z_loss, grad_s
     z = T(z_loss)
     gs = T(grad_scale)
     w = np.ascontiguousarray(weight, dtype=T)
-    if c <= SMALL_C_MAX:
-        _sparse_small(logits, labels, w, ii, eps, z, gs, loss, lse, grad, _chunking(n, c))
+    smooth = bool(eps != 0)
+    p = plan("sparse", n, c, logits.itemsize, with_grad=grad is not None,
+             smoothing=smooth, inplace=inplace)
+    if p.path == "split":
+        _sparse_split(logits, labels, w, ii, z, gs, loss, lse, grad, inplace)
         return
-    if eps == 0:
-        sp = _split(n, c)
-        if sp is not None:
-            _sparse_split(logits, labels, w, ii, z, gs, loss, lse, grad, inplace, sp)
-            return
-    ch = _chunking(n, c)
-    if eps == 0:
-        if grad is None:
-            if ch is None:
-                _sparse_loss_rows(0, n, logits, labels, w, ii, z, loss, lse, *_wide(logits))
-            else:
-                _sparse_loss_par(ch[0], ch[1], logits, labels, w, ii, z, loss, lse,
-                                 *_wide(logits))
-        elif ch is None:
-            _sparse_grad_rows(0, n, logits, labels, w, ii, z, gs, loss, lse, grad, inplace,
-                              *_wide(logits, with_grad=True))
-        else:
-            _sparse_grad_par(ch[0], ch[1], logits, labels, w, ii, z, gs, loss, lse, grad,
-                             inplace, *_wide(logits, with_grad=True))
-        return
-    # label smoothing: a full weight vector (ones when the user gave none)
-    if w.shape[0] == 0:
-        w = np.ones(c, dtype=T)
-    one_m_eps = T(1) - eps
-    eps_c = eps / T(c)
-    w_sum = w.sum(dtype=T)
-    if grad is None:
-        if ch is None:
-            _sparse_smooth_loss_rows(0, n, logits, labels, w, ii, one_m_eps, eps_c, w_sum,
-                                      z, loss, lse)
-        else:
-            _sparse_smooth_loss_par(ch[0], ch[1], logits, labels, w, ii, one_m_eps, eps_c,
-                                    w_sum,  z, loss, lse)
-        return
-    bvec = (w * (eps_c * gs)).astype(T)
-    if ch is None:
-        _sparse_smooth_grad_rows(0, n, logits, labels, w, bvec, ii, one_m_eps, eps_c,
-                                 w_sum,  z, gs, loss, lse, grad, inplace)
+    if smooth:
+        if w.shape[0] == 0:
+            w = np.ones(c, dtype=T)     # smoothing sums over every class weight
+        one_m_eps = T(1) - eps
+        eps_c = eps / T(c)
+        w_sum = w.sum(dtype=T)
+        bvec = (w * (eps_c * gs)).astype(T)
     else:
-        _sparse_smooth_grad_par(ch[0], ch[1], logits, labels, w, bvec, ii, one_m_eps,
-                                eps_c, w_sum,  z, gs, loss, lse, grad, inplace)
+        one_m_eps, eps_c, w_sum = T(1), T(0), T(0)
+        bvec = np.empty(0, dtype=T)
+    if p.path == "small":
+        want_grad = grad is not None
+        g = grad if want_grad else np.empty((0, 0), dtype=T)
+        _run(p, n, c, _small_sparse_rows, _small_sparse_par, logits, labels, w, bvec, ii,
+             one_m_eps, eps_c, w_sum, smooth, z, gs, loss, lse, g, want_grad,
+             SMALL_C_BLOCK)
+    elif not smooth and grad is None:
+        _run(p, n, c, _sparse_loss_rows, _sparse_loss_par, logits, labels, w, ii, z,
+             loss, lse, p.wide, p.prefetch)
+    elif not smooth:
+        _run(p, n, c, _sparse_grad_rows, _sparse_grad_par, logits, labels, w, ii, z, gs,
+             loss, lse, grad, inplace, p.wide, p.prefetch)
+    elif grad is None:
+        _run(p, n, c, _sparse_smooth_loss_rows, _sparse_smooth_loss_par, logits, labels,
+             w, ii, one_m_eps, eps_c, w_sum, z, loss, lse)
+    else:
+        _run(p, n, c, _sparse_smooth_grad_rows, _sparse_smooth_grad_par, logits, labels,
+             w, bvec, ii, one_m_eps, eps_c, w_sum, z, gs, loss, lse, grad, inplace)
 
 
 def dense(logits, labels, weight, label_smoothing, z_loss, grad_scale, loss, lse, grad):
@@ -1948,24 +2093,16 @@ def dense(logits, labels, weight, label_smoothing, z_loss, grad_scale, loss, lse
     eps = T(label_smoothing)
     one_m_eps = T(1) - eps
     eps_c = eps / T(c)
-    ch = _chunking(n, c)
-    if c <= SMALL_C_MAX:
+    p = plan("dense", n, c, logits.itemsize, with_grad=grad is not None,
+             smoothing=bool(eps != 0), inplace=inplace)
+    if p.path == "small":
         want_grad = grad is not None
         g = grad if want_grad else np.empty((0, 0), dtype=T)
-        if ch is None:
-            _small_dense_rows(0, n, logits, t, w, one_m_eps, eps_c, z, gs, loss, lse, g,
-                              want_grad, SMALL_C_BLOCK)
-        else:
-            _small_dense_par(ch[0], ch[1], logits, t, w, one_m_eps, eps_c, z, gs, loss,
-                             lse, g, want_grad, SMALL_C_BLOCK)
+        _run(p, n, c, _small_dense_rows, _small_dense_par, logits, t, w, one_m_eps, eps_c,
+             z, gs, loss, lse, g, want_grad, SMALL_C_BLOCK)
     elif grad is None:
-        if ch is None:
-            _dense_loss_rows(0, n, logits, t, w, one_m_eps, eps_c, z, loss, lse)
-        else:
-            _dense_loss_par(ch[0], ch[1], logits, t, w, one_m_eps, eps_c, z, loss, lse)
-    elif ch is None:
-        _dense_grad_rows(0, n, logits, t, w, one_m_eps, eps_c, z, gs, loss, lse, grad,
-                         inplace)
+        _run(p, n, c, _dense_loss_rows, _dense_loss_par, logits, t, w, one_m_eps, eps_c,
+             z, loss, lse)
     else:
-        _dense_grad_par(ch[0], ch[1], logits, t, w, one_m_eps, eps_c, z, gs, loss, lse,
-                        grad, inplace)
+        _run(p, n, c, _dense_grad_rows, _dense_grad_par, logits, t, w, one_m_eps, eps_c,
+             z, gs, loss, lse, grad, inplace)

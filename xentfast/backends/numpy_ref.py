@@ -21,6 +21,19 @@ def _accumulation_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
+def _exp_of_difference(x: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """e = exp(x - m) without the rounding of x - m (which costs up to |x - m| / 2 ulps
+    of e): float32 differences are exact in float64; a float64 difference carries its
+    exact error err (TwoSum) into exp(d) (1 + err).  A masked -inf gives e = 0."""
+    if x.dtype == np.float32:
+        return np.exp(x.astype(np.float64) - m.astype(np.float64)).astype(np.float32)
+    d = x - m
+    bb = d - x
+    err = (x - (d - bb)) + (-m - bb)
+    e = np.exp(d)
+    return np.where(np.isnan(err), e, e + e * err)
+
+
 def _row_passes(x: np.ndarray):
     """The row passes of rowmath's docstring, vectorised over rows:
     (x, e, m, r, log s, lse, one) in the accumulation dtype; e_j = exp(x_j - m),
@@ -31,7 +44,7 @@ def _row_passes(x: np.ndarray):
     x = x.astype(acc, copy=False)
     with np.errstate(invalid="ignore", over="ignore"):
         m = np.max(x, axis=1)  # NaN propagates: a NaN row is NaN throughout
-        e = np.exp(x - m[:, None])
+        e = _exp_of_difference(x, m[:, None])
         tie = (x - m[:, None]) == 0
         u = np.sum(np.where(tie, 0, e), axis=1, dtype=acc)
         t = np.sum(tie, axis=1, dtype=acc)
