@@ -38,26 +38,43 @@ loss, lse, grad)`` -- index labels.
 
 The mathematics (one row, x = logits row, C classes)
 ----------------------------------------------------
-1. m = max_j x_j;  s = sum_j exp(x_j - m);  lse = m + log(s).
-   Shifting by m makes every exponent <= 0, so exp never overflows and the largest
-   term is exactly 1, so s >= 1 and log(s) never underflows: lse is exact to rounding
-   for any finite x (even +-1e30).  p_j = exp(x_j - m) / s = exp(x_j - lse).
-   An all -inf row gives m = -inf, x - m = NaN: the row is NaN, by design.
-2. Index label y with class weights w (w = 1 without weights), smoothing eps:
-   loss = (1 - eps) w_y (lse - x_y) + (eps / C) sum_c w_c (lse - x_c) + z lse^2
-        = (1 - eps) w_y (lse - x_y) + (eps / C) (W lse - sum_c w_c x_c) + z lse^2,
-   W = sum_c w_c.  This is torch.nn.functional.cross_entropy's per-row loss.
-   d lse / d x_j = p_j, so
-   d loss / d x_j = p_j [(1 - eps) w_y + eps W / C + 2 z lse]
-                    - (1 - eps) w_y [j == y] - (eps / C) w_j.
-   The true-class term p_y - 1 is formed in the accumulation dtype, then scaled by s
-   and rounded once to the output dtype.  Ignored rows: loss 0, grad 0.
-3. Probability labels t, smoothed t'_c = (1 - eps) t_c + eps / C:
-   loss = sum_c w_c t'_c (lse - x_c) + z lse^2
-   d loss / d x_j = p_j [sum_c w_c t'_c + 2 z lse] - w_j t'_j.
-   With sum_c t_c = 1 and no weights this is TensorFlow's backprop p - t.
-   A class with t'_c = 0 contributes nothing, also where x_c = -inf (a masked logit
-   is not 0 * inf = NaN).
-4. The gradient is multiplied by grad_scale; the loss is not (the public layer
+Written once, in ``rowmath`` (plain arithmetic that NumPy vectorises, Numba compiles
+for the CPU and CUDA, and the C kernels mirror under the same names); its docstring
+has the derivations.  In short:
+
+1. Row passes: m = max_j x_j;  e_j = exp(x_j - m);  u = sum of e_j off the max,
+   t = number of ties at it;  r = u + (t - 1), the mass of every class but one
+   maximum (s = sum_j e_j = 1 + r);  log s = log1p(r);  lse = m + log s.
+   Shifting by m keeps every exponent <= 0 and the largest term exactly 1, so lse is
+   exact to rounding for any finite x (even +-1e30).  An all -inf row, a +inf or a NaN
+   makes the row NaN.
+2. Index label y, class weights w (ones without), smoothing eps, z-loss z -- PyTorch's
+   per-row loss plus z lse^2:
+   loss = (1 - eps) w_y ((m - x_y) + log s) + (eps/C) (W log s + wd) + z lse^2,
+   W = sum_c w_c, wd = sum_{w_c != 0} w_c (m - x_c).
+   g_j = e_j a - b_j (j != y), a = [(1 - eps) w_y + eps W/C + 2 z lse] gs / s,
+   b_j = (eps/C) w_j gs;  g_y = gs (p_y (eps W/C + 2 z lse)
+                                    - ((1 - eps) w_y ((1 - e_y) + r)/s + (eps/C) w_y)).
+   Ignored rows: loss 0, grad 0 (lse still computed).
+3. Probability labels t, wt_c = w_c ((1 - eps) t_c + eps/C), T = sum_c wt_c:
+   loss = T log s + sum_{wt_c != 0} wt_c (m - x_c) + z lse^2;
+   g_j = ((e_j A - wt_j) - wt_j r) gs / s, A = T + 2 z lse.
+   (With sum_c t_c = 1 and no weights this is TensorFlow's backprop p - t.)
+4. log_softmax_j = (x_j - m) - log s;  softmax_j = e_j / s.
+5. The gradient is multiplied by grad_scale; the loss is not (the public layer
    reduces the per-row losses in float64).
+
+Why these forms (the precision rule)
+------------------------------------
+Every subtraction in them is of quantities of one sign, or a genuine zero crossing of
+the exact result.  The forms they replace lose the confident rows training spends its
+time in: lse - x_y after rounding lse (a loss of 2.6e-5 came out as 0), log(s) of
+s = 1 + r (r rounded away), p_y - 1 (the true-class gradient of a confident float64
+row came out as 0), W lse - sum w x under label smoothing (-1.4e11 for a loss of 6.2).
+``p_y - 1 = -(sum_{j != y} e_j) / s = -((1 - e_y) + r) / s`` holds exactly.
+No compiler may reassociate them: the Numba backends compile rowmath without fastmath
+flags (``reassoc`` only inside the SIMD reductions), and the C build never uses
+-ffast-math.  e_j of softmax (both dtypes) and of float64 gradients is compensated for
+the rounding of x_j - m; accumulation is in the logits' dtype within blocks of a row
+and in float64 across blocks.  The measured bounds are in BENCHMARKS.md.
 """

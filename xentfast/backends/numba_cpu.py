@@ -5,14 +5,15 @@ contract and the derivations in ``xentfast/backends/__init__.py``), but each row
 in a few passes over memory and with no (n, c) temporary:
 
     pass A   m = max_j x_j                                         (read x)
-    pass B   e_j = exp(x_j - m);  s = sum_j e_j  (+ weighted sums)  (read x; with a
+    pass B   e_j = exp(x_j - m);  u = sum of e_j off the max, t = ties at the max
+             (+ weighted sums)                                     (read x; with a
              gradient, write e_j into grad: exp is computed once per element)
-             lse = m + log(s);  the loss from lse, m, s, x_y
+             r = u + (t - 1), log s = log1p(r), lse = m + log s; the loss (rowmath)
     pass C   grad_j = e_j * a - b_j                                (read/write grad while
                                                                     the row is in cache)
 
-Paths (chosen in the Python wrappers at the bottom, from the shape and the options only,
-never from the thread count):
+Paths (``plan()``: from the shape and the options only, never from the thread count;
+``tuning()`` forces any part of the choice):
 
 * serial   -- n*c <= SERIAL_MAX_ELEMS: the row-range body is called directly (a parallel
               launch costs more than it saves on tiny inputs).
@@ -41,19 +42,21 @@ Layout of this module
    [r0, r1); and 5. their parallel drivers (``_*_par``).
 6. Small-C bodies and drivers.
 7. Split-row kernels.
-8. The public kernel functions (plain Python): pick a path and call it.
+8. ``plan``, ``tuning`` and the public kernel functions (plain Python): plan the path
+   and call it.
 
 Precision rule
 --------------
 Arithmetic happens in the accumulation dtype: float32 for float32 logits, float64 for
 float64 logits (this backend has no native float16; the public layer upcasts).  Outputs
-have the same dtype, so each per-element value is rounded once.  The true-class
-gradient term ``p_y * coef - (1 - eps) w_y`` (``p_y - 1`` in the common case) is formed
-in that dtype from ``p_y = e_y / s`` before it is scaled by grad_scale and stored.
-``lse - x_y`` is computed as ``(m - x_y) + log s``: exact when x_y is the max (+-1e30
-logits give exact losses) and never the difference of two rounded large numbers.
-Row sums are accumulated in blocks of 1024 terms (SIMD partial sums inside a block,
-blocks added in order), so the rounding error grows like c/1024 + 1024/lanes ulps.
+have the same dtype, so each per-element value is rounded once.  The per-row scalars
+come from ``rowmath`` in its non-cancelling forms -- (m - x_y) + log1p(r), the
+true-class gradient -((1 - e_y) + r)/s instead of p_y - 1, W log s + wd instead of
+W lse - sum w x -- compiled with no fastmath flag at all, so that LLVM cannot
+reassociate them back (``_STRICT_JIT``).  Row sums are accumulated in blocks of 1024
+terms (SIMD partial sums inside a block in the row's dtype, block totals in float64),
+so the rounding error of a float32 row does not grow with its length.  softmax's e_j
+(and float64 gradients' e_j) are compensated for the rounding of x_j - m.
 
 Determinism
 -----------
@@ -80,6 +83,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from .. import _forkguard
 from . import rowmath
 
 NAME = "cpu"
@@ -1722,6 +1726,22 @@ def _seg_logsm_par(x, m, log_s, seglen, nseg, out):
         _row_logsm(x[i, lo:hi], m[i], log_s[i], out[i, lo:hi])
 
 
+# The split kernels compiled without parallel=True (prange is then range): the same
+# segments in the same order on the calling thread, for a plan with parallel=False
+# (a forked child, or forced).  Not cached: Numba's cache key does not include the
+# parallel flag, so a cached twin would load the parallel build of the same source.
+_SPLIT_SERIAL = {f: njit(**dict(_JIT, cache=False))(f.py_func)
+                 for f in (_seg_max_par, _seg_sumexp_par, _seg_scale_par, _seg_logsm_par)}
+
+
+def _split_kernel(f, p: "Plan"):
+    """The split kernel f as the plan runs it."""
+    if p.parallel:
+        _forkguard.note_parallel()
+        return f
+    return _SPLIT_SERIAL[f]
+
+
 @njit(**_JIT)
 def _seg_combine(useg, tseg, m, r, log_s, lse):
     """u_i, t_i = sums of the segments' in segment order; fills r, log_s and lse."""
@@ -1805,8 +1825,9 @@ class Plan:
     path      "small": blocks of SMALL_C_BLOCK rows transposed class-major (SIMD across
               rows); "rows": one row at a time, SIMD along it; "split": every row cut
               into SPLIT_SEGMENTS segments that run in parallel (few, very long rows).
-    parallel  small/rows: chunks of rows under ``prange``; else one thread, no launch.
-              (split is always parallel.)
+    parallel  chunks of rows (split: segments) under ``prange``; else the same bodies
+              on the calling thread, no launch.  Always False in a child forked after
+              a parallel region ran (``_forkguard``): same bodies, same bits.
     wide      rows: the 512-bit passes A+B(+C) of ``_row_max_sumexp_wide`` (only where
               the kernel has them: logsumexp, and index labels without smoothing, not
               in place for the gradient).
@@ -1869,6 +1890,7 @@ def plan(op: str, n: int, c: int, itemsize: int, *, with_grad: bool = False,
     call always takes the same path and gives the same bits."""
     t = t or _tuning.get()
     path = t.force_path
+    threads = _forkguard.threads_ok()
     if path is None:
         if c <= SMALL_C_MAX:
             path = "small"
@@ -1881,10 +1903,12 @@ def plan(op: str, n: int, c: int, itemsize: int, *, with_grad: bool = False,
         raise ValueError(f"the split path has no {op} kernel"
                          f"{' with label smoothing' if smoothing else ''}")
     if path == "split":
-        return Plan("split", True)
+        parallel = t.force_parallel
+        return Plan("split", threads and (parallel is None or parallel))
     parallel = t.force_parallel
     if parallel is None:
         parallel = n * c > SERIAL_MAX_ELEMS and n > 1
+    parallel = parallel and threads
     if path == "small":
         if t.force_wide:
             raise ValueError("the small-C path has no wide passes")
@@ -1918,6 +1942,7 @@ def _chunking(p: Plan, n: int, c: int):
 def _run(p: Plan, n: int, c: int, serial, par, *args):
     """serial(0, n, *args) or par(nchunks, chunk, *args) as the plan says."""
     if p.parallel:
+        _forkguard.note_parallel()
         par(*_chunking(p, n, c), *args)
     else:
         serial(0, n, *args)
@@ -1943,7 +1968,7 @@ def _is_inplace(x: np.ndarray, g) -> bool:
     return False
 
 
-def _split_lse(x, store=None, softmax=False):
+def _split_lse(p, x, store=None, softmax=False):
     """Phases 1-2 of the split path: (m, r, log_s, lse); e stored into `store` (as
     softmax stores it with ``softmax``)."""
     n, c = x.shape
@@ -1956,16 +1981,17 @@ def _split_lse(x, store=None, softmax=False):
     r = np.empty(n, T)
     log_s = np.empty(n, T)
     lse = np.empty(n, T)
-    _seg_max_par(x, seglen, nseg, mseg)
+    _split_kernel(_seg_max_par, p)(x, seglen, nseg, mseg)
     _seg_rowmax(mseg, m)
+    sumexp = _split_kernel(_seg_sumexp_par, p)
     if store is None:
         # Mode 0 never writes g, but Numba types the store branch anyway: hand it a
         # writeable placeholder so read-only logits compile.
-        _seg_sumexp_par(x, m, seglen, nseg, useg, tseg, np.empty((1, 1), T), 0)
+        sumexp(x, m, seglen, nseg, useg, tseg, np.empty((1, 1), T), 0)
     elif store is x:
-        _seg_sumexp_par(x, m, seglen, nseg, useg, tseg, x, 2)
+        sumexp(x, m, seglen, nseg, useg, tseg, x, 2)
     else:
-        _seg_sumexp_par(x, m, seglen, nseg, useg, tseg, store, 3 if softmax else 1)
+        sumexp(x, m, seglen, nseg, useg, tseg, store, 3 if softmax else 1)
     _seg_combine(useg, tseg, m, r, log_s, lse)
     return m, r, log_s, lse
 
@@ -1974,7 +2000,7 @@ def logsumexp(x, out):
     n, c = x.shape
     p = plan("logsumexp", n, c, x.itemsize)
     if p.path == "split":
-        out[...] = _split_lse(x)[3]
+        out[...] = _split_lse(p, x)[3]
     elif p.path == "small":
         _run(p, n, c, _small_lse_rows, _small_lse_par, x, out, SMALL_C_BLOCK)
     else:
@@ -1987,9 +2013,9 @@ def log_softmax(x, out):
         x = x.copy()
     p = plan("log_softmax", n, c, x.itemsize)
     if p.path == "split":
-        m, _, log_s, _ = _split_lse(x)
+        m, _, log_s, _ = _split_lse(p, x)
         seglen, nseg = _split_geometry(c)
-        _seg_logsm_par(x, m, log_s, seglen, nseg, out)
+        _split_kernel(_seg_logsm_par, p)(x, m, log_s, seglen, nseg, out)
     elif p.path == "small":
         _run(p, n, c, _small_log_softmax_rows, _small_log_softmax_par, x, out,
              SMALL_C_BLOCK)
@@ -2003,23 +2029,24 @@ def softmax(x, out):
         x = x.copy()
     p = plan("softmax", n, c, x.itemsize)
     if p.path == "split":
-        _, r, _, _ = _split_lse(x, store=out, softmax=True)
+        _, r, _, _ = _split_lse(p, x, store=out, softmax=True)
         seglen, nseg = _split_geometry(c)
         one = x.dtype.type(1)
-        _seg_scale_par(out, rowmath.inverse_sum(one, r).astype(x.dtype), seglen, nseg)
+        _split_kernel(_seg_scale_par, p)(out, rowmath.inverse_sum(one, r).astype(x.dtype),
+                                          seglen, nseg)
     elif p.path == "small":
         _run(p, n, c, _small_softmax_rows, _small_softmax_par, x, out, SMALL_C_BLOCK)
     else:
         _run(p, n, c, _softmax_rows, _softmax_par, x, out)
 
 
-def _sparse_split(x, labels, w, ii, z, gs, loss, lse, grad, inplace):
+def _sparse_split(p, x, labels, w, ii, z, gs, loss, lse, grad, inplace):
     n, c = x.shape
     kept = labels != ii
     xy = np.zeros(n, x.dtype)
     xy[kept] = x[np.nonzero(kept)[0], labels[kept]]        # before phase 2 (in place)
     store = None if grad is None else (x if inplace else grad)
-    m, r, log_s, row_lse = _split_lse(x, store=store)
+    m, r, log_s, row_lse = _split_lse(p, x, store=store)
     lse[...] = row_lse
     a = np.empty(n, x.dtype)
     _split_sparse_scalars(labels, w, ii, z, gs, m, r, log_s, xy, loss, a)
@@ -2028,7 +2055,7 @@ def _sparse_split(x, labels, w, ii, z, gs, loss, lse, grad, inplace):
     ey = np.zeros(n, x.dtype)
     ey[kept] = grad[np.nonzero(kept)[0], labels[kept]]      # e_y, before scaling
     seglen, nseg = _split_geometry(c)
-    _seg_scale_par(grad, a, seglen, nseg)
+    _split_kernel(_seg_scale_par, p)(grad, a, seglen, nseg)
     _split_sparse_fix(labels, ii, z, gs, m, r, log_s, w, grad, ey)
 
 
@@ -2046,7 +2073,7 @@ def sparse(logits, labels, weight, ignore_index, label_smoothing, z_loss, grad_s
     p = plan("sparse", n, c, logits.itemsize, with_grad=grad is not None,
              smoothing=smooth, inplace=inplace)
     if p.path == "split":
-        _sparse_split(logits, labels, w, ii, z, gs, loss, lse, grad, inplace)
+        _sparse_split(p, logits, labels, w, ii, z, gs, loss, lse, grad, inplace)
         return
     if smooth:
         if w.shape[0] == 0:
