@@ -216,13 +216,20 @@ def test_keras_categorical_shape_mismatch(backend):
 # ----------------------------------------------------------------------- out= and inplace
 
 
-@pytest.mark.parametrize("out,given", [
-    (np.empty((4, 4), np.float32), r"shape \(4, 4\) and dtype float32"),
-    (np.empty((4, 5), np.float64), r"shape \(4, 5\) and dtype float64"),
-    (np.empty((5, 4), np.float32), r"shape \(5, 4\) and dtype float32"),
-], ids=["shape", "dtype", "transposed_shape"])
-def test_out_wrong_shape_or_dtype(backend, out, given):
-    with pytest.raises(ValueError, match=rf"out must have the logits' shape \(4, 5\) and dtype float32; got {given}"):
+@pytest.mark.parametrize("out,error,message", [
+    (np.empty((4, 4), np.float32), ValueError,
+     r"out must have the logits' shape \(4, 5\); got shape \(4, 4\)"),
+    (np.empty((5, 4), np.float32), ValueError,
+     r"out must have the logits' shape \(4, 5\); got shape \(5, 4\)"),
+    (np.empty((4, 5), np.float64), TypeError,
+     r"out must have the logits' dtype float32; got float64. Pass np.empty_like"),
+    (np.empty((4, 5), ">f4"), TypeError,
+     r"out must be float32 in native byte order; got byte-swapped >f4"),
+    ([[0.0] * 5] * 4, TypeError, r"out must be an array .*; got list"),
+], ids=["shape", "transposed_shape", "dtype", "byteswapped", "list"])
+def test_out_wrong_shape_dtype_or_kind(backend, out, error, message):
+    """Shapes are ValueError, dtypes TypeError (README), each saying how to fix it."""
+    with pytest.raises(error, match=message):
         ceg(backend, out=out)
 
 
@@ -241,14 +248,27 @@ def test_out_and_inplace_together(backend):
 def test_inplace_read_only(backend):
     x = X.copy()
     x.setflags(write=False)
-    with pytest.raises(ValueError, match=r"inplace=True .*writeable array; got a read-only array"):
+    with pytest.raises(ValueError, match=r"inplace=True .*the logits are read-only. Pass a writeable"):
         ceg(backend, x, inplace=True)
     assert np.all(x == 0)
 
 
 def test_inplace_list(backend):
-    with pytest.raises(ValueError, match=r"inplace=True .*writeable array; got a read-only array or a non-array"):
+    with pytest.raises(ValueError, match=r"inplace=True .*logits must be an array; got list"):
         ceg(backend, X.tolist(), inplace=True)
+
+
+def test_inplace_on_a_writeable_ndarray_subclass(backend, tmp_path, rng):
+    """np.memmap (an ndarray subclass) is overwritten in place like any array."""
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+    labels = np.array([0, 1, 2, 3])
+    expected = xf.cross_entropy_with_grad(x, labels, backend=backend)
+    m = np.memmap(tmp_path / "logits.bin", np.float32, "w+", shape=(4, 5))
+    m[:] = x
+    loss, grad = xf.cross_entropy_with_grad(m, labels, backend=backend, inplace=True)
+    assert np.shares_memory(grad, m)
+    np.testing.assert_array_equal(np.asarray(m), expected[1])
+    assert loss == expected[0]
 
 
 def test_failed_call_leaves_out_and_logits_untouched(backend):

@@ -94,6 +94,8 @@ def _cross_entropy(
     _validate.check_classes(num_classes, shape, axis)
 
     y = arrays.asarray(labels)
+    if not arrays.on_device and np.dtype(y.dtype).kind == "O":
+        _validate.check_object_labels(y, num_classes, ignore_index)
     if labels_as_probabilities and tuple(y.shape) == shape and y.dtype.kind in "iub":
         # TF casts one-hot labels to the logits' dtype; to_rows casts any array kind
         # (Numba device arrays have no .astype), the reshape restores the layout.
@@ -168,19 +170,40 @@ def _grad_target(given, x, out, inplace: bool, shape, call: _Call):
     if inplace and out is not None:
         raise ValueError("pass either out= or inplace=True, not both")
     if inplace:
-        same_memory = x is given or (arrays.on_device and is_device_array(given))
-        if not same_memory or not arrays.is_writeable(x):
+        same_memory = (x is given or (arrays.on_device and is_device_array(given))
+                       or _views_all_of(x, given))
+        if not same_memory:
             raise ValueError(
-                "inplace=True overwrites the logits with the gradient, so logits must be a "
-                "writeable array; got a read-only array or a non-array. Pass a writeable "
-                "array, or use inplace=False"
+                "inplace=True overwrites the logits with the gradient, so logits must be an "
+                f"array; got {type(given).__name__}. Pass a NumPy (or CUDA) array, or use "
+                "inplace=False"
+            )
+        if not arrays.is_writeable(x):
+            raise ValueError(
+                "inplace=True overwrites the logits with the gradient, but the logits are "
+                "read-only. Pass a writeable array, or use inplace=False"
             )
         return x
     if out is not None:
+        if not (is_device_array(out) or isinstance(out, np.ndarray)):
+            raise TypeError(
+                f"out must be an array of the logits' shape and dtype; got "
+                f"{type(out).__name__}. Pass np.empty_like(logits), or out=None"
+            )
         out = arrays.asarray(out)
         _validate.check_out(out.shape, out.dtype, arrays.is_writeable(out), shape, call.dtype)
         return out
     return None
+
+
+def _views_all_of(x, given) -> bool:
+    """True when x is the whole of the ndarray (subclass) ``given`` -- e.g. np.memmap,
+    which np.asarray turns into a base-class view of the same memory."""
+    if not isinstance(given, np.ndarray) or not isinstance(x, np.ndarray):
+        return False
+    return (x.__array_interface__["data"][0] == given.__array_interface__["data"][0]
+            and x.shape == given.shape and x.strides == given.strides
+            and x.dtype == given.dtype)
 
 
 def _grad_rows(target, axis: int, n: int, c: int, call: _Call):

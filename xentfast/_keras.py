@@ -102,6 +102,21 @@ def categorical_crossentropy(
     return loss.astype(dtype)
 
 
+def _check_float_class_ids(true: np.ndarray) -> None:
+    """Float class ids are cast to int64 as Keras does; NaN, +-inf or a value beyond the
+    int64 range has no class id to become (the cast would invent one): ValueError."""
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.abs(true) < 2.0 ** 63)          # NaN compares False: bad too
+    if bad.any():
+        first = int(np.flatnonzero(bad.reshape(-1))[0])
+        position = tuple(int(i) for i in np.unravel_index(first, true.shape))
+        raise ValueError(
+            f"y_true[{', '.join(map(str, position))}] = {float(true.reshape(-1)[first])} is not "
+            "a class id: float labels are cast to integers, so they must be finite whole "
+            "numbers in [0, num_classes). Fix or drop that sample, or use ignore_class"
+        )
+
+
 def sparse_categorical_crossentropy(
     y_true, y_pred, from_logits: bool = False, ignore_class: int | None = None, axis: int = -1,
     *, backend: str | None = None,
@@ -120,6 +135,8 @@ def sparse_categorical_crossentropy(
     if len(true.shape) == len(pred.shape) and len(true.shape) and true.shape[-1] == 1:
         true = true.reshape(tuple(true.shape[:-1]))
     if np.dtype(true.dtype).kind == "f":
+        if not is_device_array(true):
+            _check_float_class_ids(true)
         true = true.astype(np.int64)  # Keras casts float labels to int64 (truncation)
     if np.dtype(true.dtype).kind not in "iu":
         raise TypeError(f"y_true must hold integer class ids; got dtype {true.dtype}")

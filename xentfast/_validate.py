@@ -83,14 +83,33 @@ def check_ignore_index(ignore_index: Any) -> int:
             f"ignore_index must be an integer class id; got {ignore_index!r} "
             f"of type {type(ignore_index).__name__}"
         )
-    return int(ignore_index)
+    value = int(ignore_index)
+    info = np.iinfo(np.int64)
+    if not info.min <= value <= info.max:
+        raise ValueError(
+            f"ignore_index must fit in a 64-bit signed integer [{info.min}, {info.max}] "
+            f"like the labels; got {value}. Use a negative id such as -100 to mark "
+            "entries to skip"
+        )
+    return value
+
+
+def _real_scalar(value: Any, name: str, expected: str) -> float:
+    """A Python or NumPy real number, or a 0-d real array, as a float."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be {expected}; got the bool {value!r}")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
+        return float(value)
+    raise TypeError(
+        f"{name} must be {expected}; got {value!r} of type {type(value).__name__}"
+    )
 
 
 def check_fraction(value: Any, name: str) -> float:
     """A real number in [0, 1] (label smoothing)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number in [0, 1]; got {value!r}")
-    value = float(value)
+    value = _real_scalar(value, name, "a real number in [0, 1]")
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must lie in [0, 1]; got {value}")
     return value
@@ -98,9 +117,7 @@ def check_fraction(value: Any, name: str) -> float:
 
 def check_nonnegative(value: Any, name: str) -> float:
     """A finite real number >= 0 (the z-loss scale)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a finite real number >= 0; got {value!r}")
-    value = float(value)
+    value = _real_scalar(value, name, "a finite real number >= 0")
     if not (np.isfinite(value) and value >= 0.0):
         raise ValueError(f"{name} must be a finite real number >= 0; got {value}")
     return value
@@ -133,6 +150,18 @@ def label_kind(
         raise TypeError(
             f"labels of shape {labels_shape} are read as class indices, but their dtype "
             f"is {labels_dtype}; expected {expected}. Cast them, e.g. labels.astype(np.int64)"
+        )
+    if kind == "b":
+        raise TypeError(
+            f"labels must be integer class ids or float probabilities; got dtype bool. "
+            f"For class ids cast them, e.g. labels.astype(np.int64); for one-hot rows, "
+            f"labels.astype(np.float32)"
+        )
+    if kind == "O":
+        raise TypeError(
+            "labels must be integer class ids or float probabilities; got values that do "
+            "not fit one numeric dtype (dtype object), e.g. integers outside the 64-bit "
+            "range. Class ids must lie in [0, num_classes)"
         )
     if kind not in "iuf" and not is_bfloat16(labels_dtype):
         raise TypeError(f"labels must be integer class ids or float probabilities; got dtype {labels_dtype}")
@@ -178,7 +207,7 @@ def check_label_range(
     if ids.min() >= 0 and ids.max() < num_classes:
         return True
     bad = (ids < 0) | (ids >= num_classes)
-    if ignore_index is not None:
+    if ignore_index is not None and ignore_index != NO_IGNORE:
         bad &= ids != ignore_index
     if bad.any():
         first = int(np.flatnonzero(bad.reshape(-1))[0])
@@ -188,11 +217,34 @@ def check_label_range(
     return False
 
 
+def check_object_labels(labels: np.ndarray, num_classes: int, ignore_index) -> None:
+    """Labels that NumPy could only hold as objects (a list with an integer beyond
+    64 bits, say): ValueError naming the first integer outside [0, C), else nothing
+    (label_kind then says what kind of array is expected)."""
+    for position, value in np.ndenumerate(labels):
+        if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) \
+                and not 0 <= int(value) < num_classes and int(value) != ignore_index:
+            raise ValueError(out_of_range_message(int(value), position, num_classes,
+                                                  ignore_index))
+
+
 def check_out(out_shape, out_dtype, writeable: bool, shape, dtype) -> None:
-    if tuple(out_shape) != tuple(shape) or np.dtype(out_dtype) != np.dtype(dtype):
+    """``out=``: the logits' shape (ValueError) and dtype in native byte order
+    (TypeError), writeable (ValueError)."""
+    if tuple(out_shape) != tuple(shape):
         raise ValueError(
-            f"out must have the logits' shape {tuple(shape)} and dtype {np.dtype(dtype)}; "
-            f"got shape {tuple(out_shape)} and dtype {np.dtype(out_dtype)}"
+            f"out must have the logits' shape {tuple(shape)}; got shape {tuple(out_shape)}"
+        )
+    out_dtype = np.dtype(out_dtype)
+    if out_dtype != np.dtype(dtype):
+        if out_dtype.newbyteorder("=") == np.dtype(dtype).newbyteorder("="):
+            raise TypeError(
+                f"out must be {np.dtype(dtype)} in native byte order; got byte-swapped "
+                f"{out_dtype}. Pass np.empty_like(logits), or out=None"
+            )
+        raise TypeError(
+            f"out must have the logits' dtype {np.dtype(dtype)}; got {out_dtype}. "
+            "Pass np.empty_like(logits), or out=None"
         )
     if not writeable:
         raise ValueError("out is read-only; pass a writeable array (or out=None)")
