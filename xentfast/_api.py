@@ -136,6 +136,10 @@ def _cross_entropy(
     grad_rows, grad_in_target = None, False
     if want_grad:
         grad_rows, grad_in_target = _grad_rows(target, axis, n, num_classes, call)
+        if grad_in_target and not arrays.on_device:
+            grad_rows, grad_in_target, y_rows = _without_overlap(
+                grad_rows, x_rows, y_rows if kind == "dense" else None, y_rows, n,
+                num_classes, call)
     if n:
         if kind == "sparse":
             call.kernels.sparse(x_rows, y_rows, w, ignore_index, label_smoothing, z_loss,
@@ -217,6 +221,28 @@ def _grad_rows(target, axis: int, n: int, c: int, call: _Call):
         if view is not None:
             return view, True
     return arrays.empty((n, c), call.compute_dtype), False
+
+
+def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.shape == b.shape and a.strides == b.strides)
+
+
+def _without_overlap(grad_rows, x_rows, dense_rows, y_rows, n: int, c: int, call: _Call):
+    """Host kernels read a row's logits (and probability labels) while they write its
+    gradient; only the exact in-place identity (grad rows ARE the logit rows) is a
+    layout they are written for.  Any other overlap -- out= shifted by a row against the
+    logits, or the gradient landing on the labels -- would read values already
+    overwritten.  So: a gradient that overlaps the logits otherwise is computed into a
+    fresh buffer and copied into the target afterwards; labels that overlap the
+    gradient are copied first.  Returns (grad_rows, grad_in_target, y_rows)."""
+    if np.may_share_memory(grad_rows, x_rows) and not _same_view(grad_rows, x_rows) \
+            and np.shares_memory(grad_rows, x_rows):
+        return call.arrays.empty((n, c), call.compute_dtype), False, y_rows
+    if dense_rows is not None and np.may_share_memory(grad_rows, dense_rows) \
+            and np.shares_memory(grad_rows, dense_rows):
+        y_rows = dense_rows.copy()
+    return grad_rows, True, y_rows
 
 
 def _finish_grad(grad_rows, grad_in_target: bool, target, batch_shape, axis: int,
