@@ -299,3 +299,11 @@ def test_overlapping_outputs_are_computed_correctly(backend, case, rng):
         loss, grad = xf.cross_entropy_with_grad(x, x, inplace=True, backend=backend)
     assert loss == want[0]
     np.testing.assert_array_equal(grad, want[1])
+
+
+@pytest.mark.parametrize("weight", [[1.0, np.inf, 1.0], [1.0, np.nan, 1.0], [1.0, 1e39, 1.0]],
+                         ids=["inf", "nan", "overflows-float32"])
+def test_non_finite_class_weights_are_refused(weight):
+    with pytest.raises(ValueError, match=r"weight\[1\] = .* is not finite in float32"):
+        xf.cross_entropy(np.zeros((2, 3), np.float32), np.array([0, 1]),
+                         weight=np.array(weight), label_smoothing=0.1)

@@ -89,7 +89,10 @@ class HostArrays:
         if w.dtype.kind not in "iuf":
             raise TypeError(f"weight must be a real numeric array; got dtype {w.dtype}")
         _validate.check_weight_shape(w.shape, num_classes)
-        return np.ascontiguousarray(w, dtype=dtype)
+        with np.errstate(over="ignore"):  # an overflow is reported just below
+            w = np.ascontiguousarray(w, dtype=dtype)
+        _validate.check_weight_values(w)
+        return w
 
     @staticmethod
     def kept_weight_total(labels: np.ndarray, weight: np.ndarray, ignore_index: int,

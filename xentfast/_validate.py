@@ -179,6 +179,18 @@ def check_weight_shape(shape: tuple[int, ...], num_classes: int) -> None:
         )
 
 
+def check_weight_values(w: np.ndarray) -> None:
+    """Class weights must be finite in the accumulation dtype: an infinite (or, cast to
+    float32, overflowing) weight makes every smoothed row inf - inf = NaN."""
+    finite = np.isfinite(w)
+    if not finite.all():
+        first = int(np.flatnonzero(~finite)[0])
+        raise ValueError(
+            f"weight[{first}] = {w[first]} is not finite in {w.dtype}; class weights must "
+            f"be finite numbers (scale them down if they overflow {w.dtype})"
+        )
+
+
 def out_of_range_message(
     value: int, position: tuple[int, ...], num_classes: int | None, ignore_index: int | None
 ) -> str:
