@@ -42,7 +42,10 @@ class BackendUnavailableError(RuntimeError):
 def _probe_cuda() -> str | None:
     """Return None when the CUDA backend is usable, else the reason it is not."""
     if importlib.util.find_spec("numba") is None:
-        return "numba is not installed (pip install numba numba-cuda)"
+        return "numba is not installed (pip install 'xentfast[cuda]')"
+    if importlib.util.find_spec("numba_cuda") is None:
+        return ("numba-cuda is not installed: the CUDA stack is an extra, "
+                "pip install 'xentfast[cuda]' (Linux and Windows)")
     simulated = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
     if not simulated and ctypes.util.find_library("cuda") is None:
         # Checked before importing numba.cuda so that a machine without a driver
