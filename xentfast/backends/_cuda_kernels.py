@@ -3,8 +3,10 @@
 This module holds device code only; ``numba_cuda.py`` picks a path, compiles the
 variant it needs through the factories below and launches it, and
 ``_cuda_arrays.py`` holds the layout, cast and reduction kernels of the array layer.
-The contract and the per-row mathematics are in ``xentfast/backends/__init__.py``;
-this file says how they are evaluated on a GPU.
+The contract is in ``xentfast/backends/__init__.py``; the per-row scalar mathematics
+(rest mass, lse, loss, gradient coefficients) is ``xentfast/backends/rowmath.py``,
+compiled here unchanged as device functions (``rm`` below).  This file says how the
+row quantities that rowmath consumes (m, e_j, u, t) are evaluated on a GPU.
 
 Execution model (one row = one softmax)
 ---------------------------------------
@@ -25,60 +27,129 @@ float32).  Three paths, chosen on the host by ``numba_cuda._plan``:
 
 Both cached paths read every logit exactly once and write every output once.
 
+The row quantities (rowmath's docstring has the derivations)
+------------------------------------------------------------
+    m    = max_j x_j                       e_j = exp(x_j - m)
+    u    = sum_{x_j < m} e_j               (the terms below the max, each < 1)
+    t    = sum_{not x_j < m} e_j           (1 per tie at the max; NaN for a NaN or +inf)
+    r    = u + (t - 1)                     (rowmath.rest_mass: s = 1 + r)
+    log s = log1p(r),  lse = m + log s.
+Keeping the ties apart from the small terms keeps r exact to a few ulps when the row is
+confident (r << 1), where s = 1 + r would round r away: the loss of such a row is
+(m - x_y) + log1p(r), of the order of r, and keeps its relative accuracy.
+
 The numbered steps (cached paths; x = row, C classes, acc = accumulation dtype)
 -------------------------------------------------------------------------------
 1. Load: ``v[k] = acc(x[row, l + k TEAM])`` (float16 is widened on load), padding
    with -inf; thread max ``m_l = max_k v[k]``.  NaN is never taken as a max (``a > m``
-   is false for NaN): a NaN row is caught by the sum in step 2.
+   is false for NaN): a NaN row is caught by t in step 3.
 2. Team max ``m = max_l m_l`` (butterfly: ``m = max(m, shfl_xor(m, o))`` for
-   o = TEAM/2, ..., 1; every lane ends with the same m).
-3. ``shift = m`` (0 when m = -inf, so that a row of -inf does not compute
-   -inf - -inf), ``e_k = exp(v[k] - shift)``, thread sums, then team sums of
-   s = sum e, and of the label terms (sparse smoothing: sum_{w_c != 0} w_c x_c and W =
-   sum w_c; dense: Wt = sum w_c t'_c and A = sum_{w_c t'_c != 0} w_c t'_c (m - x_c)).
-   e_k replaces v[k] in registers when the output needs p = e / s.
-4. ``lse = m + log(s)``; NaN when m = -inf (an all -inf row, by contract).  A +inf
-   logit makes exp(inf - inf) = NaN in s, a NaN logit makes s NaN: the row is NaN.
-5. Loss (lane 0): sparse ``(1-eps) w_y (lse - x_y) + z lse^2 [+ eps/C (W lse - sum
-   w x)]``; dense ``sum_{wt!=0} wt (lse - x) + z lse^2 = A + Wt log(s) + z lse^2``
-   (all terms >= 0 before the sum: no cancellation against lse).
-6. Gradient ``p_j = e_j / s`` (as e_j times 1/s), sparse
-   ``g_j = s_g [p_j coef - (1-eps) w_y [j == y] - (eps/C) w_j]`` with
-   ``coef = (1-eps) w_y + 2 z lse + eps W / C``; dense ``g_j = s_g [p_j (Wt + 2 z lse)
-   - wt_j]``; s_g = grad_scale.  All in acc (float32 for float16 input): the
-   true-class term p_y coef - (1 - eps) w_y, i.e. p_y - 1 for the plain loss, is
-   formed in float32 and rounded once, on the store, to the output dtype.
+   o = TEAM/2, ..., 1; every lane ends with the same m).  An all -inf row (m = -inf)
+   sets m = NaN: every quantity derived from it is NaN, as the contract wants.
+3. ``e_k = exp(v[k] - m)``, evaluated as ``exp_diff`` (below: the rounding error of
+   the subtraction is put back).  ``v[k] < m``: e_k goes to the lane's u (compensated
+   sum, below); else, unless v[k] is -inf (padding, or a mask while nothing finite is
+   known), to t: exactly 1 for a tie, NaN for a NaN or +inf logit (+inf - +inf).  The
+   label sums need m and are formed here too: sparse smoothing W = sum_c w_c and
+   wd = sum_{w_c != 0} w_c (m - x_c); probability labels T = sum_c wt_c and
+   wd = sum_{wt_c != 0} wt_c (m - x_c), wt_c = w_c ((1 - eps) t_c + eps / C).  Every
+   term of wd is >= 0 (for weights >= 0) and rounded relative to itself: no
+   cancellation.  Then team sums of u, t (and wd, W or T).  e_k replaces v[k] in
+   registers when the output needs it.
+4. ``r = rest_mass(u, t)``, ``log s = log1p(r)``, ``lse = m + log s``.
+5. Loss (lane 0), rowmath: sparse ``sparse_loss = (1-eps) w_y ((m - x_y) + log s)
+   + (eps/C) (W log s + wd) + z lse^2``; dense ``dense_loss = T log s + wd + z lse^2``.
+   Never ``lse - x_y`` after rounding lse, never ``W lse - sum w x``.
+6. Row output, rowmath (gs = grad_scale):
+   sparse j != y:  ``g_j = e_j a - (eps/C) w_j gs``, ``a = sparse_scale = A gs / s``,
+                   A = (1-eps) w_y + eps W/C + 2 z lse;
+   sparse j == y:  ``sparse_true_grad``: p_y - 1 = -((1 - e_y) + r) / s, never
+                   p_y - 1 after rounding p_y (a confident row's p_y rounds to 1);
+                   stored once, after the loop, by the lane holding e_y (one copy of
+                   its code instead of VPT);
+   dense:          ``dense_grad = ((e_j A - wt_j) - wt_j r) gs / s``, A = T + 2 z lse;
+   softmax:        ``e_j * inverse_sum(r)`` (= e_j / s);
+   log_softmax:    ``log_softmax = (x_j - m) - log s`` (never x_j - lse).
+   All in acc (float32 for float16 input), rounded once, on the store, to the output
+   dtype.
+
+exp_diff: exp(x - m) to the accuracy of exp
+-------------------------------------------
+d = fl(x - m) carries an absolute error up to half an ulp of d, which exp turns into
+a relative error of the same size: about |d| / 2 to |d| ulps of e (float32: 32 to 64
+ulps at d = -100; float64: 256 to 512 ulps at d = -700).  Knuth's TwoSum gives that error exactly,
+err = (x - m) - d, with six additions (no multiplication, so no FMA contraction can
+change it), and exp(x - m) = exp(d) exp(err) = e + e err (err^2 < 2^-36 of e).
+Where e = 0 (d = -inf: a mask, or x far below m) or e is NaN, e is returned as it is.
+The stream path's rescale factors exp(m_old - m_new) are formed the same way.
+
+Row sums: short per-lane sums, then a compensated tree (fixed order)
+--------------------------------------------------------------------
+u has terms >= 0, so the relative error of a sum is bounded by the depth of its
+addition tree times u_r (u_r = unit roundoff, 2^-24 float32, 2^-53 float64).  Cached
+paths: each lane adds its VPT terms into four interleaved partials (k mod 4: at most
+ceil(VPT/4) terms each, selects rather than branches, all registers), combined in two
+levels; the team reduction then carries pairs (u, uc) through the butterfly
+(``warp_sum_c``: TwoSum of the two partners' u, their uc plus that exact error), so
+the tree itself adds only about 2 u_r, and u + uc is rounded once at the end.  Bound:
+|error of u| <= (ceil(VPT/4) + 3) u_r u, at most 11 u_r (5.5 to 11 ulps) at VPT = 32,
+whatever TEAM and C: no drift along a row.  (A compensated per-lane sum would make it
+about 3 u_r, but costs six more instructions per element, about a quarter more
+arithmetic in these memory-bound kernels; the tree's compensation is per row.)  To
+it add each term's exp error (libdevice expf <= 2 ulp, exp <= 1 ulp: relative per
+term, so at most that relative to u).  t is a sum of ones (exact below 2^24) or NaN.
+The label sums (wd, W, T) are plain per-lane sums and a plain tree: terms of one sign
+(for weights >= 0), relative error <= (VPT + log2 TEAM) u_r.
 
 The stream path (one block per row, any C)
 ------------------------------------------
-Pass 1, per thread, the online softmax normaliser (Milakov & Gimelshein 2018):
-for each element x, with the running pair (m, s) meaning s = sum_i exp(x_i - m),
+Pass 1 keeps per thread an online triple (m, u, t) with the meaning above relative to
+the running max m (Milakov & Gimelshein 2018, with the max's own term kept apart).
+Each step loads U values into registers and takes their max cm first; if cm > m, the
+old terms are rescaled once (the old ties become ordinary terms):
 
-    x > m:   m_new = x,  s = s * exp(m - m_new) + exp(x - m_new)    (the old terms
-                                                                     rescaled)
-    else:    s = s + exp(x - m)
+    f = exp(m - cm),   u = (u + t) f,   uc = uc f,   t = 0,   m = cm
 
-because exp(x_i - m_new) = exp(x_i - m) exp(m - m_new).  exp(x - m_new) = exp(0) = 1
-is written ``1 + (x - x)`` so that x = +inf still gives NaN, and a running m of -inf
-(nothing but -inf seen yet, s = 0) rescales by 1 instead of exp(-inf - -inf).
-Pairs from two threads combine the same way:
+(m = -inf, nothing seen: f = 0, and u = t = 0 stay 0; cm = +inf: f = 0, and the +inf
+itself then puts NaN into t), then each value is added as in step 3.  Per thread, u
+is summed with Neumaier/Kahan compensation (``comp_add``: TwoSum of the running sum
+and each term, the errors summed apart in uc, scaled by f with u, and added back
+once before the combine): about 2 u_r however many terms a thread sees.  Rescales
+happen at most once per U-value step, and each only scales the mass already seen: its
+error (the exp of f, <= 2 ulp, and two roundings) is at most about 3 ulps of that older
+mass; a random row rescales O(log(C / T)) times per thread, an increasing row once per
+step (ceil(C / (T U)) times), with errors of random sign.  The block combine below is
+a plain tree of log2(T) <= 10 levels (one rounding each, plus the rescale factor of the
+partial with the smaller max).  Bound for the stream path: about (2 + log2 T) u_r plus
+3 ulps per rescale of the older mass, relative to r (without rescales, about the
+cached paths' bound).
+Triples from two threads combine by the same rule (m1 >= m2 is the larger):
 
-    m = max(m_a, m_b),   s = s_a exp(m_a - m) + s_b exp(m_b - m),
+    m1 == m2:  u = u1 + u2,  t = t1 + t2;
+    m1 >  m2:  u = u1 + (u2 + t2) exp(m2 - m1),  t = t1,
 
-which is commutative bit for bit (the two products are added in either order with
-the same result), so the xor-butterfly leaves an identical (m, s) in every lane and
-the block result is deterministic.  The block combine: butterfly within each warp,
-lane 0 of warp w stores its pair in shared[w], one barrier, then every warp reads the
-NW pairs (lane l takes pair l mod NW) and runs the same butterfly, so every thread
-holds the row's (m, s) after a single barrier.  Pass 2 recomputes e_j = exp(x_j - m)
-from a second read of x and writes the output (and, for dense labels, accumulates A
-now that m is known; the label row is read in both passes).
+which is commutative bit for bit (the same operations whichever side holds the
+larger max; sums of two terms are commutative in IEEE arithmetic), so the
+xor-butterfly leaves an identical triple in every lane and the block result is
+deterministic.  A partial that saw nothing (m = -inf, u = t = 0) is the identity; one
+that saw only NaN (m = -inf, t = NaN) makes u NaN ((NaN) * 0).  The block combine:
+butterfly within each warp, lane 0 of warp w stores its triple in shared[w], one
+barrier, then every warp reads the NW triples (lane l takes triple l mod NW) and runs
+the same butterfly, so every thread holds the row's (m, u, t) after a single barrier.
+Pass 2 recomputes e_j = exp_diff(x_j, m) from a second read of x and writes the
+output (the true class excepted), and forms wd (now that m is known) for the loss.
+Loss-only sparse rows run pass 2 only with label smoothing (for wd).  After pass 2 and
+the barrier of wd's block sum, thread 0 writes the loss and the true-class gradient
+(from x_y, which it read before pass 1); its inputs wait in shared memory across
+pass 2, which keeps pass 2's registers free (float64 would otherwise spill).
 
 Precision rule: float16 is read and widened to float32, float32 accumulates in
-float32, float64 in float64; every reduction is a fixed tree, so results are
-bitwise reproducible run to run.  Math is libdevice ``expf``/``logf`` (``exp``/``log``
-for float64) without fastmath: Numba's fastmath sets LLVM's ``nnan``/``ninf`` flags,
-which would license the compiler to break the NaN and -inf rules of the contract.
+float32, float64 in float64; every reduction is a fixed tree (and the lane partials a
+fixed order), so results are bitwise reproducible run to run.  Math is libdevice
+``expf``/``log1pf`` (``exp``/``log1p`` for float64) without fastmath: Numba's fastmath
+sets LLVM's ``nnan``/``ninf`` flags, which would license the compiler to break the NaN
+and -inf rules of the contract, and ``reassoc``, which would undo TwoSum and the
+non-cancelling forms.
 
 Memory safety: every load is guarded by ``j < C`` and ``row < n``; a label outside
 [0, C) that is not ignore_index is never used as an index (the row gets NaN loss and
@@ -87,7 +158,9 @@ gradient; the host-side check in ``_cuda_arrays`` raises before the kernel runs 
 
 In-place (grad aliases logits): a lane writes only the columns it read itself, after
 it read them; the one cross-lane read, x_y by lane 0 for the loss, happens before a
-barrier (block/stream) or a ``syncwarp`` (warp path) that precedes every store.
+barrier (block/stream) or a ``syncwarp`` (warp path) that precedes every store.  The
+stream path's one cross-thread store, thread 0's true-class gradient, follows the
+barrier that ends pass 2 (every thread's reads of the row are done).
 
 Simulator: ``NUMBA_ENABLE_CUDASIM=1`` runs the same kernel code as Python threads.
 The simulator has no warp shuffles: a warp reduction there is one rendezvous of the
@@ -95,9 +168,9 @@ warp's 32 threads (a per-warp ``threading.Barrier``) after which each lane evalu
 the same xor butterfly in Python; ``XENTFAST_SIM_SHUFFLES=1`` emulates each shuffle
 instead, running the hardware helpers' code line by line.  Both rely on what the
 full-mask hardware shuffle requires anyway: every lane of a warp executes the same
-sequence of collectives.  ``prologue``, ``xexp`` and ``xlog`` give simulated threads
-IEEE behaviour without warnings (log(0) = -inf, inf - inf = NaN); on the device they
-are an empty inlined function and libdevice exp/log.
+sequence of collectives.  ``prologue``, ``xexp`` and ``xlog1p`` give simulated threads
+IEEE behaviour without warnings (log1p(-1) = -inf, inf - inf = NaN) and keep float32
+in float32; on the device they are an empty inlined function and libdevice exp/log1p.
 """
 
 from __future__ import annotations
@@ -110,6 +183,8 @@ import warnings
 
 import numpy as np
 from numba import cuda
+
+from . import rowmath
 
 SIMULATED = bool(getattr(getattr(cuda, "config", None), "ENABLE_CUDASIM", 0))
 
@@ -244,8 +319,8 @@ if SIMULATED:
     def xexp(v):
         return np.exp(v)  # keeps float32 in float32, like the device's expf
 
-    def xlog(v):
-        return np.log(v)  # log(0) = -inf (Python's math.log raises)
+    def xlog1p(v):
+        return np.log1p(v)  # keeps float32 in float32; log1p(-1) = -inf (math.log1p raises)
 
 else:
 
@@ -266,11 +341,79 @@ else:
         return math.exp(v)  # libdevice expf / exp by the argument's type
 
     @cuda.jit(device=True, forceinline=True)
-    def xlog(v):
-        return math.log(v)
+    def xlog1p(v):
+        return math.log1p(v)  # libdevice log1pf / log1p by the argument's type
 
 
 _device = jit(device=True, forceinline=True)
+
+
+def _device_rowmath() -> types.SimpleNamespace:
+    """rowmath's functions as device functions, the source unchanged.
+
+    Some rowmath functions call others (``sparse_loss`` calls ``z_penalty``); a CUDA
+    device function can only call device functions, so each function is rebuilt from
+    its code object over a copy of rowmath's globals in which every rowmath function
+    is replaced by its device version (globals are resolved when a kernel is compiled,
+    by then all are in place)."""
+    names = [name for name, obj in vars(rowmath).items()
+             if isinstance(obj, types.FunctionType) and obj.__module__ == rowmath.__name__]
+    scope = dict(vars(rowmath))
+    compiled = {}
+    for name in names:
+        f = getattr(rowmath, name)
+        g = types.FunctionType(f.__code__, scope, name, f.__defaults__, f.__closure__)
+        g.__doc__ = f.__doc__
+        compiled[name] = _device(g)
+    scope.update(compiled)
+    return types.SimpleNamespace(**compiled)
+
+
+rm = _device_rowmath()
+# Kernels call module globals (Numba resolves them when it compiles a kernel).
+rest_mass = rm.rest_mass
+log_sum_exp = rm.log_sum_exp
+sparse_loss = rm.sparse_loss
+dense_loss = rm.dense_loss
+sparse_scale = rm.sparse_scale
+sparse_true_grad = rm.sparse_true_grad
+dense_coef = rm.dense_coef
+dense_grad = rm.dense_grad
+row_log_softmax = rm.log_softmax
+inverse_sum = rm.inverse_sum
+
+
+@_device
+def exp_diff(x, m):
+    """exp(x - m) with the rounding error of x - m put back (see the docstring):
+    d = fl(x - m), err = (x - m) - d exactly (TwoSum of x and -m), e (1 + err).
+    e = 0 (d = -inf) and NaN are returned as they are (err is NaN there)."""
+    nm = -m
+    d = x + nm
+    e = xexp(d)
+    xp = d - nm
+    mp = d - xp
+    err = (x - xp) + (nm - mp)
+    return e + e * err if e > 0 else e
+
+
+@_device
+def two_sum(a, b):
+    """(fl(a + b), err) with a + b = fl(a + b) + err exactly (Knuth's TwoSum: six
+    additions, no branch, exact for finite a, b barring overflow).  The error is the
+    same number whichever order a, b come in."""
+    s = a + b
+    bp = s - a
+    ap = s - bp
+    return s, (a - ap) + (b - bp)
+
+
+@_device
+def comp_add(s, c, v):
+    """(s, c) + v, Neumaier-compensated: s + v rounded, its rounding error (TwoSum,
+    exact) added to c.  The sum is s + c."""
+    t, err = two_sum(s, v)
+    return t, c + err
 
 
 @_device
@@ -298,23 +441,41 @@ def warp_sum(v, width):
 
 
 @_device
-def combine(m1, s1, m2, s2, one, ninf):
-    """Merge two online-softmax pairs (see the module docstring); commutative."""
-    m = m1 if m1 > m2 else m2
-    f1 = xexp(m1 - m) if m1 > ninf else one
-    f2 = xexp(m2 - m) if m2 > ninf else one
-    return m, s1 * f1 + s2 * f2
+def warp_sum_c(v, c, width):
+    """Compensated butterfly sum of the pairs (v, c) (each meaning v + c): v's rounding
+    errors go to c.  Symmetric in the two partners (TwoSum's error does not depend on
+    the order, a + b == b + a), so every lane of a group ends with the same pair."""
+    off = width // 2
+    while off > 0:
+        o = shfl_xor(v, off)
+        oc = shfl_xor(c, off)
+        v, err = two_sum(v, o)
+        c = (c + oc) + err
+        off //= 2
+    return v, c
 
 
 @_device
-def warp_combine(m, s, width, one, ninf):
+def combine(m1, u1, t1, m2, u2, t2):
+    """Merge two online triples (m, u, t) (see the docstring); commutative bit for bit:
+    the same operations whichever argument holds the larger max."""
+    if m1 == m2:
+        return m1, u1 + u2, t1 + t2
+    if m1 > m2:
+        return m1, u1 + (u2 + t2) * exp_diff(m2, m1), t1
+    return m2, u2 + (u1 + t1) * exp_diff(m1, m2), t2
+
+
+@_device
+def warp_combine(m, u, t, width):
     off = width // 2
     while off > 0:
         m2 = shfl_xor(m, off)
-        s2 = shfl_xor(s, off)
-        m, s = combine(m, s, m2, s2, one, ninf)
+        u2 = shfl_xor(u, off)
+        t2 = shfl_xor(t, off)
+        m, u, t = combine(m, u, t, m2, u2, t2)
         off //= 2
-    return m, s
+    return m, u, t
 
 
 if SIMULATED and os.environ.get("XENTFAST_SIM_SHUFFLES", "0") in ("", "0"):
@@ -334,13 +495,22 @@ if SIMULATED and os.environ.get("XENTFAST_SIM_SHUFFLES", "0") in ("", "0"):
     def warp_sum(v, width):  # noqa: F811
         return _sim_butterfly(v, width, _sum_op)
 
+    _two_sum_py = getattr(two_sum, "py_func", None) or two_sum.fn
+
+    def _sum_c_op(a, b):
+        v, err = _two_sum_py(a[0], b[0])
+        return v, (a[1] + b[1]) + err
+
+    def warp_sum_c(v, c, width):  # noqa: F811
+        return _sim_butterfly((v, c), width, _sum_c_op)
+
     _combine_py = getattr(combine, "py_func", None) or combine.fn  # the Python body
 
-    def warp_combine(m, s, width, one, ninf):  # noqa: F811
+    def warp_combine(m, u, t, width):  # noqa: F811
         def op(a, b):
-            return _combine_py(a[0], a[1], b[0], b[1], one, ninf)
+            return _combine_py(a[0], a[1], a[2], b[0], b[1], b[2])
 
-        return _sim_butterfly((m, s), width, op)
+        return _sim_butterfly((m, u, t), width, op)
 
 
 @_device
@@ -366,43 +536,65 @@ def block_sum1(a, buf, nwarps):
 
 
 @_device
-def block_sum3(a, b, c, buf, nwarps):
-    a = warp_sum(a, WARP)
-    b = warp_sum(b, WARP)
-    c = warp_sum(c, WARP)
+def block_rest(u, uc, top, buf, nwarps):
+    """Block sums of the pair (u, uc) (compensated, see ``warp_sum_c``) and of t;
+    returns (u + uc, t)."""
+    u, uc = warp_sum_c(u, uc, WARP)
+    top = warp_sum(top, WARP)
     lane = cuda.threadIdx.x % WARP
     if lane == 0:
         w = cuda.threadIdx.x // WARP
-        buf[0, w] = a
-        buf[1, w] = b
-        buf[2, w] = c
+        buf[0, w] = u
+        buf[1, w] = uc
+        buf[2, w] = top
     cuda.syncthreads()
     k = lane % nwarps
-    a = warp_sum(buf[0, k], nwarps)
-    b = warp_sum(buf[1, k], nwarps)
-    c = warp_sum(buf[2, k], nwarps)
-    return a, b, c
+    u, uc = warp_sum_c(buf[0, k], buf[1, k], nwarps)
+    top = warp_sum(buf[2, k], nwarps)
+    return u + uc, top
 
 
 @_device
-def block_combine(m, s, q1, q2, buf, nwarps, one, ninf):
-    """Block merge of the online pair (m, s) and two plain sums q1, q2."""
-    m, s = warp_combine(m, s, WARP, one, ninf)
+def block_rest_labels(u, uc, top, q1, q2, buf, nwarps):
+    """``block_rest`` and the plain sums q1, q2 in the same exchange."""
+    u, uc = warp_sum_c(u, uc, WARP)
+    top = warp_sum(top, WARP)
     q1 = warp_sum(q1, WARP)
     q2 = warp_sum(q2, WARP)
     lane = cuda.threadIdx.x % WARP
     if lane == 0:
         w = cuda.threadIdx.x // WARP
-        buf[0, w] = m
-        buf[1, w] = s
-        buf[2, w] = q1
-        buf[3, w] = q2
+        buf[0, w] = u
+        buf[1, w] = uc
+        buf[2, w] = top
+        buf[3, w] = q1
+        buf[4, w] = q2
     cuda.syncthreads()
     k = lane % nwarps
-    m, s = warp_combine(buf[0, k], buf[1, k], nwarps, one, ninf)
-    q1 = warp_sum(buf[2, k], nwarps)
-    q2 = warp_sum(buf[3, k], nwarps)
-    return m, s, q1, q2
+    u, uc = warp_sum_c(buf[0, k], buf[1, k], nwarps)
+    top = warp_sum(buf[2, k], nwarps)
+    q1 = warp_sum(buf[3, k], nwarps)
+    q2 = warp_sum(buf[4, k], nwarps)
+    return u + uc, top, q1, q2
+
+
+@_device
+def block_combine(m, u, t, q, buf, nwarps):
+    """Block merge of the online triple (m, u, t) and one plain sum q."""
+    m, u, t = warp_combine(m, u, t, WARP)
+    q = warp_sum(q, WARP)
+    lane = cuda.threadIdx.x % WARP
+    if lane == 0:
+        w = cuda.threadIdx.x // WARP
+        buf[0, w] = m
+        buf[1, w] = u
+        buf[2, w] = t
+        buf[3, w] = q
+    cuda.syncthreads()
+    k = lane % nwarps
+    m, u, t = warp_combine(buf[0, k], buf[1, k], buf[2, k], nwarps)
+    q = warp_sum(buf[3, k], nwarps)
+    return m, u, t, q
 
 
 # --------------------------------------------------------------------------- row kernels
@@ -450,7 +642,6 @@ def make_cached_kernel(op: str, acc, team: int, vpt: int, threads: int, with_gra
         prologue()
         zero = ACC(0.0)
         one = ACC(1.0)
-        two = ACC(2.0)
         ninf = ACC(-np.inf)
         nan = ACC(np.nan)
         n = x.shape[0]
@@ -460,7 +651,7 @@ def make_cached_kernel(op: str, acc, team: int, vpt: int, threads: int, with_gra
         smooth = eps != zero
         tid = cuda.threadIdx.x
         red_max = cuda.shared.array(WARP, ACC)
-        red_sum = cuda.shared.array((3, WARP), ACC)
+        red_sum = cuda.shared.array((5, WARP), ACC)
         v = cuda.local.array(VPT, ACC)
         wt_reg = cuda.local.array(VPT, ACC)
 
@@ -513,53 +704,84 @@ def make_cached_kernel(op: str, acc, team: int, vpt: int, threads: int, with_gra
                     wt = weight[j] * t if has_w else t
                 wt_reg[k] = wt
 
-        # Step 2: team max.
+        # Step 2: team max; an all -inf row is NaN from here on.
         if BLOCK:
             m = block_max(m, red_max, NWARPS)
         else:
             m = warp_max(m, WIDTH)
+        if not m > ninf:
+            m = nan
 
-        # Step 3: exponentials and the label sums, then team sums.
-        shift = m if m > ninf else zero
-        s = zero
-        q1 = zero
-        q2 = zero
-        if SPARSE:
-            if smooth:
-                for k in range(VPT):
+        # Step 3: e_k, the lane's u (four partials) and t, and the label sums (which
+        # need x_k and m); team sums (u compensated).
+        q1 = zero  # wd
+        q2 = zero  # W (sparse smoothing) or T (dense)
+        u0 = zero  # four interleaved partials of u (k mod 4): VPT / 4 terms each
+        u1 = zero
+        u2 = zero
+        u3 = zero
+        top = zero
+        for k in range(VPT):
+            val = v[k]
+            if SPARSE:
+                if smooth:
                     j = lane + np.uint64(k * TEAM)
                     if j < limit:
                         wj = weight[j] if has_w else one
                         if wj != zero:
-                            q1 += wj * v[k]
+                            q1 += wj * (m - val)
                         q2 += wj
-        if DENSE:
-            for k in range(VPT):
+            if DENSE:
                 wt = wt_reg[k]
                 if wt != zero:
-                    q1 += wt * (m - v[k])
+                    q1 += wt * (m - val)
                 q2 += wt
-        for k in range(VPT):
-            e = xexp(v[k] - shift)
-            s += e
+            e = exp_diff(val, m)
+            # Selects, not branches (branches here cost the unrolled loop its
+            # immediates); m is never -inf here, so -inf gives e = 0 and goes to u.
+            eb = e if val < m else zero  # a term below the max
+            top += zero if val < m else e  # a tie at the max (1), or NaN
+            if k % 4 == 0:
+                u0 += eb
+            elif k % 4 == 1:
+                u1 += eb
+            elif k % 4 == 2:
+                u2 += eb
+            else:
+                u3 += eb
             if KEEP_E:
                 v[k] = e
+        u = (u0 + u1) + (u2 + u3)
+        uc = zero
         if LABEL_SUMS:
             if BLOCK:
-                s, q1, q2 = block_sum3(s, q1, q2, red_sum, NWARPS)
+                u, top, q1, q2 = block_rest_labels(u, uc, top, q1, q2, red_sum, NWARPS)
             else:
-                s = warp_sum(s, WIDTH)
+                u, uc = warp_sum_c(u, uc, WIDTH)
+                u = u + uc
+                top = warp_sum(top, WIDTH)
                 q1 = warp_sum(q1, WIDTH)
                 q2 = warp_sum(q2, WIDTH)
         else:
             if BLOCK:
-                s = block_sum1(s, red_sum, NWARPS)
+                u, top = block_rest(u, uc, top, red_sum, NWARPS)
             else:
-                s = warp_sum(s, WIDTH)
+                u, uc = warp_sum_c(u, uc, WIDTH)
+                u = u + uc
+                top = warp_sum(top, WIDTH)
 
-        # Step 4: lse.
-        log_s = xlog(s)
-        lse = m + log_s if m > ninf else nan
+        # Step 4: r, log s, lse.
+        rest = rest_mass(u, top, one)
+        log_s = xlog1p(rest)
+        lse = log_sum_exp(m, log_s)
+
+        # The label-dependent coefficients (sparse; without smoothing eps/C, W, wd = 0).
+        one_m_eps = one - eps
+        eps_c = zero
+        w_sum = zero
+        if SPARSE and smooth:
+            eps_c = eps / Cf
+            w_sum = q2 if has_w else Cf
 
         # Step 5: per-row outputs, by lane 0 of the team.
         if active and lane == 0:
@@ -571,19 +793,16 @@ def make_cached_kernel(op: str, acc, team: int, vpt: int, threads: int, with_gra
                 elif not valid:
                     loss = nan
                 else:
-                    loss = (one - eps) * w_y * (lse - x_y) + z * lse * lse
-                    if smooth:
-                        w_total = q2 if has_w else Cf
-                        loss = loss + eps / Cf * (w_total * lse - q1)
+                    loss = sparse_loss(m, log_s, x_y, w_y, one_m_eps, eps_c, w_sum,
+                                       q1 if smooth else zero, z)
                 out_vec[r] = loss
             if DENSE:
-                out_vec[r] = (q1 + q2 * log_s) + z * lse * lse
+                out_vec[r] = dense_loss(m, log_s, q2, q1, z)
 
         # Step 6: the row output (gradient, softmax or log_softmax).
         if WRITE_MAT:
             if not BLOCK:
                 syncwarp()  # x_y (lane 0) was read before any lane stores
-            inv_s = one / s
             orow = out_mat[r]
             if SPARSE:
                 if not kept or not valid:
@@ -593,35 +812,32 @@ def make_cached_kernel(op: str, acc, team: int, vpt: int, threads: int, with_gra
                         if j < limit:
                             orow[j] = fill
                 else:
-                    a_y = (one - eps) * w_y
-                    coef = a_y + z * two * lse
-                    if smooth:
-                        w_total = q2 if has_w else Cf
-                        coef = coef + eps * w_total / Cf
-                        eps_c = eps / Cf
-                        for k in range(VPT):
-                            j = lane + np.uint64(k * TEAM)
-                            if j < limit:
-                                g = v[k] * inv_s * coef
-                                if j == yu:
-                                    g = g - a_y
+                    # j != y here; the true class is stored once, after the loop, by
+                    # the lane that holds e_y (one copy of its code, not VPT).
+                    a = sparse_scale(one, rest, lse, w_y, one_m_eps, eps_c, w_sum, z, scale)
+                    e_y = zero
+                    for k in range(VPT):
+                        j = lane + np.uint64(k * TEAM)
+                        if j == yu:
+                            e_y = v[k]
+                        elif j < limit:
+                            g = v[k] * a
+                            if smooth:
                                 wj = weight[j] if has_w else one
-                                orow[j] = (g - eps_c * wj) * scale
-                    else:
-                        for k in range(VPT):
-                            j = lane + np.uint64(k * TEAM)
-                            if j < limit:
-                                g = v[k] * inv_s * coef
-                                if j == yu:
-                                    g = g - a_y
-                                orow[j] = g * scale
+                                g = g - eps_c * wj * scale
+                            orow[j] = g
+                    if lane == yu % np.uint64(TEAM):
+                        orow[yu] = sparse_true_grad(one, e_y, rest, lse, w_y, one_m_eps,
+                                                    eps_c, w_sum, z, scale)
             if DENSE:
-                coef = q2 + z * two * lse
+                coef = dense_coef(lse, q2, z)
+                gs_over_s = scale / (one + rest)
                 for k in range(VPT):
                     j = lane + np.uint64(k * TEAM)
                     if j < limit:
-                        orow[j] = (v[k] * inv_s * coef - wt_reg[k]) * scale
+                        orow[j] = dense_grad(v[k], wt_reg[k], rest, coef, gs_over_s)
             if SOFTMAX:
+                inv_s = inverse_sum(one, rest)
                 for k in range(VPT):
                     j = lane + np.uint64(k * TEAM)
                     if j < limit:
@@ -630,7 +846,7 @@ def make_cached_kernel(op: str, acc, team: int, vpt: int, threads: int, with_gra
                 for k in range(VPT):
                     j = lane + np.uint64(k * TEAM)
                     if j < limit:
-                        orow[j] = v[k] - lse
+                        orow[j] = row_log_softmax(v[k], m, log_s)
 
     return kernel
 
@@ -642,7 +858,8 @@ def make_stream_kernel(op: str, acc, threads: int, unroll: int, with_grad: bool)
     T = threads
     U = unroll
     NWARPS = threads // WARP
-    SECOND_PASS = WRITE_MAT or DENSE
+    # Pass 2 writes the row output, and forms wd (dense; sparse with smoothing).
+    SECOND_PASS = WRITE_MAT or DENSE or SPARSE
     if threads % WARP or threads & (threads - 1):
         raise ValueError("stream path threads must be a power of two >= 32")
 
@@ -651,7 +868,6 @@ def make_stream_kernel(op: str, acc, threads: int, unroll: int, with_grad: bool)
         prologue()
         zero = ACC(0.0)
         one = ACC(1.0)
-        two = ACC(2.0)
         ninf = ACC(-np.inf)
         nan = ACC(np.nan)
         C = x.shape[1]
@@ -661,7 +877,8 @@ def make_stream_kernel(op: str, acc, threads: int, unroll: int, with_grad: bool)
         smooth = eps != zero
         tid = np.uint64(cuda.threadIdx.x)
         red_a = cuda.shared.array((4, WARP), ACC)
-        red_b = cuda.shared.array((3, WARP), ACC)
+        red_b = cuda.shared.array((4, WARP), ACC)
+        keep = cuda.shared.array(5, ACC)  # thread 0's epilogue inputs, across pass 2
         buf = cuda.local.array(U, ACC)
         chunk = np.uint64(T * U)
         nchunks = (Cu + chunk - np.uint64(1)) // chunk
@@ -684,99 +901,139 @@ def make_stream_kernel(op: str, acc, threads: int, unroll: int, with_grad: bool)
                 if tid == 0:
                     x_y = ACC(xr[yu])  # before the barrier, before any store
 
-        # Pass 1: online (m, s) per thread, U loads in flight per step.
+        # Pass 1: online (m, u, t) per thread, U loads in flight per step; q = W
+        # (sparse smoothing) or T (dense).
         m = ninf
-        s = zero
-        q1 = zero
-        q2 = zero
+        u = zero
+        uc = zero
+        top = zero
+        q = zero
         for c in range(nchunks):
             base = c * chunk + tid
-            for u in range(U):
-                j = base + np.uint64(u * T)
-                buf[u] = ACC(xr[j]) if j < Cu else ninf
-            for u in range(U):
-                val = buf[u]
-                if val > m:
-                    s = s * (xexp(m - val) if m > ninf else one) + (one + (val - val))
-                    m = val
-                else:
-                    s += xexp(val - (m if m > ninf else zero))
+            cm = ninf
+            for k in range(U):
+                j = base + np.uint64(k * T)
+                val = ACC(xr[j]) if j < Cu else ninf
+                buf[k] = val
+                if val > cm:
+                    cm = val
+            if cm > m:  # one rescale per step: the old max and ties become terms
+                f = exp_diff(m, cm)
+                u = (u + top) * f
+                uc = uc * f
+                top = zero
+                m = cm
+            for k in range(U):
+                val = buf[k]
+                e = exp_diff(val, m)
+                if val < m:  # a term below the max
+                    u, uc = comp_add(u, uc, e)
+                elif val != ninf:  # a tie (1) or NaN; not -inf (NaN here while m = -inf)
+                    top += e
             if SPARSE:
                 if smooth:
-                    for u in range(U):
-                        j = base + np.uint64(u * T)
+                    for k in range(U):
+                        j = base + np.uint64(k * T)
                         if j < Cu:
-                            wj = weight[j] if has_w else one
-                            if wj != zero:
-                                q1 += wj * buf[u]
-                            q2 += wj
+                            q += weight[j] if has_w else one
             if DENSE:
                 lr = labels[row]
-                for u in range(U):
-                    j = base + np.uint64(u * T)
+                for k in range(U):
+                    j = base + np.uint64(k * T)
                     if j < Cu:
                         t = ACC(lr[j])
                         if smooth:
                             t = (one - eps) * t + eps / Cf
-                        q2 += weight[j] * t if has_w else t
-        m, s, q1, q2 = block_combine(m, s, q1, q2, red_a, NWARPS, one, ninf)
-        log_s = xlog(s)
-        lse = m + log_s if m > ninf else nan
-        w_total = q2 if has_w else Cf  # sparse smoothing: the sum of the class weights
+                        q += weight[j] * t if has_w else t
+        u = u + uc
+        m, u, top, q = block_combine(m, u, top, q, red_a, NWARPS)
+        if not m > ninf:
+            m = nan
+        rest = rest_mass(u, top, one)
+        log_s = xlog1p(rest)
+        lse = log_sum_exp(m, log_s)
+        one_m_eps = one - eps
+        eps_c = zero
+        w_sum = zero
+        if SPARSE and smooth:
+            eps_c = eps / Cf
+            w_sum = q if has_w else Cf
+        # Thread 0 writes the loss (and the true-class gradient) after pass 2; what it
+        # needs then waits in shared memory instead of registers (pass 2 needs them free).
+        if tid == 0:
+            keep[0] = x_y
+            keep[1] = w_y
+            keep[2] = log_s
+            keep[3] = rest
+            keep[4] = q
 
         # Pass 2 (backwards: the chunks read last are the likeliest still in L2).
-        a_acc = zero  # dense: sum_{wt != 0} wt (m - x)
-        if SECOND_PASS:
-            shift = m if m > ninf else zero
-            inv_s = one / s
+        wd = zero  # sum_{w != 0} w (m - x): dense wt_c, sparse smoothing w_c
+        if SECOND_PASS and (WRITE_MAT or DENSE or smooth):
             orow = out_mat[row]
             fill = nan if kept else zero
-            a_y = (one - eps) * w_y
-            coef = a_y + z * two * lse
-            if SPARSE and smooth:
-                coef = coef + eps * w_total / Cf
+            a = zero
+            coef = zero
+            gs_over_s = zero
+            inv_s = zero
+            if SPARSE:
+                a = sparse_scale(one, rest, lse, w_y, one_m_eps, eps_c, w_sum, z, scale)
             if DENSE:
-                coef = q2 + z * two * lse
-            eps_c = eps / Cf
+                coef = dense_coef(lse, q, z)
+                gs_over_s = scale / (one + rest)
+            if SOFTMAX:
+                inv_s = inverse_sum(one, rest)
             for cc in range(nchunks):
                 base = (nchunks - np.uint64(1) - cc) * chunk + tid
-                for u in range(U):
-                    j = base + np.uint64(u * T)
-                    buf[u] = ACC(xr[j]) if j < Cu else ninf
+                for k in range(U):
+                    j = base + np.uint64(k * T)
+                    buf[k] = ACC(xr[j]) if j < Cu else ninf
                 if DENSE:
                     lr = labels[row]
-                for u in range(U):
-                    j = base + np.uint64(u * T)
+                for k in range(U):
+                    j = base + np.uint64(k * T)
                     if j < Cu:
-                        val = buf[u]
+                        val = buf[k]
                         if SPARSE:
-                            if kept and valid:
-                                g = xexp(val - shift) * inv_s * coef
-                                if j == yu:
-                                    g = g - a_y
-                                if smooth:
-                                    wj = weight[j] if has_w else one
-                                    g = g - eps_c * wj
-                                orow[j] = g * scale
-                            else:
-                                orow[j] = fill
+                            wj = one
+                            if smooth:
+                                wj = weight[j] if has_w else one
+                                if wj != zero:
+                                    wd += wj * (m - val)
+                            if WRITE_MAT:
+                                if not (kept and valid):
+                                    orow[j] = fill
+                                elif j != yu:  # the true class: thread 0, after pass 2
+                                    g = exp_diff(val, m) * a
+                                    if smooth:
+                                        g = g - eps_c * wj * scale
+                                    orow[j] = g
                         if DENSE:
                             t = ACC(lr[j])
                             if smooth:
                                 t = (one - eps) * t + eps / Cf
                             wt = weight[j] * t if has_w else t
                             if wt != zero:
-                                a_acc += wt * (m - val)
+                                wd += wt * (m - val)
                             if WRITE_MAT:
-                                orow[j] = (xexp(val - shift) * inv_s * coef - wt) * scale
+                                orow[j] = dense_grad(exp_diff(val, m), wt, rest, coef, gs_over_s)
                         if SOFTMAX:
-                            orow[j] = xexp(val - shift) * inv_s
+                            orow[j] = exp_diff(val, m) * inv_s
                         if LOGSM:
-                            orow[j] = val - lse
-        if DENSE:
-            a_acc = block_sum1(a_acc, red_b, NWARPS)
+                            orow[j] = row_log_softmax(val, m, log_s)
+        if DENSE or SPARSE:
+            wd = block_sum1(wd, red_b, NWARPS)  # its barrier: every pass-2 read is done
 
         if tid == 0:
+            x_y = keep[0]
+            w_y = keep[1]
+            log_s = keep[2]
+            rest = keep[3]
+            q = keep[4]
+            lse = log_sum_exp(m, log_s)
+            one_m_eps = one - eps
+            if SPARSE and smooth:
+                w_sum = q if has_w else Cf
             if not LOGSM and not SOFTMAX:
                 out_lse[row] = lse
             if SPARSE:
@@ -785,11 +1042,13 @@ def make_stream_kernel(op: str, acc, threads: int, unroll: int, with_grad: bool)
                 elif not valid:
                     loss = nan
                 else:
-                    loss = (one - eps) * w_y * (lse - x_y) + z * lse * lse
-                    if smooth:
-                        loss = loss + eps / Cf * (w_total * lse - q1)
+                    loss = sparse_loss(m, log_s, x_y, w_y, one_m_eps, eps_c, w_sum, wd, z)
+                    if WRITE_MAT:  # x_y was read before pass 2; every read of it is done
+                        out_mat[row][yu] = sparse_true_grad(
+                            one, exp_diff(x_y, m), rest, lse, w_y, one_m_eps, eps_c, w_sum,
+                            z, scale)
                 out_vec[row] = loss
             if DENSE:
-                out_vec[row] = (a_acc + q2 * log_s) + z * lse * lse
+                out_vec[row] = dense_loss(m, log_s, q, wd, z)
 
     return kernel
