@@ -349,24 +349,11 @@ _device = jit(device=True, forceinline=True)
 
 
 def _device_rowmath() -> types.SimpleNamespace:
-    """rowmath's functions as device functions, the source unchanged.
-
-    Some rowmath functions call others (``sparse_loss`` calls ``z_penalty``); a CUDA
-    device function can only call device functions, so each function is rebuilt from
-    its code object over a copy of rowmath's globals in which every rowmath function
-    is replaced by its device version (globals are resolved when a kernel is compiled,
-    by then all are in place)."""
-    names = [name for name, obj in vars(rowmath).items()
-             if isinstance(obj, types.FunctionType) and obj.__module__ == rowmath.__name__]
-    scope = dict(vars(rowmath))
-    compiled = {}
-    for name in names:
-        f = getattr(rowmath, name)
-        g = types.FunctionType(f.__code__, scope, name, f.__defaults__, f.__closure__)
-        g.__doc__ = f.__doc__
-        compiled[name] = _device(g)
-    scope.update(compiled)
-    return types.SimpleNamespace(**compiled)
+    """rowmath's functions as (inlined) device functions, the source unchanged (rowmath
+    functions call no other function, so each compiles on its own)."""
+    return types.SimpleNamespace(**{
+        name: _device(obj) for name, obj in vars(rowmath).items()
+        if isinstance(obj, types.FunctionType) and obj.__module__ == rowmath.__name__})
 
 
 rm = _device_rowmath()
