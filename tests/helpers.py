@@ -560,3 +560,156 @@ def to_numpy(t) -> np.ndarray:
     if hasattr(t, "detach"):
         t = t.detach().cpu()
     return np.asarray(t, dtype=np.float64)
+
+
+# ----------------------------------------------------------------------- accuracy data
+#
+# Data for tests/test_accuracy.py and benchmarks/accuracy_report.py: rows on which a
+# cancelling formula (log(s) of a rounded s, lse - x_y, p_y - 1, W lse - sum w x) or a
+# reassociating compiler loses digits.  Unlike the grids above, ties at the maximum are
+# wanted here: they make the rest mass r = u + (t - 1) include whole ones.
+
+ACCURACY_KINDS = {
+    "normal": "standard normal x 3: neither uniform nor one-hot (the everyday row)",
+    "confident": "the label's logit ahead of all others by a margin of 8..40 (the loss "
+                 "~ e^-margin is far below ulp(1); float64 margins to 100, beyond the 37 "
+                 "where 1 + r == 1): log s must be log1p(r), p_y - 1 = -(sum_{j!=y} e_j)/s",
+    "ties": "two or more equal maxima, all-equal rows, ties at +-H (H = 1e30): r holds "
+            "whole ones",
+    "offset": "a common offset 1e4, 1e7 or -1e4: lse ~ offset, x_j - m exact, "
+              "lse - x_y would cancel",
+    "huge": "+-H mixed with ordinary values (exp underflows to exactly 0)",
+    "masked": "-inf masks on about half the classes (never the label)",
+    "mixed": "one batch holding rows of every kind above",
+    "long": "rows of up to 100k classes: the rest mass is a long sum of small terms",
+}
+
+
+def huge_value(dtype) -> float:
+    """H of the "huge" and "ties" kinds: 1e30, or 1e4 for float16 (max 65504; a loss
+    of 2H stays finite)."""
+    return 1e4 if np.dtype(dtype) == np.float16 else 1e30
+
+
+def common_offsets(dtype) -> list[float]:
+    """The offsets of the "offset" kind: for float16 (max 65504) ones whose losses,
+    z-loss included, stay finite."""
+    return [1e3, 1e4, -1e4] if np.dtype(dtype) == np.float16 else [1e4, 1e7, -1e4]
+
+
+def confident_margins(rng, n: int, dtype) -> np.ndarray:
+    """Margins 8..40; for float64 half of them 37..100 (1 + e^-37 rounds to 1)."""
+    margins = rng.uniform(8.0, 40.0, n)
+    if np.dtype(dtype) == np.float64:
+        far = rng.random(n) < 0.5
+        margins[far] = rng.uniform(37.0, 100.0, int(far.sum()))
+    return margins
+
+
+@dataclass(frozen=True)
+class AccuracyCase:
+    """Logits (already of the dtype), index labels (n,) and the kind of every row."""
+
+    kind: str
+    x: np.ndarray
+    y: np.ndarray
+    row_kinds: tuple[str, ...]
+
+
+def _rows_of_kind(rng, kind: str, n: int, c: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(x float64, y) for n rows of one kind (not "mixed"); x is rounded to the dtype
+    by the caller, so margins and offsets hold only approximately."""
+    x = rng.standard_normal((n, c)) * 3.0
+    y = rng.integers(0, c, size=n)
+    h = huge_value(dtype)
+    if kind in ("normal", "long"):
+        if kind == "long" and n > 1:  # one confident long row: r = many tiny terms
+            x[1, y[1]] = np.max(x[1]) + 12.0
+        return x, y
+    if kind == "confident":
+        x *= 2.0 / 3.0
+        margins = confident_margins(rng, n, dtype)
+        for i in range(n):
+            top = int(rng.integers(0, c))
+            x[i, top] = np.max(np.delete(x[i], top)) + margins[i] if c > 1 else x[i, top]
+            # three rows in four are labelled with the confident class (tiny loss,
+            # true-class gradient ~ -e^-margin); the others far from it (loss ~ margin)
+            if i % 4 != 3 or c == 1:
+                y[i] = top
+        return x, y
+    if kind == "ties":
+        for i in range(n):
+            style = i % 6
+            if style == 5 or c < 3:  # all equal: loss log C
+                x[i] = x[i, 0]
+            else:
+                k = 2 if style in (0, 3) else min(c, 3 + int(rng.integers(0, 3)))
+                at = rng.choice(c, size=k, replace=False)
+                top = {0: np.max(x[i]) + 1.0, 1: np.max(x[i]), 2: h, 3: h, 4: -h}[style]
+                if style == 4:  # every logit -H or -inf-like far below: ties at -H
+                    x[i] = -h
+                    x[i, rng.choice(c, size=c - k, replace=False)] = -2 * h
+                x[i, at] = top
+                if style == 3:  # with -H elsewhere
+                    x[i, rng.random(c) < 0.3] = -h
+                    x[i, at] = top
+                y[i] = at[0] if i % 2 == 0 else y[i]
+        return x, y
+    if kind == "offset":
+        offsets = common_offsets(dtype)
+        for i in range(n):
+            x[i] += offsets[i % len(offsets)]
+        return x, y
+    if kind == "huge":
+        for i in range(n):
+            x[i, rng.random(c) < 0.3] = -h
+            if i % 3 == 0:
+                x[i, int(rng.integers(0, c))] = h  # a unique +H maximum
+            elif i % 3 == 1:
+                x[i, rng.choice(c, size=min(c, 2), replace=False)] = h  # a tie at +H
+        return x, y
+    if kind == "masked":
+        for i in range(n):
+            mask = rng.random(c) < 0.5
+            mask[y[i]] = False
+            x[i, mask] = -np.inf
+        return x, y
+    raise ValueError(f"unknown accuracy kind {kind!r}; known: {list(ACCURACY_KINDS)}")
+
+
+MIXED_KINDS = ("normal", "confident", "ties", "offset", "huge", "masked")
+
+
+def accuracy_case(rng, kind: str, n: int, c: int, dtype) -> AccuracyCase:
+    """Seeded adversarial rows of one kind (ACCURACY_KINDS), cast to ``dtype``."""
+    dtype = np.dtype(dtype)
+    if kind == "mixed":
+        per = max(1, n // len(MIXED_KINDS))
+        parts = [_rows_of_kind(rng, k, per, c, dtype) for k in MIXED_KINDS]
+        x = np.concatenate([p[0] for p in parts])
+        y = np.concatenate([p[1] for p in parts])
+        row_kinds = tuple(k for k in MIXED_KINDS for _ in range(per))
+    else:
+        x, y = _rows_of_kind(rng, kind, n, c, dtype)
+        row_kinds = (kind,) * n
+    with np.errstate(over="ignore"):
+        xd = x.astype(dtype)
+    assert np.all(np.isfinite(xd) | np.isneginf(x)), "accuracy data must fit the dtype"
+    return AccuracyCase(kind, xd, y.astype(np.int64), row_kinds)
+
+
+def accuracy_probabilities(rng, case: AccuracyCase, style: str) -> np.ndarray:
+    """Probability labels (float64, rows sum to 1) for a case: "onehot" at the index
+    label, or "soft": 0.7 at the index label plus 0.3 spread at random; zero wherever
+    the logit is -inf (a label on a mask would make the loss infinite)."""
+    n, c = case.x.shape
+    t = np.zeros((n, c))
+    t[np.arange(n), case.y] = 1.0
+    if style == "soft":
+        spread = rng.random((n, c)) ** 2
+        spread[np.isneginf(case.x.astype(np.float64))] = 0.0
+        spread /= np.maximum(spread.sum(axis=1, keepdims=True), 1e-300)
+        t = 0.7 * t + 0.3 * spread
+    elif style != "onehot":
+        raise ValueError(style)
+    return t
