@@ -1,6 +1,8 @@
 /*
  * _xfrows.h -- row passes of the Cython backend (see _xfrows_tmpl.h for the scheme and
- * _fastexp.h for exp/log), instantiated for float (16 lanes) and double (8 lanes).
+ * _fastexp.h for exp/log/log1p), instantiated for float (16 lanes) and double (8 lanes),
+ * and rowmath.py's per-row maths in C (xf_rest_mass_f/_d, xf_sparse_loss_f/_d, ...:
+ * the "rowmath in C" section of _xfrows_tmpl.h).
  *
  * Multiversioning: on x86-64 Linux/glibc with gcc >= 8, the out-of-line xf_* functions
  * are compiled three times -- baseline (SSE2), x86-64-v3 (AVX2 + FMA) and x86-64-v4
@@ -43,6 +45,15 @@
 #define XF_NO_UNROLL
 #endif
 
+/* Ask for a vectorised loop where the compiler's cost model would not (OpenMP 4.0
+ * `omp simd`; the build passes -fopenmp).  No reduction is declared, so nothing is
+ * reordered: the loop's results are those of the plain loop. */
+#if defined(_OPENMP) && _OPENMP >= 201307
+#define XF_SIMD _Pragma("omp simd")
+#else
+#define XF_SIMD
+#endif
+
 #if defined(XF_NO_PREFETCH)
 #define XF_PREFETCH(p) ((void)0)
 #elif defined(__GNUC__) || defined(__clang__)
@@ -70,7 +81,27 @@
 #define XF_MULTIVERSIONED 0
 #endif
 
-XF_INLINE double xf_log_d_(double s) { return log(s); }
+/* 1 / (1 + r_hi + r_lo), r = r_hi + r_lo >= 0 (or NaN), within 0.5 ulp and a hair: the
+ * rounding of s = 1 + r and of the division are both corrected (a plain
+ * one / (one + r) rounds twice; softmax_j = e_j (1 / s) must stay within 4 ulps).
+ * float: in double, rounded once.  double: s + s_lo = 1 + r_hi exactly (TwoSum), plus
+ * r_lo; q = 1 / s, res = 1 - q s exactly (one FMA), 1 / (s + s_lo) = q (1 + res - q s_lo)
+ * to second order. */
+XF_INLINE float xf_inv1p_f_(float r_hi, float r_lo)
+{ return (float)(1.0 / ((1.0 + (double)r_hi) + (double)r_lo)); }
+XF_INLINE double xf_inv1p_d_(double r_hi, double r_lo)
+{
+    double s = 1.0 + r_hi;
+    double bb = s - 1.0;
+    double s_lo = ((1.0 - (s - bb)) + (r_hi - bb)) + r_lo;
+    double q = 1.0 / s;
+    double res = fma(-q, s, 1.0);
+    return q + q * (res - q * s_lo);
+}
+
+/* log1p for the 16 lanes of a tile: vectorised for float (see _fastexp.h), libm's for
+ * double (one call per row, as before with log). */
+XF_INLINE double xf_log1p_d_(double r) { return log1p(r); }
 
 /* Short rows: rows of at most XF_SMALL_C classes are processed XF_TILE at a time. */
 #define XF_TILE 16
@@ -93,7 +124,10 @@ XF_INLINE double xf_unkey_d(int64_t k)
 #define XF_L 16
 #define XF_SUF _f
 #define XF_EXP xf_expf
-#define XF_LOG xf_logf
+#define XF_EXP_Z xf_expf_z
+#define XF_EXP_DIFF xf_expf_diff
+#define XF_LOG1P xf_log1pf_v
+#define XF_INV1P xf_inv1p_f_
 #define XF_SEL xf_self
 #define XF_KEY int32_t
 #define XF_KEY_OF xf_key_f
@@ -103,7 +137,10 @@ XF_INLINE double xf_unkey_d(int64_t k)
 #undef XF_L
 #undef XF_SUF
 #undef XF_EXP
-#undef XF_LOG
+#undef XF_EXP_Z
+#undef XF_EXP_DIFF
+#undef XF_LOG1P
+#undef XF_INV1P
 #undef XF_SEL
 #undef XF_KEY
 #undef XF_KEY_OF
@@ -113,7 +150,10 @@ XF_INLINE double xf_unkey_d(int64_t k)
 #define XF_L 8
 #define XF_SUF _d
 #define XF_EXP xf_exp
-#define XF_LOG xf_log_d_
+#define XF_EXP_Z xf_exp_z
+#define XF_EXP_DIFF xf_exp_diff
+#define XF_LOG1P xf_log1p_d_
+#define XF_INV1P xf_inv1p_d_
 #define XF_SEL xf_seld
 #define XF_KEY int64_t
 #define XF_KEY_OF xf_key_d
@@ -123,7 +163,10 @@ XF_INLINE double xf_unkey_d(int64_t k)
 #undef XF_L
 #undef XF_SUF
 #undef XF_EXP
-#undef XF_LOG
+#undef XF_EXP_Z
+#undef XF_EXP_DIFF
+#undef XF_LOG1P
+#undef XF_INV1P
 #undef XF_SEL
 #undef XF_KEY
 #undef XF_KEY_OF

@@ -1,12 +1,23 @@
 /*
  * _xfrows_tmpl.h -- the vectorised row passes of xentfast's Cython backend, written
- * once for a generic element type.  Do not include directly: _xfrows.h includes it
- * twice, with
+ * once for a generic element type, and the per-row scalar maths of rowmath.py in C.
+ * Do not include directly: _xfrows.h includes it twice, with
  *     XF_T    element type (float | double), also the accumulation type
  *     XF_L    number of accumulator lanes (16 for float, 8 for double)
  *     XF_SUF  name suffix (_f | _d)
- *     XF_EXP  the exp of _fastexp.h for XF_T;  XF_LOG  a log for XF_T
+ *     XF_EXP  the exp of _fastexp.h for XF_T
+ *     XF_LOG1P  an accurate log1p for XF_T usable in a vector loop (xf_log1pf_v | log1p)
  *     XF_KEY, XF_KEY_OF, XF_FROM_KEY  the ordered-integer view used by xfi_rowmax
+ *
+ * Vocabulary (rowmath.py's docstring has the derivations): for a row x_0 .. x_{C-1}
+ *     m = max_j x_j,   e_j = exp(x_j - m)                  (e_j = 1 where x_j = m)
+ *     u = sum_{x_j - m != 0} e_j   the terms off the max (NaN for a NaN, a +inf or an
+ *                                  all -inf row: x_j - m is NaN there)
+ *     t = #{j: x_j - m == 0}       the ties at the max (1 for a unique maximum)
+ *     r = u + (t - 1)              the mass of every class but one maximum, s = 1 + r
+ *     log s = log1p(r),  lse = m + log s.
+ * Pass 2 returns u and t from separate lane accumulators, so that a confident row's
+ * tiny r is not rounded into s = 1 + r before the log.
  *
  * Lanes, and why every sum has a fixed order.
  *   Each reduction keeps XF_L independent partial results acc[0..L-1]: element i of a
@@ -21,15 +32,111 @@
  *   below), so there is no scalar exp loop of up to L-1 iterations.  Maxima need no
  *   lanes: max is exact in any order (xfi_rowmax).
  *
+ * Blocks: no drift on long rows.  A lane that adds C/L terms one after the other
+ *   accumulates O(C/L) rounding errors: in float32 at 64M classes lse was 126 ulps off,
+ *   at 550M classes s was 7.6% off (the lane sums stop growing once a term is below
+ *   half an ulp of them).  So every long-row sum (pass 2, the option sums) runs in
+ *   blocks of XF_BLK elements (64 steps of L lanes: 1024 floats, 512 doubles): each
+ *   block sums into fresh XF_T lanes, which are then added into double-precision lane
+ *   totals (one convert-and-add per lane per block, about 1/64 of the adds).  A float32
+ *   lane now rounds over at most 64 terms, and the totals carry 29 more bits; float64
+ *   gets a two-level sum (64 terms, then C/XF_BLK block sums) instead of C/8 in a chain.
+ *   Block boundaries are fixed offsets from the row start and the tail step lands in
+ *   the last block: still one fixed order.  The totals are folded by the same tree and
+ *   rounded once to XF_T.  Short rows (tiles, <= XF_SMALL_C terms) need no blocks.
+ *
  * Naming: xfi_* are the static inline bodies; xf_* are the out-of-line functions the
  * Cython code calls, multiversioned with target_clones (XF_MV, see _xfrows.h) where
- * the platform supports it.  Long rows (c > XF_SMALL_C) use the row passes; short
- * rows the tile functions further down.
+ * the platform supports it, and the always-inline per-row maths (xf_rest_mass, ...,
+ * "rowmath in C" below).  Long rows (c > XF_SMALL_C) use the row passes; short rows the
+ * tile functions further down.
  */
 
 #define XF_CAT_(a, b) a##b
 #define XF_CAT(a, b) XF_CAT_(a, b)
 #define XF_FN(name) XF_CAT(name, XF_SUF)
+
+/* ==== rowmath in C ====================================================================
+ * These mirror xentfast/backends/rowmath.py function for function, formula for formula
+ * (same names with the xf_ prefix and the type suffix; rowmath's `one` argument is the
+ * literal (XF_T)1 here).  Both the long-row path and the tiles of _cython.pyx call
+ * them, and the tile epilogues below run them on 16 rows at a time.  The build never
+ * uses -ffast-math or -fassociative-math, so the compiler keeps every parenthesis:
+ * (1 - e_y) + r is not turned back into s - e_y, nor (m - x_y) + log s into lse - x_y.
+ * (-ffp-contract=fast may fuse a*b+c into one FMA in the AVX2/AVX-512 clones: a single
+ * rounding less, never a reassociation.)  Change a formula here only together with
+ * rowmath.py. */
+
+/* r = sum of e_j over every class but one maximum = u + (t - 1)  (t - 1 exact). */
+XF_INLINE XF_T XF_FN(xf_rest_mass)(XF_T u, XF_T t)
+{ return u + (t - (XF_T)1); }
+
+/* lse = m + log s,  log s = log1p(r). */
+XF_INLINE XF_T XF_FN(xf_log_sum_exp)(XF_T m, XF_T log_s)
+{ return m + log_s; }
+
+/* Loss of a kept row with index label y:
+ * (1-eps) w_y ((m - x_y) + log s) + (eps/C) (W log s + wd) + z lse^2, lse = m + log s.
+ * Without smoothing pass eps_c = w_sum = wd = 0. */
+XF_INLINE XF_T XF_FN(xf_sparse_loss)(XF_T m, XF_T log_s, XF_T x_y, XF_T w_y,
+                                     XF_T one_m_eps, XF_T eps_c, XF_T w_sum, XF_T wd,
+                                     XF_T z)
+{
+    return (one_m_eps * w_y * ((m - x_y) + log_s)
+            + eps_c * (w_sum * log_s + wd))
+           + (z * (m + log_s)) * (m + log_s);
+}
+
+/* Loss of a row with probability labels: T log s + wd + z lse^2. */
+XF_INLINE XF_T XF_FN(xf_dense_loss)(XF_T m, XF_T log_s, XF_T t_sum, XF_T wd, XF_T z)
+{ return (t_sum * log_s + wd) + (z * (m + log_s)) * (m + log_s); }
+
+/* a of g_j = e_j a - b_j (j != y): a = A gs / s, s = 1 + r,
+ * A = (1-eps) w_y + eps W/C + 2 z lse. */
+XF_INLINE XF_T XF_FN(xf_sparse_scale)(XF_T r, XF_T lse, XF_T w_y, XF_T one_m_eps,
+                                      XF_T eps_c, XF_T w_sum, XF_T z, XF_T gs)
+{ return ((one_m_eps * w_y + (eps_c * w_sum + (z + z) * lse)) * gs) / ((XF_T)1 + r); }
+
+/* g_y = gs (p_y (eps W/C + 2 z lse) - ((1-eps) w_y ((1 - e_y) + r)/s + (eps/C) w_y)),
+ * the true-class gradient without the cancelling p_y - 1. */
+XF_INLINE XF_T XF_FN(xf_sparse_true_grad)(XF_T e_y, XF_T r, XF_T lse, XF_T w_y,
+                                          XF_T one_m_eps, XF_T eps_c, XF_T w_sum, XF_T z,
+                                          XF_T gs)
+{
+    return gs * ((e_y / ((XF_T)1 + r)) * (eps_c * w_sum + (z + z) * lse)
+                 - ((one_m_eps * w_y) * ((((XF_T)1 - e_y) + r) / ((XF_T)1 + r))
+                    + eps_c * w_y));
+}
+
+/* wt_c = w_c ((1 - eps) t_c + eps/C): a probability label smoothed and weighted
+ * (without class weights the callers use (1 - eps) t_c + eps/C, i.e. w_c = 1 exactly). */
+XF_INLINE XF_T XF_FN(xf_smoothed_weight)(XF_T w, XF_T t, XF_T one_m_eps, XF_T eps_c)
+{ return w * (one_m_eps * t + eps_c); }
+
+/* A = T + 2 z lse of the probability-label gradient. */
+XF_INLINE XF_T XF_FN(xf_dense_coef)(XF_T lse, XF_T t_sum, XF_T z)
+{ return t_sum + (z + z) * lse; }
+
+/* gs / s, s = 1 + r: the factor of dense_grad. */
+XF_INLINE XF_T XF_FN(xf_grad_over_sum)(XF_T r, XF_T gs)
+{ return gs / ((XF_T)1 + r); }
+
+/* g_j = ((e_j A - wt_j) - wt_j r) gs / s, gs_over_s = gs / (1 + r). */
+XF_INLINE XF_T XF_FN(xf_dense_grad)(XF_T e, XF_T wt, XF_T r, XF_T coef, XF_T gs_over_s)
+{ return ((e * coef - wt) - wt * r) * gs_over_s; }
+
+/* log p_j = (x_j - m) - log s. */
+XF_INLINE XF_T XF_FN(xf_log_softmax)(XF_T x, XF_T m, XF_T log_s)
+{ return (x - m) - log_s; }
+
+/* 1 / s, s = 1 + r: softmax_j = e_j (1 / s).  rowmath's one / (one + r), evaluated
+ * with the rounding of 1 + r and of the division corrected (XF_INV1P, _xfrows.h):
+ * within 0.5 ulp of 1 / (1 + r), one rounding instead of two.  The softmax passes
+ * carry r as r_hi + r_lo (a compensated sum) and call XF_INV1P(r_hi, r_lo) directly. */
+XF_INLINE XF_T XF_FN(xf_inverse_sum)(XF_T r)
+{ return XF_INV1P(r, (XF_T)0); }
+
+/* ==== lane folds ==================================================================== */
 
 /* Fold the L lanes in a fixed order: acc[j] += acc[j + h] for h = L/2, ..., 1
  * (written out: a loop over h made gcc keep acc in memory, with a store-forwarding
@@ -52,6 +159,64 @@ XF_INLINE XF_T XF_FN(xfi_fold_)(const XF_T *acc)
     return c0 + c1;
 }
 
+/* The same tree over the XF_L double-precision block totals, rounded once to XF_T. */
+XF_INLINE XF_T XF_FN(xfi_dfold_)(const double *acc)
+{
+    double a[XF_L / 2];
+#if XF_L == 16
+    double b[4];
+    for (int j = 0; j < 8; j++) a[j] = acc[j] + acc[j + 8];
+    for (int j = 0; j < 4; j++) b[j] = a[j] + a[j + 4];
+#else
+    double b[4];
+    for (int j = 0; j < 4; j++) b[j] = acc[j] + acc[j + 4];
+    (void)a;
+#endif
+    double c0 = b[0] + b[2], c1 = b[1] + b[3];
+    return (XF_T)(c0 + c1);
+}
+
+/* End of a block: tot[j] += acc[j] in double, acc[j] = 0.  (Without the simd pragma
+ * gcc 12 splits the totals into 32 scalars and converts lane by lane: ~100 scalar
+ * instructions per block, 6% of pass 2; with it, 4 conversions and 4 adds.) */
+XF_INLINE void XF_FN(xfi_flush_)(XF_T *XF_RESTRICT acc, double *XF_RESTRICT tot)
+{
+    XF_SIMD
+    for (int j = 0; j < XF_L; j++) {
+        tot[j] += (double)acc[j];
+        acc[j] = 0;
+    }
+}
+
+/* The first block end: tot[j] = acc[j], acc[j] = 0 (the totals need no zeroing first). */
+XF_INLINE void XF_FN(xfi_flush_first_)(XF_T *XF_RESTRICT acc, double *XF_RESTRICT tot)
+{
+    XF_SIMD
+    for (int j = 0; j < XF_L; j++) {
+        tot[j] = (double)acc[j];
+        acc[j] = 0;
+    }
+}
+
+/* The lanes of a single block, folded by the same tree in double, rounded once. */
+XF_INLINE XF_T XF_FN(xfi_fold_wide_)(const XF_T *acc)
+{
+    XF_ALIGNED double d[XF_L];
+    XF_SIMD
+    for (int j = 0; j < XF_L; j++) d[j] = (double)acc[j];
+    return XF_FN(xfi_dfold_)(d);
+}
+
+/* The total of L integer lane counts (the ties at the max), as XF_T. */
+XF_INLINE XF_T XF_FN(xfi_count_)(const XF_KEY *cnt)
+{
+    int64_t t = 0;
+    for (int j = 0; j < XF_L; j++) t += (int64_t)cnt[j];
+    return (XF_T)t;
+}
+
+#define XF_BLK (64 * XF_L)     /* elements per block of a long-row sum (see above) */
+
 /* ---- pass 1: m = max_j x_j ----
  * As an integer max over order-preserving keys: key(f) = bits(f) for f >= +0 and
  * bits(f) with the 31 (63) magnitude bits flipped for negative f, so that
@@ -59,7 +224,8 @@ XF_INLINE XF_T XF_FN(xfi_fold_)(const XF_T *acc)
  * reduction the vectoriser always recognises (a float "v > m ? v : m" is not, without
  * -ffinite-math-only, and gcc leaves it scalar); max is exact, so its order is free.
  * NaN: a positive NaN has a key above +inf and becomes m, a negative one sorts below
- * -inf and is skipped; either way exp(x_j - m) makes s, lse and the row NaN.
+ * -inf and is skipped; either way x_j - m is NaN, e_j = NaN goes into u and makes r,
+ * lse and the row NaN.
  * An all -inf row gives m = -inf, x - m = NaN: the row is NaN, by design. */
 XF_INLINE XF_T XF_FN(xfi_rowmax)(const XF_T *x, ptrdiff_t n)
 {
@@ -71,28 +237,53 @@ XF_INLINE XF_T XF_FN(xfi_rowmax)(const XF_T *x, ptrdiff_t n)
     return XF_FROM_KEY(m);
 }
 
-/* ---- pass 2: s = sum_j exp(x_j - m), optionally storing e_j = exp(x_j - m) ---- */
-XF_INLINE void XF_FN(xfi_exp_step_)(const XF_T *x, XF_T m, XF_T *acc)
-{
-    for (int j = 0; j < XF_L; j++) acc[j] += XF_EXP(x[j] - m);
-}
-
-XF_INLINE void XF_FN(xfi_exp_store_step_)(const XF_T *XF_RESTRICT x, XF_T *XF_RESTRICT e,
-                                          XF_T m, XF_T *XF_RESTRICT acc)
+/* ---- pass 2: u and t (see the top), optionally storing e_j = exp(x_j - m) ----
+ * With d = x_j - m: u collects e_j where d != 0 (NaN != 0: a NaN, a +inf (inf - inf) or
+ * an all -inf row (-inf - -inf) makes u NaN), t counts d == 0 (the ties at the max,
+ * e_j = 1 each).  Without a store the tie is zeroed inside the exp's own final select
+ * (XF_EXP_Z: on AVX-512 the zero-masking of its last multiply); with a store e_j is
+ * stored whole and zeroed for u by a select.  t counts in integer lanes (XF_KEY:
+ * "t += tie", a subtraction of the compare mask; no blocks needed).  Everything stays
+ * branch-free selects: a conditional FP add ("t = tie ? t + 1 : t") is one masked add
+ * on AVX-512, but gcc leaves it a scalar branch in the AVX2 and SSE2 clones (the add
+ * might trap).  A plain sum of e_j costs one compare and one add per element less:
+ * ~5-7% of this exp-bound pass (v4 clone, L1-resident rows; NOTES_cython_kernels.md). */
+XF_INLINE void XF_FN(xfi_exp_step_)(const XF_T *x, XF_T m, XF_T *XF_RESTRICT au,
+                                    XF_KEY *XF_RESTRICT at)
 {
     for (int j = 0; j < XF_L; j++) {
-        XF_T v = XF_EXP(x[j] - m);
-        e[j] = v;
-        acc[j] += v;
+        XF_T d = x[j] - m;
+        int tie = d == 0;
+        au[j] += XF_EXP_Z(d, tie);
+        at[j] += tie;
     }
 }
 
-XF_INLINE void XF_FN(xfi_exp_inplace_step_)(XF_T *x, XF_T m, XF_T *XF_RESTRICT acc)
+XF_INLINE void XF_FN(xfi_exp_store_step_)(const XF_T *XF_RESTRICT x, XF_T *XF_RESTRICT e,
+                                          XF_T m, XF_T *XF_RESTRICT au,
+                                          XF_KEY *XF_RESTRICT at, int comp)
 {
     for (int j = 0; j < XF_L; j++) {
-        XF_T v = XF_EXP(x[j] - m);
+        XF_T d = x[j] - m;
+        XF_T v = comp ? XF_EXP_DIFF(x[j], m) : XF_EXP(d);
+        int tie = d == 0;
+        e[j] = v;
+        au[j] += XF_SEL(tie, (XF_T)0, v);
+        at[j] += tie;
+    }
+}
+
+XF_INLINE void XF_FN(xfi_exp_inplace_step_)(XF_T *x, XF_T m, XF_T *XF_RESTRICT au,
+                                            XF_KEY *XF_RESTRICT at, int comp)
+{
+    for (int j = 0; j < XF_L; j++) {
+        XF_T xj = x[j];
+        XF_T d = xj - m;
+        XF_T v = comp ? XF_EXP_DIFF(xj, m) : XF_EXP(d);
+        int tie = d == 0;
         x[j] = v;
-        acc[j] += v;
+        au[j] += XF_SEL(tie, (XF_T)0, v);
+        at[j] += tie;
     }
 }
 
@@ -105,108 +296,194 @@ XF_INLINE void XF_FN(xfi_exp_inplace_step_)(XF_T *x, XF_T m, XF_T *XF_RESTRICT a
  * consecutive rows stopped overlapping; and gcc makes a memcpy call of a copy loop.)
  * Inplace, the window's first L - r elements are overwritten by the main loop, so the
  * window is read into a buffer before it.  Rows shorter than L (not used by the
- * kernels: short rows go to the tiles) pad a buffer with -inf instead.  All three
- * variants put every element in the same lane, so s is bitwise the same whether or
- * not e is stored. */
-XF_INLINE void XF_FN(xfi_exp_tail_)(const XF_T *x, XF_T m, XF_T *XF_RESTRICT acc, int first)
+ * kernels: short rows go to the tiles) pad a buffer with -inf instead (d = -inf for a
+ * finite m: e = +0 into u, adds nothing).  All three variants put every element in the
+ * same lane and block, so u and t are bitwise the same whether or not e is stored. */
+XF_INLINE void XF_FN(xfi_exp_tail_)(const XF_T *x, XF_T m, XF_T *XF_RESTRICT au,
+                                    XF_KEY *XF_RESTRICT at, int first)
 {
     for (int j = 0; j < XF_L; j++) {
-        XF_T v = XF_EXP(x[j] - m);
-        acc[j] += XF_SEL(j >= first, v, (XF_T)0);
+        XF_T d = x[j] - m;
+        int tie = d == 0, in = j >= first;
+        au[j] += XF_EXP_Z(d, tie | !in);
+        at[j] += in & tie;
     }
 }
 
 XF_INLINE void XF_FN(xfi_exp_store_tail_)(const XF_T *XF_RESTRICT x, XF_T *XF_RESTRICT e,
-                                          XF_T m, XF_T *XF_RESTRICT acc, int first)
+                                          XF_T m, XF_T *XF_RESTRICT au,
+                                          XF_KEY *XF_RESTRICT at, int first, int comp)
 {
     for (int j = 0; j < XF_L; j++) {
-        XF_T v = XF_EXP(x[j] - m);
+        XF_T d = x[j] - m;
+        XF_T v = comp ? XF_EXP_DIFF(x[j], m) : XF_EXP(d);
+        int tie = d == 0, in = j >= first;
         e[j] = v;
-        acc[j] += XF_SEL(j >= first, v, (XF_T)0);
+        au[j] += XF_SEL(in & !tie, v, (XF_T)0);
+        at[j] += in & tie;
     }
 }
 
-XF_INLINE XF_T XF_FN(xfi_expsum)(const XF_T *x, ptrdiff_t n, XF_T m, const XF_T *pf)
+/* The driver of the three pass-2 variants (mode: 0 sum only, 1 store e_j into e, 2 in
+ * place, e == x; comp: the stored e_j by xf_exp*_diff, compensated for the rounding of
+ * x_j - m; always inlined with constant mode and comp, so each variant is its own loop):
+ * blocks of XF_BLK elements, the tail step into the last block; u returned (folded from
+ * the double block totals, or from the lanes of a single block), t stored (the sum of
+ * the integer lane counts). */
+XF_INLINE XF_T XF_FN(xfi_expsum_)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
+                                  const XF_T *pf, XF_T *t_out, int mode, int comp)
 {
-    XF_ALIGNED XF_T acc[XF_L] = {0};
-    XF_ALIGNED XF_T buf[XF_L];
-    ptrdiff_t i = 0, nv = n - n % XF_L;
-    pf = pf ? pf : x;
-    for (; i < nv; i += XF_L) {
-        XF_PREFETCH(pf + i);
-        XF_FN(xfi_exp_step_)(x + i, m, acc);
-    }
-    if (i < n && n >= XF_L) {
-        XF_FN(xfi_exp_tail_)(x + n - XF_L, m, acc, (int)(XF_L - (n - i)));
-    } else if (i < n) {
-        for (int j = 0; j < XF_L; j++) buf[j] = (j < n) ? x[j] : -INFINITY;
-        XF_FN(xfi_exp_step_)(buf, m, acc);      /* exp(-inf - m) = +0: adds nothing */
-    }
-    return XF_FN(xfi_fold_)(acc);
-}
-
-/* e must not overlap x (use xfi_expsum_inplace for e == x). */
-XF_INLINE XF_T XF_FN(xfi_expsum_store)(const XF_T *XF_RESTRICT x, XF_T *XF_RESTRICT e,
-                                       ptrdiff_t n, XF_T m, const XF_T *pf)
-{
-    XF_ALIGNED XF_T acc[XF_L] = {0};
+    XF_ALIGNED XF_T au[XF_L] = {0};
+    XF_ALIGNED XF_KEY at[XF_L] = {0};           /* tie counts: need no blocks */
+    XF_ALIGNED double du[XF_L];                 /* set at the first block end */
     XF_ALIGNED XF_T buf[XF_L];
     XF_ALIGNED XF_T ebuf[XF_L];
-    ptrdiff_t i = 0, nv = n - n % XF_L;
-    pf = pf ? pf : x;
-    for (; i < nv; i += XF_L) {
-        XF_PREFETCH(pf + i);
-        XF_FN(xfi_exp_store_step_)(x + i, e + i, m, acc);
-    }
-    if (i < n && n >= XF_L) {
-        XF_FN(xfi_exp_store_tail_)(x + n - XF_L, e + n - XF_L, m, acc, (int)(XF_L - (n - i)));
-    } else if (i < n) {
-        for (int j = 0; j < XF_L; j++) buf[j] = (j < n) ? x[j] : -INFINITY;
-        XF_FN(xfi_exp_store_step_)(buf, ebuf, m, acc);
-        for (int j = 0; j < XF_L; j++)
-            if (j < n) e[j] = ebuf[j];
-    }
-    return XF_FN(xfi_fold_)(acc);
-}
-
-XF_INLINE XF_T XF_FN(xfi_expsum_inplace)(XF_T *x, ptrdiff_t n, XF_T m, const XF_T *pf)
-{
-    XF_ALIGNED XF_T acc[XF_L] = {0};
-    XF_ALIGNED XF_T buf[XF_L];
-    ptrdiff_t i = 0, nv = n - n % XF_L;
-    if (nv < n)                                 /* the tail window, before it changes */
+    ptrdiff_t i, nv = n - n % XF_L;
+    if (mode == 2 && nv < n)                    /* the tail window, before it changes */
         for (int j = 0; j < XF_L; j++) buf[j] = (n >= XF_L) ? x[n - XF_L + j]
                                                            : ((j < n) ? x[j] : -INFINITY);
     pf = pf ? pf : x;
-    for (; i < nv; i += XF_L) {
-        XF_PREFETCH(pf + i);
-        XF_FN(xfi_exp_inplace_step_)(x + i, m, acc);
+    for (ptrdiff_t b = 0; b < nv; b += XF_BLK) {
+        ptrdiff_t end = nv - b > XF_BLK ? b + XF_BLK : nv;
+        for (i = b; i < end; i += XF_L) {
+            XF_PREFETCH(pf + i);
+            if (mode == 0) XF_FN(xfi_exp_step_)(x + i, m, au, at);
+            else if (mode == 1) XF_FN(xfi_exp_store_step_)(x + i, e + i, m, au, at, comp);
+            else XF_FN(xfi_exp_inplace_step_)(e + i, m, au, at, comp);
+        }
+        if (end < nv) {                         /* a block ends and another follows */
+            if (b == 0) XF_FN(xfi_flush_first_)(au, du);
+            else XF_FN(xfi_flush_)(au, du);
+        }
     }
+    i = nv;
     if (i < n && n >= XF_L) {
-        XF_FN(xfi_exp_store_tail_)(buf, x + n - XF_L, m, acc, (int)(XF_L - (n - i)));
+        int first = (int)(XF_L - (n - i));
+        if (mode == 0) XF_FN(xfi_exp_tail_)(x + n - XF_L, m, au, at, first);
+        else if (mode == 1)
+            XF_FN(xfi_exp_store_tail_)(x + n - XF_L, e + n - XF_L, m, au, at, first, comp);
+        else XF_FN(xfi_exp_store_tail_)(buf, e + n - XF_L, m, au, at, first, comp);
     } else if (i < n) {
-        XF_FN(xfi_exp_inplace_step_)(buf, m, acc);
-        for (int j = 0; j < XF_L; j++)
-            if (j < n) x[j] = buf[j];
+        if (mode != 2)
+            for (int j = 0; j < XF_L; j++) buf[j] = (j < n) ? x[j] : -INFINITY;
+        XF_FN(xfi_exp_store_step_)(buf, ebuf, m, au, at, comp);
+        if (mode != 0)
+            for (int j = 0; j < XF_L; j++)
+                if (j < n) e[j] = ebuf[j];
     }
-    return XF_FN(xfi_fold_)(acc);
+    *t_out = XF_FN(xfi_count_)(at);
+    if (nv <= XF_BLK)         /* one block (n <= XF_BLK + L - 1): no totals were kept */
+        return XF_FN(xfi_fold_wide_)(au);
+    XF_FN(xfi_flush_)(au, du);
+    return XF_FN(xfi_dfold_)(du);
+}
+
+/* ---- softmax: pass 2 with a compensated sum, returning 1 / s ----
+ * softmax_j = e_j (1 / s) must be within 4 ulps, and the error budget is tight: e_j
+ * (0.8 ulp of e_j, xf_exp*_diff), 1 / s (0.5 ulp with XF_INV1P), the product (0.5
+ * ulp), each counted in ulps of the result, which can be twice as fine as those of e_j
+ * and 1 / s.  A plain lane sum adds about an ulp of s more (measured: 4.02 ulps at
+ * C = 1000, float64, with the plain sum; 2.0 with this one).  So here u is summed with
+ * TwoSum compensation in every lane (s' = a + v, bb = s' - a,
+ * c += (a - (s' - bb)) + (v - bb)), the lanes are folded the same way in a fixed order,
+ * and r = u + (t - 1) goes to XF_INV1P as r_hi + r_lo.  Compensated sums do not drift,
+ * so there are no blocks; t counts in integer lanes as in pass 2.  Five operations per
+ * element more than pass 2 (and the compensated exp's ten), softmax only. */
+XF_INLINE void XF_FN(xfi_twosum_acc_)(XF_T *a, XF_T *c, XF_T v)
+{
+    XF_T s = *a + v;
+    XF_T bb = s - *a;
+    *c += (*a - (s - bb)) + (v - bb);
+    *a = s;
+}
+
+/* (hi, lo) of sum_j a_j + c_j, lanes in a fixed order, compensated */
+XF_INLINE XF_T XF_FN(xfi_fold2_)(const XF_T *a, const XF_T *c, XF_T *lo)
+{
+    XF_T hi = 0, l = 0;
+    for (int j = 0; j < XF_L; j++) {
+        XF_FN(xfi_twosum_acc_)(&hi, &l, a[j]);
+        l += c[j];
+    }
+    *lo = l;
+    return hi;
+}
+
+/* 1 / s from the compensated u = u_hi + u_lo and the tie count t */
+XF_INLINE XF_T XF_FN(xfi_inv_sum2_)(XF_T u_hi, XF_T u_lo, double t)
+{
+    XF_T r_hi = u_hi, r_lo = u_lo;
+    XF_FN(xfi_twosum_acc_)(&r_hi, &r_lo, (XF_T)(t - 1.0));     /* r = u + (t - 1) */
+    return XF_INV1P(r_hi, r_lo);
+}
+
+XF_INLINE void XF_FN(xfi_softmax_step_)(const XF_T *x, XF_T *e, XF_T m, XF_T *XF_RESTRICT a,
+                                        XF_T *XF_RESTRICT c, XF_KEY *XF_RESTRICT t,
+                                        int first)
+{
+    for (int j = 0; j < XF_L; j++) {
+        XF_T xj = x[j];
+        XF_T d = xj - m;
+        XF_T v = XF_EXP_DIFF(xj, m);
+        int tie = d == 0, in = j >= first;
+        e[j] = v;
+        XF_FN(xfi_twosum_acc_)(&a[j], &c[j], XF_SEL(in & !tie, v, (XF_T)0));
+        t[j] += in & tie;
+    }
+}
+
+/* e_j = exp(x_j - m) (compensated) into e, which may be x itself; returns 1 / s. */
+XF_INLINE XF_T XF_FN(xfi_softmax_sum_)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
+                                       const XF_T *pf)
+{
+    XF_ALIGNED XF_T a[XF_L] = {0};
+    XF_ALIGNED XF_T c[XF_L] = {0};
+    XF_ALIGNED XF_KEY t[XF_L] = {0};
+    XF_ALIGNED XF_T buf[XF_L];
+    XF_ALIGNED XF_T ebuf[XF_L];
+    ptrdiff_t i, nv = n - n % XF_L;
+    if (nv < n)                                 /* the tail window, before e may change it */
+        for (int j = 0; j < XF_L; j++) buf[j] = (n >= XF_L) ? x[n - XF_L + j]
+                                                           : ((j < n) ? x[j] : -INFINITY);
+    pf = pf ? pf : x;
+    for (i = 0; i < nv; i += XF_L) {
+        XF_PREFETCH(pf + i);
+        XF_FN(xfi_softmax_step_)(x + i, e + i, m, a, c, t, 0);
+    }
+    if (nv < n && n >= XF_L) {
+        XF_FN(xfi_softmax_step_)(buf, ebuf, m, a, c, t, (int)(XF_L - (n - nv)));
+        for (int j = 0; j < XF_L; j++) e[n - XF_L + j] = ebuf[j];
+    } else if (nv < n) {
+        XF_FN(xfi_softmax_step_)(buf, ebuf, m, a, c, t, 0);   /* -inf pads add +0 */
+        for (int j = 0; j < XF_L; j++)
+            if (j < n) e[j] = ebuf[j];
+    }
+    XF_T lo, hi = XF_FN(xfi_fold2_)(a, c, &lo);
+    return XF_FN(xfi_inv_sum2_)(hi, lo, (double)XF_FN(xfi_count_)(t));
 }
 
 /* ---- option sums, taken before pass 2 may overwrite x (inplace) ----
- * A = sum_{c: w_c != 0} w_c (m - x_c)   (w == NULL: all w_c = 1)
+ * wd = sum_{c: w_c != 0} w_c (m - x_c)   (w == NULL: all w_c = 1)
  * Every term is >= 0 for w >= 0 (m is the row max), so this sum has no cancellation,
- * unlike W*lse - sum_c w_c x_c.  w_c == 0 classes are skipped even at x_c = -inf. */
+ * unlike W*lse - sum_c w_c x_c.  w_c == 0 classes are skipped even at x_c = -inf.
+ * In blocks with double totals, as pass 2. */
 XF_INLINE XF_T XF_FN(xfi_wdist)(const XF_T *x, const XF_T *w, ptrdiff_t n, XF_T m)
 {
     /* Tail as in the exp passes: the full window x[n-L .. n) with the lanes already
      * counted masked out -- no conditional loads (gcc 12.2 -O3 -march=x86-64-v3
      * -fno-trapping-math miscompiled the conditional-load form of this loop). */
     XF_T acc[XF_L] = {0};
+    double tot[XF_L] = {0};
     ptrdiff_t i = 0, nv = n - n % XF_L;
     int first = (int)(XF_L - (n - nv));
     if (w == NULL) {
-        for (; i < nv; i += XF_L)
-            for (int j = 0; j < XF_L; j++) acc[j] += m - x[i + j];
+        for (ptrdiff_t b = 0; b < nv; b += XF_BLK) {
+            ptrdiff_t end = nv - b > XF_BLK ? b + XF_BLK : nv;
+            for (i = b; i < end; i += XF_L)
+                for (int j = 0; j < XF_L; j++) acc[j] += m - x[i + j];
+            XF_FN(xfi_flush_)(acc, tot);
+        }
+        i = nv;
         if (i < n && n >= XF_L)
             for (int j = 0; j < XF_L; j++) {
                 XF_T d = m - x[n - XF_L + j];
@@ -215,11 +492,16 @@ XF_INLINE XF_T XF_FN(xfi_wdist)(const XF_T *x, const XF_T *w, ptrdiff_t n, XF_T 
         else
             for (; i < n; i++) acc[i] += m - x[i];                  /* n < L */
     } else {
-        for (; i < nv; i += XF_L)
-            for (int j = 0; j < XF_L; j++) {
-                XF_T wj = w[i + j], d = wj * (m - x[i + j]);
-                acc[j] += XF_SEL(wj != 0, d, (XF_T)0);
-            }
+        for (ptrdiff_t b = 0; b < nv; b += XF_BLK) {
+            ptrdiff_t end = nv - b > XF_BLK ? b + XF_BLK : nv;
+            for (i = b; i < end; i += XF_L)
+                for (int j = 0; j < XF_L; j++) {
+                    XF_T wj = w[i + j], d = wj * (m - x[i + j]);
+                    acc[j] += XF_SEL(wj != 0, d, (XF_T)0);
+                }
+            XF_FN(xfi_flush_)(acc, tot);
+        }
+        i = nv;
         if (i < n && n >= XF_L)
             for (int j = 0; j < XF_L; j++) {
                 XF_T wj = w[n - XF_L + j], d = wj * (m - x[n - XF_L + j]);
@@ -228,42 +510,51 @@ XF_INLINE XF_T XF_FN(xfi_wdist)(const XF_T *x, const XF_T *w, ptrdiff_t n, XF_T 
         else
             for (; i < n; i++) acc[i] += (w[i] != 0) ? w[i] * (m - x[i]) : (XF_T)0;
     }
-    return XF_FN(xfi_fold_)(acc);
+    XF_FN(xfi_flush_)(acc, tot);
+    return XF_FN(xfi_dfold_)(tot);
 }
 
 /* Dense labels: wt_c = w_c (keep t_c + add), keep = 1 - eps, add = eps / C;
- * *A = sum_{wt_c != 0} wt_c (m - x_c),  *B = sum_c wt_c. */
+ * *wd = sum_{wt_c != 0} wt_c (m - x_c),  *t_sum = T = sum_c wt_c  (blocks as pass 2). */
 XF_INLINE void XF_FN(xfi_dense_sums)(const XF_T *x, const XF_T *t, const XF_T *w,
                                      ptrdiff_t n, XF_T m, XF_T keep, XF_T add,
-                                     XF_T *A, XF_T *B)
+                                     XF_T *wd, XF_T *t_sum)
 {
     XF_T a[XF_L] = {0}, b[XF_L] = {0};
+    double ta[XF_L] = {0}, tb[XF_L] = {0};
     ptrdiff_t i = 0, nv = n - n % XF_L;
-    if (w == NULL)
-        for (; i < nv; i += XF_L)
-            for (int j = 0; j < XF_L; j++) {
-                XF_T wt = keep * t[i + j] + add;
-                XF_T d = wt * (m - x[i + j]);
-                a[j] += XF_SEL(wt != 0, d, (XF_T)0);
-                b[j] += wt;
-            }
-    else
-        for (; i < nv; i += XF_L)
-            for (int j = 0; j < XF_L; j++) {
-                XF_T wt = w[i + j] * (keep * t[i + j] + add);
-                XF_T d = wt * (m - x[i + j]);
-                a[j] += XF_SEL(wt != 0, d, (XF_T)0);
-                b[j] += wt;
-            }
-    for (; i < n; i++) {           /* < L scalar iterations, no exp: cheap */
-        XF_T wt = keep * t[i] + add;
-        if (w != NULL) wt = w[i] * wt;
+    for (ptrdiff_t k = 0; k < nv; k += XF_BLK) {
+        ptrdiff_t end = nv - k > XF_BLK ? k + XF_BLK : nv;
+        if (w == NULL)
+            for (i = k; i < end; i += XF_L)
+                for (int j = 0; j < XF_L; j++) {
+                    XF_T wt = keep * t[i + j] + add;             /* w_c = 1 */
+                    XF_T d = wt * (m - x[i + j]);
+                    a[j] += XF_SEL(wt != 0, d, (XF_T)0);
+                    b[j] += wt;
+                }
+        else
+            for (i = k; i < end; i += XF_L)
+                for (int j = 0; j < XF_L; j++) {
+                    XF_T wt = XF_FN(xf_smoothed_weight)(w[i + j], t[i + j], keep, add);
+                    XF_T d = wt * (m - x[i + j]);
+                    a[j] += XF_SEL(wt != 0, d, (XF_T)0);
+                    b[j] += wt;
+                }
+        XF_FN(xfi_flush_)(a, ta);
+        XF_FN(xfi_flush_)(b, tb);
+    }
+    for (i = nv; i < n; i++) {     /* < L scalar iterations, no exp: cheap */
+        XF_T wt = (w == NULL) ? keep * t[i] + add
+                              : XF_FN(xf_smoothed_weight)(w[i], t[i], keep, add);
         XF_T d = wt * (m - x[i]);
         a[i % XF_L] += XF_SEL(wt != 0, d, (XF_T)0);
         b[i % XF_L] += wt;
     }
-    *A = XF_FN(xfi_fold_)(a);
-    *B = XF_FN(xfi_fold_)(b);
+    XF_FN(xfi_flush_)(a, ta);
+    XF_FN(xfi_flush_)(b, tb);
+    *wd = XF_FN(xfi_dfold_)(ta);
+    *t_sum = XF_FN(xfi_dfold_)(tb);
 }
 
 /* ---- pass 3: turn e (stored in g) into the gradient, in place ---- */
@@ -282,27 +573,31 @@ XF_INLINE void XF_FN(xfi_scale_sub)(XF_T *XF_RESTRICT g, const XF_T *XF_RESTRICT
         for (ptrdiff_t i = 0; i < n; i++) g[i] = g[i] * a - b * w[i];
 }
 
-/* g_j = g_j a - sc wt_j,  wt_j = w_j (keep t_j + add) exactly as in xfi_dense_sums */
+/* g_j = xf_dense_grad(e_j, wt_j, r, A, gs/s), wt_j = w_j (keep t_j + add) exactly as in
+ * xfi_dense_sums. */
 XF_INLINE void XF_FN(xfi_dense_grad)(XF_T *XF_RESTRICT g, const XF_T *XF_RESTRICT t,
-                                     const XF_T *XF_RESTRICT w, ptrdiff_t n, XF_T a,
-                                     XF_T sc, XF_T keep, XF_T add)
+                                     const XF_T *XF_RESTRICT w, ptrdiff_t n, XF_T r,
+                                     XF_T coef, XF_T gs_over_s, XF_T keep, XF_T add)
 {
     if (w == NULL)
-        for (ptrdiff_t i = 0; i < n; i++) g[i] = g[i] * a - sc * (keep * t[i] + add);
+        for (ptrdiff_t i = 0; i < n; i++)
+            g[i] = XF_FN(xf_dense_grad)(g[i], keep * t[i] + add, r, coef, gs_over_s);
     else
-        for (ptrdiff_t i = 0; i < n; i++) g[i] = g[i] * a - sc * (w[i] * (keep * t[i] + add));
+        for (ptrdiff_t i = 0; i < n; i++)
+            g[i] = XF_FN(xf_dense_grad)(g[i], XF_FN(xf_smoothed_weight)(w[i], t[i], keep, add),
+                                        r, coef, gs_over_s);
 }
 
-/* out_j = x_j - v  (log_softmax); out must not overlap x unless it IS x. */
-XF_INLINE void XF_FN(xfi_sub)(const XF_T *XF_RESTRICT x, XF_T *XF_RESTRICT out,
-                              ptrdiff_t n, XF_T v)
+/* out_j = (x_j - m) - log s  (log_softmax); out must not overlap x unless it IS x. */
+XF_INLINE void XF_FN(xfi_log_softmax)(const XF_T *XF_RESTRICT x, XF_T *XF_RESTRICT out,
+                                      ptrdiff_t n, XF_T m, XF_T log_s)
 {
-    for (ptrdiff_t i = 0; i < n; i++) out[i] = x[i] - v;
+    for (ptrdiff_t i = 0; i < n; i++) out[i] = XF_FN(xf_log_softmax)(x[i], m, log_s);
 }
 
-XF_INLINE void XF_FN(xfi_sub_inplace)(XF_T *x, ptrdiff_t n, XF_T v)
+XF_INLINE void XF_FN(xfi_log_softmax_inplace)(XF_T *x, ptrdiff_t n, XF_T m, XF_T log_s)
 {
-    for (ptrdiff_t i = 0; i < n; i++) x[i] = x[i] - v;
+    for (ptrdiff_t i = 0; i < n; i++) x[i] = XF_FN(xf_log_softmax)(x[i], m, log_s);
 }
 
 /* ---- short rows (c <= XF_SMALL_C): tiles of XF_TILE rows, transposed ----
@@ -310,10 +605,11 @@ XF_INLINE void XF_FN(xfi_sub_inplace)(XF_T *x, ptrdiff_t n, XF_T v)
  * prologue and epilogue.  So XF_TILE (16) consecutive rows are copied into a tile
  * stored class-major, tile[j * XF_TILE + r] = x[r, j], and every step then runs
  * "vertically", one SIMD lane per row, with no horizontal reductions at all:
- *     m[r] = max_j tile[j][r]     (integer keys, as xfi_rowmax)
- *     e    = exp(tile - m)        (in the tile)
- *     s[r] = sum_j e[j][r]        (sequential over j: a fixed order)
- *     log(s[r])                   (xf_logf over the 16 lanes)
+ *     m[r] = max_j tile[j][r]          (integer keys, as xfi_rowmax)
+ *     e    = exp(tile - m)             (in the tile)
+ *     u[r], t[r] = sums of e[j][r]     (sequential over j: a fixed order)
+ *     the rowmath epilogue             (xf_tile_sparse_epilogue & co., 16 lanes at once,
+ *                                       log1p vectorised too)
  * and the gradient is written back row-major while being scaled.  The copies in and
  * out are the only scalar work (one load + one store per element).  Rows past `rows`
  * in the last tile are zero-filled and their results ignored. */
@@ -343,23 +639,59 @@ XF_MV void XF_FN(xf_tile_max)(const XF_T *XF_RESTRICT tile, ptrdiff_t c, XF_T *X
     for (int r = 0; r < XF_TILE; r++) m[r] = XF_FROM_KEY(k[r]);
 }
 
-/* e = exp(tile - m) into the tile, s[r] = sum_j e[j][r] */
-XF_MV void XF_FN(xf_tile_expsum)(XF_T *XF_RESTRICT tile, ptrdiff_t c,
-                                 const XF_T *XF_RESTRICT m, XF_T *XF_RESTRICT s)
+/* e = exp(tile - m) into the tile; u[r], t[r] as pass 2 (u over d != 0, t counts ties);
+ * comp: e by xf_exp*_diff (compensated for the rounding of x - m), as pass 2's comp. */
+XF_INLINE void XF_FN(xfi_tile_expsum_)(XF_T *XF_RESTRICT tile, ptrdiff_t c,
+                                       const XF_T *XF_RESTRICT m, XF_T *XF_RESTRICT u,
+                                       XF_T *XF_RESTRICT t, int comp)
 {
-    XF_T acc[XF_TILE] = {0};
+    XF_T au[XF_TILE] = {0};
+    XF_KEY at[XF_TILE] = {0};
     for (ptrdiff_t j = 0; j < c; j++)
         for (int r = 0; r < XF_TILE; r++) {
-            XF_T v = XF_EXP(tile[j * XF_TILE + r] - m[r]);
+            XF_T xv = tile[j * XF_TILE + r];
+            XF_T d = xv - m[r];
+            XF_T v = comp ? XF_EXP_DIFF(xv, m[r]) : XF_EXP(d);
+            int tie = d == 0;
             tile[j * XF_TILE + r] = v;
-            acc[r] += v;
+            au[r] += XF_SEL(tie, (XF_T)0, v);
+            at[r] += tie;
         }
-    for (int r = 0; r < XF_TILE; r++) s[r] = acc[r];
+    for (int r = 0; r < XF_TILE; r++) { u[r] = au[r]; t[r] = (XF_T)at[r]; }
 }
 
-/* A[r] = sum_{w_j != 0} w_j (m[r] - x[j][r])   (w == NULL: all w_j = 1) */
+XF_MV void XF_FN(xf_tile_expsum)(XF_T *XF_RESTRICT tile, ptrdiff_t c,
+                                 const XF_T *XF_RESTRICT m, XF_T *XF_RESTRICT u,
+                                 XF_T *XF_RESTRICT t, int comp)
+{
+    if (comp) XF_FN(xfi_tile_expsum_)(tile, c, m, u, t, 1);
+    else XF_FN(xfi_tile_expsum_)(tile, c, m, u, t, 0);
+}
+
+/* softmax of 16 rows: e = exp(tile - m) (compensated) into the tile, inv[r] = 1 / s
+ * with u summed compensated (see "softmax" above). */
+XF_MV void XF_FN(xf_tile_softmax)(XF_T *XF_RESTRICT tile, ptrdiff_t c,
+                                  const XF_T *XF_RESTRICT m, XF_T *XF_RESTRICT inv)
+{
+    XF_T a[XF_TILE] = {0}, cc[XF_TILE] = {0};
+    XF_KEY t[XF_TILE] = {0};
+    for (ptrdiff_t j = 0; j < c; j++)
+        for (int r = 0; r < XF_TILE; r++) {
+            XF_T xv = tile[j * XF_TILE + r];
+            XF_T d = xv - m[r];
+            XF_T v = XF_EXP_DIFF(xv, m[r]);
+            int tie = d == 0;
+            tile[j * XF_TILE + r] = v;
+            XF_FN(xfi_twosum_acc_)(&a[r], &cc[r], XF_SEL(tie, (XF_T)0, v));
+            t[r] += tie;
+        }
+    for (int r = 0; r < XF_TILE; r++)
+        inv[r] = XF_FN(xfi_inv_sum2_)(a[r], cc[r], (double)t[r]);
+}
+
+/* wd[r] = sum_{w_j != 0} w_j (m[r] - x[j][r])   (w == NULL: all w_j = 1) */
 XF_MV void XF_FN(xf_tile_wdist)(const XF_T *XF_RESTRICT tile, const XF_T *XF_RESTRICT w,
-                                ptrdiff_t c, const XF_T *XF_RESTRICT m, XF_T *XF_RESTRICT A)
+                                ptrdiff_t c, const XF_T *XF_RESTRICT m, XF_T *XF_RESTRICT wd)
 {
     XF_T acc[XF_TILE] = {0};
     if (w == NULL) {
@@ -373,32 +705,106 @@ XF_MV void XF_FN(xf_tile_wdist)(const XF_T *XF_RESTRICT tile, const XF_T *XF_RES
             for (int r = 0; r < XF_TILE; r++) acc[r] += wj * (m[r] - tile[j * XF_TILE + r]);
         }
     }
-    for (int r = 0; r < XF_TILE; r++) A[r] = acc[r];
+    for (int r = 0; r < XF_TILE; r++) wd[r] = acc[r];
 }
 
-/* Dense: wt = w_j (keep t + add); A[r] = sum_{wt != 0} wt (m[r] - x), B[r] = sum wt */
+/* Dense: wt = w_j (keep t + add); wd[r] = sum_{wt != 0} wt (m[r] - x), T[r] = sum wt */
 XF_MV void XF_FN(xf_tile_dense_sums)(const XF_T *XF_RESTRICT tx, const XF_T *XF_RESTRICT tt,
                                      const XF_T *XF_RESTRICT w, ptrdiff_t c,
                                      const XF_T *XF_RESTRICT m, XF_T keep, XF_T add,
-                                     XF_T *XF_RESTRICT A, XF_T *XF_RESTRICT B)
+                                     XF_T *XF_RESTRICT wd, XF_T *XF_RESTRICT t_sum)
 {
     XF_T a[XF_TILE] = {0}, b[XF_TILE] = {0};
     for (ptrdiff_t j = 0; j < c; j++) {
         XF_T wj = (w == NULL) ? (XF_T)1 : w[j];
         XF_NO_UNROLL
         for (int r = 0; r < XF_TILE; r++) {
-            XF_T wt = wj * (keep * tt[j * XF_TILE + r] + add);   /* wj = 1: exact */
+            XF_T wt = XF_FN(xf_smoothed_weight)(wj, tt[j * XF_TILE + r], keep, add);
+                                                         /* wj = 1: exact */
             XF_T d = wt * (m[r] - tx[j * XF_TILE + r]);
             a[r] += XF_SEL(wt != 0, d, (XF_T)0);
             b[r] += wt;
         }
     }
-    for (int r = 0; r < XF_TILE; r++) { A[r] = a[r]; B[r] = b[r]; }
+    for (int r = 0; r < XF_TILE; r++) { wd[r] = a[r]; t_sum[r] = b[r]; }
 }
 
-XF_MV void XF_FN(xf_tile_log)(const XF_T *XF_RESTRICT s, XF_T *XF_RESTRICT out)
+/* r[i] = xf_rest_mass(u, t), log_s[i] = log1p(r), lse[i] = m + log s  for the 16 lanes
+ * (the primitives' epilogue). */
+XF_MV void XF_FN(xf_tile_lse)(const XF_T *XF_RESTRICT m, const XF_T *XF_RESTRICT u,
+                              const XF_T *XF_RESTRICT t, XF_T *XF_RESTRICT r,
+                              XF_T *XF_RESTRICT log_s, XF_T *XF_RESTRICT lse)
 {
-    for (int r = 0; r < XF_TILE; r++) out[r] = XF_LOG(s[r]);
+    for (int i = 0; i < XF_TILE; i++) {
+        XF_T rr = XF_FN(xf_rest_mass)(u[i], t[i]);
+        XF_T ls = XF_LOG1P(rr);
+        r[i] = rr;
+        log_s[i] = ls;
+        lse[i] = XF_FN(xf_log_sum_exp)(m[i], ls);
+    }
+}
+
+/* The index-label epilogue of 16 rows, rowmath's formulas lane by lane:
+ * loss, lse and (a != NULL) the pass-3 scale a and the true-class gradient gy.
+ * x_y, w_y, e_y per row (any finite value for rows that are ignored: the caller
+ * overwrites their results); wd = NULL without smoothing. */
+XF_MV void XF_FN(xf_tile_sparse_epilogue)(const XF_T *XF_RESTRICT m, const XF_T *XF_RESTRICT u,
+                                          const XF_T *XF_RESTRICT t,
+                                          const XF_T *XF_RESTRICT x_y,
+                                          const XF_T *XF_RESTRICT w_y,
+                                          const XF_T *XF_RESTRICT e_y,
+                                          const XF_T *XF_RESTRICT wd, XF_T one_m_eps,
+                                          XF_T eps_c, XF_T w_sum, XF_T z, XF_T gs,
+                                          XF_T *XF_RESTRICT loss, XF_T *XF_RESTRICT lse,
+                                          XF_T *XF_RESTRICT a, XF_T *XF_RESTRICT gy)
+{
+    XF_T r[XF_TILE], ls[XF_TILE], l_se[XF_TILE];
+    for (int i = 0; i < XF_TILE; i++) {
+        XF_T rr = XF_FN(xf_rest_mass)(u[i], t[i]);
+        r[i] = rr;
+        ls[i] = XF_LOG1P(rr);
+        l_se[i] = XF_FN(xf_log_sum_exp)(m[i], ls[i]);
+        lse[i] = l_se[i];
+    }
+    if (wd == NULL)
+        for (int i = 0; i < XF_TILE; i++)
+            loss[i] = XF_FN(xf_sparse_loss)(m[i], ls[i], x_y[i], w_y[i], one_m_eps,
+                                            (XF_T)0, (XF_T)0, (XF_T)0, z);
+    else
+        for (int i = 0; i < XF_TILE; i++)
+            loss[i] = XF_FN(xf_sparse_loss)(m[i], ls[i], x_y[i], w_y[i], one_m_eps,
+                                            eps_c, w_sum, wd[i], z);
+    if (a == NULL)
+        return;
+    for (int i = 0; i < XF_TILE; i++) {
+        a[i] = XF_FN(xf_sparse_scale)(r[i], l_se[i], w_y[i], one_m_eps, eps_c, w_sum, z, gs);
+        gy[i] = XF_FN(xf_sparse_true_grad)(e_y[i], r[i], l_se[i], w_y[i], one_m_eps, eps_c,
+                                           w_sum, z, gs);
+    }
+}
+
+/* The probability-label epilogue of 16 rows: loss, lse, and (coef != NULL) the
+ * pass-3 inputs r, A = coef and gs / s. */
+XF_MV void XF_FN(xf_tile_dense_epilogue)(const XF_T *XF_RESTRICT m, const XF_T *XF_RESTRICT u,
+                                         const XF_T *XF_RESTRICT t,
+                                         const XF_T *XF_RESTRICT wd,
+                                         const XF_T *XF_RESTRICT t_sum, XF_T z, XF_T gs,
+                                         XF_T *XF_RESTRICT loss, XF_T *XF_RESTRICT lse,
+                                         XF_T *XF_RESTRICT r, XF_T *XF_RESTRICT coef,
+                                         XF_T *XF_RESTRICT gs_over_s)
+{
+    for (int i = 0; i < XF_TILE; i++) {
+        XF_T rr = XF_FN(xf_rest_mass)(u[i], t[i]);
+        XF_T ls = XF_LOG1P(rr);
+        XF_T l_se = XF_FN(xf_log_sum_exp)(m[i], ls);
+        lse[i] = l_se;
+        loss[i] = XF_FN(xf_dense_loss)(m[i], ls, t_sum[i], wd[i], z);
+        r[i] = rr;
+        if (coef != NULL) {
+            coef[i] = XF_FN(xf_dense_coef)(l_se, t_sum[i], z);
+            gs_over_s[i] = XF_FN(xf_grad_over_sum)(rr, gs);
+        }
+    }
 }
 
 /* Pass 3 and write-back: g[r, j] = e[j][r] a[r] - b w_j  (w == NULL: - b). */
@@ -422,65 +828,79 @@ XF_MV void XF_FN(xf_tile_store)(const XF_T *XF_RESTRICT tile, XF_T *XF_RESTRICT 
     }
 }
 
-/* Dense pass 3 and write-back: g[r, j] = e[j][r] a[r] - sc wt,  wt = w_j (keep t + add). */
+/* Dense pass 3 and write-back: g[r, j] = xf_dense_grad(e[j][r], wt, r[r], A[r], gs/s[r]),
+ * wt = w_j (keep t + add) exactly as in xf_tile_dense_sums. */
 XF_MV void XF_FN(xf_tile_store_dense)(const XF_T *XF_RESTRICT te, const XF_T *XF_RESTRICT tt,
                                       XF_T *XF_RESTRICT g, ptrdiff_t rows, ptrdiff_t c,
-                                      const XF_T *XF_RESTRICT a, XF_T sc, XF_T keep,
+                                      const XF_T *XF_RESTRICT r, const XF_T *XF_RESTRICT coef,
+                                      const XF_T *XF_RESTRICT gs_over_s, XF_T keep,
                                       XF_T add, const XF_T *XF_RESTRICT w)
 {
-    if (w == NULL) {
-        for (ptrdiff_t r = 0; r < rows; r++)
-            for (ptrdiff_t j = 0; j < c; j++)
-                g[r * c + j] = te[j * XF_TILE + r] * a[r]
-                               - sc * (keep * tt[j * XF_TILE + r] + add);
-    } else {
-        for (ptrdiff_t r = 0; r < rows; r++)
-            for (ptrdiff_t j = 0; j < c; j++)
-                g[r * c + j] = te[j * XF_TILE + r] * a[r]
-                               - sc * (w[j] * (keep * tt[j * XF_TILE + r] + add));
-    }
+    for (ptrdiff_t i = 0; i < rows; i++)
+        for (ptrdiff_t j = 0; j < c; j++) {
+            XF_T wt = (w == NULL) ? keep * tt[j * XF_TILE + i] + add
+                : XF_FN(xf_smoothed_weight)(w[j], tt[j * XF_TILE + i], keep, add);
+            g[i * c + j] = XF_FN(xf_dense_grad)(te[j * XF_TILE + i], wt, r[i], coef[i],
+                                                gs_over_s[i]);
+        }
 }
 
-/* log_softmax of short rows: out[r, j] = x[r, j] - v[r]; out may be x itself. */
-XF_MV void XF_FN(xf_rows_sub)(const XF_T *x, XF_T *out, ptrdiff_t rows, ptrdiff_t c,
-                              const XF_T *XF_RESTRICT v)
+/* log_softmax of short rows: out[r, j] = (x[r, j] - m[r]) - log_s[r]; out may be x. */
+XF_MV void XF_FN(xf_rows_log_softmax)(const XF_T *x, XF_T *out, ptrdiff_t rows, ptrdiff_t c,
+                                      const XF_T *XF_RESTRICT m,
+                                      const XF_T *XF_RESTRICT log_s)
 {
     for (ptrdiff_t r = 0; r < rows; r++) {
-        if (out == x) XF_FN(xfi_sub_inplace)(out + r * c, c, v[r]);
-        else XF_FN(xfi_sub)(x + r * c, out + r * c, c, v[r]);
+        if (out == x) XF_FN(xfi_log_softmax_inplace)(out + r * c, c, m[r], log_s[r]);
+        else XF_FN(xfi_log_softmax)(x + r * c, out + r * c, c, m[r], log_s[r]);
     }
 }
 
 /* ---- out-of-line, multiversioned copies for long rows ---- */
 XF_MV XF_T XF_FN(xf_rowmax)(const XF_T *x, ptrdiff_t n)
 { return XF_FN(xfi_rowmax)(x, n); }
-/* pf: the next row (same length) to prefetch into L2 while this one is computed, or
+/* Pass 2: returns u, stores t into *t.
+ * pf: the next row (same length) to prefetch into L2 while this one is computed, or
  * NULL.  Pass 1 of a long row streams it from DRAM while the core idles; pass 2 is
  * exp-bound while the memory bus idles: prefetching the next row during pass 2
  * overlaps the two (one prefetch per 64-byte step = one cache line per line done). */
-XF_MV XF_T XF_FN(xf_expsum)(const XF_T *x, ptrdiff_t n, XF_T m, const XF_T *pf)
-{ return XF_FN(xfi_expsum)(x, n, m, pf); }
-/* e may be x itself (inplace=True) but must not overlap it otherwise */
+XF_MV XF_T XF_FN(xf_expsum)(const XF_T *x, ptrdiff_t n, XF_T m, const XF_T *pf, XF_T *t)
+{ return XF_FN(xfi_expsum_)(x, NULL, n, m, pf, t, 0, 0); }
+/* e may be x itself (inplace=True) but must not overlap it otherwise; comp: store the
+ * compensated exp(x_j - m) (xf_exp*_diff) */
 XF_MV XF_T XF_FN(xf_expsum_store)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
-                                  const XF_T *pf)
+                                  const XF_T *pf, XF_T *t, int comp)
 {
-    if (e == x) return XF_FN(xfi_expsum_inplace)(e, n, m, pf);
-    return XF_FN(xfi_expsum_store)(x, e, n, m, pf);
+    if (comp) {
+        if (e == x) return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 2, 1);
+        return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 1, 1);
+    }
+    if (e == x) return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 2, 0);
+    return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 1, 0);
 }
+/* softmax pass 2: e (may be x itself) gets the compensated e_j; returns 1 / s */
+XF_MV XF_T XF_FN(xf_softmax_sum)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
+                                 const XF_T *pf)
+{ return XF_FN(xfi_softmax_sum_)(x, e, n, m, pf); }
 XF_MV XF_T XF_FN(xf_wdist)(const XF_T *x, const XF_T *w, ptrdiff_t n, XF_T m)
 { return XF_FN(xfi_wdist)(x, w, n, m); }
 XF_MV void XF_FN(xf_dense_sums)(const XF_T *x, const XF_T *t, const XF_T *w, ptrdiff_t n,
-                                XF_T m, XF_T keep, XF_T add, XF_T *A, XF_T *B)
-{ XF_FN(xfi_dense_sums)(x, t, w, n, m, keep, add, A, B); }
+                                XF_T m, XF_T keep, XF_T add, XF_T *wd, XF_T *t_sum)
+{ XF_FN(xfi_dense_sums)(x, t, w, n, m, keep, add, wd, t_sum); }
 XF_MV void XF_FN(xf_scale)(XF_T *g, ptrdiff_t n, XF_T a)
 { XF_FN(xfi_scale)(g, n, a); }
 XF_MV void XF_FN(xf_scale_sub)(XF_T *g, const XF_T *w, ptrdiff_t n, XF_T a, XF_T b)
 { XF_FN(xfi_scale_sub)(g, w, n, a, b); }
-XF_MV void XF_FN(xf_dense_grad)(XF_T *g, const XF_T *t, const XF_T *w, ptrdiff_t n,
-                                XF_T a, XF_T sc, XF_T keep, XF_T add)
-{ XF_FN(xfi_dense_grad)(g, t, w, n, a, sc, keep, add); }
-XF_MV void XF_FN(xf_sub)(const XF_T *x, XF_T *out, ptrdiff_t n, XF_T v)
-{ if (out == x) XF_FN(xfi_sub_inplace)(out, n, v); else XF_FN(xfi_sub)(x, out, n, v); }
+XF_MV void XF_FN(xf_dense_grad_row)(XF_T *g, const XF_T *t, const XF_T *w, ptrdiff_t n,
+                                    XF_T r, XF_T coef, XF_T gs_over_s, XF_T keep, XF_T add)
+{ XF_FN(xfi_dense_grad)(g, t, w, n, r, coef, gs_over_s, keep, add); }
+XF_MV void XF_FN(xf_log_softmax_row)(const XF_T *x, XF_T *out, ptrdiff_t n, XF_T m,
+                                     XF_T log_s)
+{
+    if (out == x) XF_FN(xfi_log_softmax_inplace)(out, n, m, log_s);
+    else XF_FN(xfi_log_softmax)(x, out, n, m, log_s);
+}
+#undef XF_BLK
 #undef XF_FN
 #undef XF_CAT
 #undef XF_CAT_
