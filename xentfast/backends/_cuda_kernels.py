@@ -68,7 +68,7 @@ The numbered steps (cached paths; x = row, C classes, acc = accumulation dtype)
                    stored once, after the loop, by the lane holding e_y (one copy of
                    its code instead of VPT);
    dense:          ``dense_grad = ((e_j A - wt_j) - wt_j r) gs / s``, A = T + 2 z lse;
-   softmax:        ``e_j * inverse_sum(r)`` (= e_j / s);
+   softmax:        ``softmax = e_j / s`` (a division: one rounding fewer than e_j (1/s));
    log_softmax:    ``log_softmax = (x_j - m) - log s`` (never x_j - lse).
    All in acc (float32 for float16 input), rounded once, on the store, to the output
    dtype.
@@ -367,7 +367,8 @@ sparse_true_grad = rm.sparse_true_grad
 dense_coef = rm.dense_coef
 dense_grad = rm.dense_grad
 row_log_softmax = rm.log_softmax
-inverse_sum = rm.inverse_sum
+row_softmax = rm.softmax
+grad_over_sum = rm.grad_over_sum
 
 
 @_device
@@ -818,17 +819,16 @@ def make_cached_kernel(op: str, acc, team: int, vpt: int, threads: int, with_gra
                                                     eps_c, w_sum, z, scale)
             if DENSE:
                 coef = dense_coef(lse, q2, z)
-                gs_over_s = scale / (one + rest)
+                gs_over_s = grad_over_sum(one, rest, scale)
                 for k in range(VPT):
                     j = lane + np.uint64(k * TEAM)
                     if j < limit:
                         orow[j] = dense_grad(v[k], wt_reg[k], rest, coef, gs_over_s)
             if SOFTMAX:
-                inv_s = inverse_sum(one, rest)
                 for k in range(VPT):
                     j = lane + np.uint64(k * TEAM)
                     if j < limit:
-                        orow[j] = v[k] * inv_s
+                        orow[j] = row_softmax(v[k], one, rest)
             if LOGSM:
                 for k in range(VPT):
                     j = lane + np.uint64(k * TEAM)
@@ -962,14 +962,11 @@ def make_stream_kernel(op: str, acc, threads: int, unroll: int, with_grad: bool)
             a = zero
             coef = zero
             gs_over_s = zero
-            inv_s = zero
             if SPARSE:
                 a = sparse_scale(one, rest, lse, w_y, one_m_eps, eps_c, w_sum, z, scale)
             if DENSE:
                 coef = dense_coef(lse, q, z)
-                gs_over_s = scale / (one + rest)
-            if SOFTMAX:
-                inv_s = inverse_sum(one, rest)
+                gs_over_s = grad_over_sum(one, rest, scale)
             for cc in range(nchunks):
                 base = (nchunks - np.uint64(1) - cc) * chunk + tid
                 for k in range(U):
@@ -1005,7 +1002,7 @@ def make_stream_kernel(op: str, acc, threads: int, unroll: int, with_grad: bool)
                             if WRITE_MAT:
                                 orow[j] = dense_grad(exp_diff(val, m), wt, rest, coef, gs_over_s)
                         if SOFTMAX:
-                            orow[j] = exp_diff(val, m) * inv_s
+                            orow[j] = row_softmax(exp_diff(val, m), one, rest)
                         if LOGSM:
                             orow[j] = row_log_softmax(val, m, log_s)
         if DENSE or SPARSE:

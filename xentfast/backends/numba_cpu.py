@@ -558,7 +558,16 @@ _dense_coef = njit(**_STRICT_JIT)(rowmath.dense_coef)
 _grad_over_sum = njit(**_STRICT_JIT)(rowmath.grad_over_sum)
 _dense_grad = njit(**_STRICT_JIT)(rowmath.dense_grad)
 _log_softmax = njit(**_STRICT_JIT)(rowmath.log_softmax)
-_inverse_sum = njit(**_STRICT_JIT)(rowmath.inverse_sum)
+_softmax = njit(**_STRICT_JIT)(rowmath.softmax)
+
+
+@njit(**_STRICT_JIT)
+def _two_sum_add(hi, lo, v):
+    """(hi, lo) + v with the rounding error of hi + v kept in lo (TwoSum; strict flags,
+    so reassociation cannot fold the error term away)."""
+    s = hi + v
+    bb = s - hi
+    return s, lo + ((hi - (s - bb)) + (v - bb))
 
 
 # ---------------------------------------------------------------------------------------
@@ -763,16 +772,19 @@ def _row_sumexp_store(xr, m, gr):
 @njit(**_JIT)
 def _row_softmax_exp(xr, m, out):
     """Pass B of softmax: out_j = e_j = exp(x_j - m) compensated for the rounding of
-    x_j - m (_exp_diff: 4 ulps at any spread); returns (u, t)."""
+    x_j - m (_exp_diff); returns (u, t).  The sum is kept tighter than the loss passes'
+    (softmax's bound is 4 ulps): the lanes add in float64 (float32 terms exactly) over
+    blocks of 256, and the block totals are added with their rounding errors kept."""
     T = xr.dtype.type
     zero = T(0)
     one = T(1)
-    u = 0.0
+    hi = 0.0
+    lo = 0.0
     t = 0.0
-    for j0 in range(0, xr.shape[0], 1024):
-        xb = xr[j0:j0 + 1024]
-        ob = out[j0:j0 + 1024]
-        bu = zero
+    for j0 in range(0, xr.shape[0], 256):
+        xb = xr[j0:j0 + 256]
+        ob = out[j0:j0 + 256]
+        bu = 0.0
         bt = zero
         for j in range(xb.shape[0]):
             xj = xb[j]
@@ -783,9 +795,9 @@ def _row_softmax_exp(xr, m, out):
             tie = one if d == zero else zero
             bu += eu
             bt += tie
-        u += bu
+        hi, lo = _two_sum_add(hi, lo, bu)
         t += bt
-    return u, t
+    return hi + lo, t
 
 
 @njit(**_JIT)
@@ -1048,6 +1060,13 @@ def _row_dense_grad(gr, tr, w, one_m_eps, eps_c, r, coef, gs_over_s):
 
 
 @njit(**_JIT)
+def _row_softmax(orow, one, r):
+    """Pass C of softmax: p_j = e_j / s (rowmath.softmax)."""
+    for j in range(orow.shape[0]):
+        orow[j] = _softmax(orow[j], one, r)
+
+
+@njit(**_JIT)
 def _row_fill(gr, v):
     for j in range(gr.shape[0]):
         gr[j] = v
@@ -1090,8 +1109,7 @@ def _softmax_rows(r0, r1, x, out):
         orow = out[i]
         m = _row_max(x[i])
         u, t = _row_softmax_exp(x[i], m, orow)
-        r = _row_scalars(x[i], m, u, t)[0]
-        _row_scale(orow, _inverse_sum(one, r))
+        _row_softmax(orow, one, _row_scalars(x[i], m, u, t)[0])
 
 
 @njit(**_JIT)
@@ -1369,7 +1387,7 @@ def _blk_load(t, b0, nb, buf):
 def _blk_sumexp(buf, nb, mv, rv, tv, lv, store):
     """Pass B of a block: rv[b] = r = u + (t - 1) of row b, lv[b] = log1p r (tv is
     scratch for the tie counts).  store: 0 sums only; 1 buf[j, b] <- e_jb as the
-    gradient passes store it (_exp_grad); 2 the same for softmax (_exp_diff)."""
+    gradient passes store it (_exp_grad).  (softmax has a pass of its own.)"""
     T = buf.dtype.type
     zero = T(0)
     one = T(1)
@@ -1389,19 +1407,10 @@ def _blk_sumexp(buf, nb, mv, rv, tv, lv, store):
                 tie = one if d == zero else zero
                 ub[b] += eu
                 tb[b] += tie
-        elif store == 1:
-            for b in range(nb):
-                d = bj[b] - mb[b]
-                e = _exp_grad(bj[b], mb[b])
-                bj[b] = e
-                eu = zero if d == zero else e
-                tie = one if d == zero else zero
-                ub[b] += eu
-                tb[b] += tie
         else:
             for b in range(nb):
                 d = bj[b] - mb[b]
-                e = _exp_diff(bj[b], mb[b])
+                e = _exp_grad(bj[b], mb[b])
                 bj[b] = e
                 eu = zero if d == zero else e
                 tie = one if d == zero else zero
@@ -1481,21 +1490,44 @@ def _small_log_softmax_rows(r0, r1, x, out, blk):
 
 @njit(**_JIT)
 def _small_softmax_rows(r0, r1, x, out, blk):
+    # Pass B as _blk_sumexp's, with softmax's compensated e_j (_exp_diff) and the sums
+    # in float64 lanes (4 ulps: see _row_softmax_exp); then p_j = e_j / s.
     c = x.shape[1]
     T = x.dtype.type
+    zero = T(0)
     one = T(1)
     buf = np.empty((c, blk), T)
     mv = np.empty(blk, T)
-    rv = np.empty(blk, T)
+    uv = np.empty(blk, np.float64)
     tv = np.empty(blk, T)
-    lv = np.empty(blk, T)
+    rv = np.empty(blk, T)
     for b0 in range(r0, r1, blk):
         nb = min(blk, r1 - b0)
         _blk_load_max(x, b0, nb, buf, mv)
-        _blk_sumexp(buf, nb, mv, rv, tv, lv, 2)
+        mb = mv[:nb]
+        ub = uv[:nb]
+        tb = tv[:nb]
         for b in range(nb):
-            rv[b] = _inverse_sum(one, rv[b])
-        _blk_scale_store(buf, nb, rv, out, b0)
+            ub[b] = 0.0
+            tb[b] = zero
+        for j in range(c):
+            bj = buf[j, :nb]
+            for b in range(nb):
+                d = bj[b] - mb[b]
+                e = _exp_diff(bj[b], mb[b])
+                bj[b] = e
+                eu = zero if d == zero else e
+                tie = one if d == zero else zero
+                ub[b] += eu
+                tb[b] += tie
+        for b in range(nb):
+            rv[b] = T(_rest_mass(ub[b], tb[b], 1.0))
+        ob = out[b0:b0 + nb]
+        for b in range(nb):
+            r = rv[b]
+            orow = ob[b]
+            for j in range(c):
+                orow[j] = _softmax(buf[j, b], one, r)
 
 
 @njit(**_JIT)
@@ -1716,6 +1748,16 @@ def _seg_scale_par(g, a, seglen, nseg):
 
 
 @njit(**_PJIT)
+def _seg_softmax_par(g, r, seglen, nseg):
+    n, c = g.shape
+    one = g.dtype.type(1)
+    for task in prange(n * nseg):
+        i = task // nseg
+        p = task - i * nseg
+        _row_softmax(g[i, p * seglen:min(c, (p + 1) * seglen)], one, r[i])
+
+
+@njit(**_PJIT)
 def _seg_logsm_par(x, m, log_s, seglen, nseg, out):
     n, c = x.shape
     for task in prange(n * nseg):
@@ -1731,7 +1773,8 @@ def _seg_logsm_par(x, m, log_s, seglen, nseg, out):
 # (a forked child, or forced).  Not cached: Numba's cache key does not include the
 # parallel flag, so a cached twin would load the parallel build of the same source.
 _SPLIT_SERIAL = {f: njit(**dict(_JIT, cache=False))(f.py_func)
-                 for f in (_seg_max_par, _seg_sumexp_par, _seg_scale_par, _seg_logsm_par)}
+                 for f in (_seg_max_par, _seg_sumexp_par, _seg_scale_par, _seg_softmax_par,
+                           _seg_logsm_par)}
 
 
 def _split_kernel(f, p: "Plan"):
@@ -2031,9 +2074,7 @@ def softmax(x, out):
     if p.path == "split":
         _, r, _, _ = _split_lse(p, x, store=out, softmax=True)
         seglen, nseg = _split_geometry(c)
-        one = x.dtype.type(1)
-        _split_kernel(_seg_scale_par, p)(out, rowmath.inverse_sum(one, r).astype(x.dtype),
-                                          seglen, nseg)
+        _split_kernel(_seg_softmax_par, p)(out, r, seglen, nseg)
     elif p.path == "small":
         _run(p, n, c, _small_softmax_rows, _small_softmax_par, x, out, SMALL_C_BLOCK)
     else:

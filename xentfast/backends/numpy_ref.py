@@ -75,7 +75,7 @@ def log_softmax(x, out):
 def softmax(x, out):
     _, e, _, r, _, _, one = _row_passes(x)
     with np.errstate(invalid="ignore"):
-        out[...] = e * rowmath.inverse_sum(one, r)[:, None]
+        out[...] = rowmath.softmax(e, one, r[:, None])
 
 
 def sparse(logits, labels, weight, ignore_index, label_smoothing, z_loss, grad_scale,

@@ -67,7 +67,7 @@ genuine zero crossing of the exact result)
           = ((e_j A - wt_j) - wt_j r) gs / s          (e_j A - wt_j s, with s = 1 + r
   split so that r is not rounded into s: a one-hot row at its maximum gives
   -wt_j r gs / s, not the difference of two numbers near wt_j).
-* log_softmax_j = (x_j - m) - log s  (two terms <= 0), softmax_j = e_j (1 / s).
+* log_softmax_j = (x_j - m) - log s  (two terms <= 0), softmax_j = e_j / s.
 
 These forms must not be rewritten by a compiler: with ``reassoc`` LLVM may turn
 (1 - e_y) + r back into s - e_y, or (m - x_y) + log s into lse - x_y.  So the Numba
@@ -141,6 +141,6 @@ def log_softmax(x, m, log_s):
     return (x - m) - log_s
 
 
-def inverse_sum(one, r):
-    """1 / s, s = 1 + r: softmax_j = e_j (1 / s)."""
-    return one / (one + r)
+def softmax(e, one, r):
+    """p_j = e_j / s, s = 1 + r (a division, not e_j (1/s): one rounding fewer)."""
+    return e / (one + r)
