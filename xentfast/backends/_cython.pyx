@@ -212,18 +212,23 @@ cdef enum:
     _PF_MAX_BYTES_GRAD = 262144
 
 # Fork safety.  GNU OpenMP (libgomp) is not fork-safe: a child forked after the parent
-# ran a parallel region deadlocks in its first parallel region (the team's threads do
-# not exist in the child).  The shim registers _after_fork_in_child with
-# os.register_at_fork, so such a child runs every kernel on its one thread instead.
+# ran a parallel region -- here, or in the cpu backend, which uses the same runtime --
+# deadlocks in its first parallel region (the team's threads do not exist in the
+# child).  The shim registers ran_parallel / disable_threads with xentfast._forkguard,
+# so such a child runs every kernel on its one thread instead.
 cdef bint _threads_ok = True
 cdef bint _ran_parallel = False
 
 
-def _after_fork_in_child():
-    """os.register_at_fork(after_in_child=...) hook: no OpenMP teams after a fork."""
+def ran_parallel():
+    """True once this process ran a kernel on an OpenMP team."""
+    return bool(_ran_parallel)
+
+
+def disable_threads():
+    """Run every later kernel on the calling thread (a forked child; _forkguard)."""
     global _threads_ok
-    if _ran_parallel:
-        _threads_ok = False
+    _threads_ok = False
 
 
 cdef inline bint _use_threads(Py_ssize_t elems) noexcept:

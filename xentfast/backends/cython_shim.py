@@ -17,6 +17,8 @@ import os
 
 import numpy as np
 
+from xentfast import _forkguard
+
 try:
     from xentfast.backends import _cython as _ext
 except ImportError as exc:  # pragma: no cover - depends on how xentfast was installed
@@ -29,10 +31,9 @@ except ImportError as exc:  # pragma: no cover - depends on how xentfast was ins
         "set XENTFAST_REQUIRE_CYTHON=1 to make a failed build an error."
     ) from exc
 
-# A child forked after a parallel kernel ran must not enter an OpenMP region (libgomp
-# would deadlock): it runs the kernels single-threaded instead.  (No fork on Windows.)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_ext._after_fork_in_child)
+# A child forked after any OpenMP region ran (this backend's or the cpu backend's)
+# must not enter one (libgomp would deadlock): it runs the kernels single-threaded.
+_forkguard.register(_ext.ran_parallel, _ext.disable_threads)
 
 NAME = "cython"
 NATIVE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
