@@ -72,7 +72,7 @@ def main(argv=None) -> None:
             for tree in order:
                 path = args.before if tree == "before" else args.after
                 times[(tree, *cell)].append(_cell(path, *cell, args.dtype, args.reps))
-    print(f"| shape | op | backend | before ms | after ms | after/before |")
+    print("| shape | op | backend | before ms | after ms | after/before |")
     print("|:---|:---|:---|---:|---:|---:|")
     rows = []
     for b, n, c, op in cells:

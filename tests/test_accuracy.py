@@ -54,6 +54,10 @@ from helpers import (
     ACCURACY_KINDS,
     BACKENDS,
     BFLOAT16,
+    LOSS_RTOL_FLOAT64,
+    REDUCED_LOSS_ULPS,
+    ULPS,
+    assert_accurate,
     accuracy_case,
     accuracy_probabilities,
     is_simulated_cuda,
@@ -64,94 +68,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------- bounds
 
-#: DESIGN.md §1 "Accuracy", in ulps of the output dtype (of float32 for 16-bit dtypes,
-#: whose results must be the float32 result rounded once).
-ULPS = {"loss": 32, "lse": 4, "log_softmax": 32, "softmax": 4, "grad": 64}
-#: float64 losses: relative, not in ulps (1e-12 ~ 4500 ulps: the rest mass of a long
-#: row is a float64 sum whose error grows with C; the contract allows for that).
-LOSS_RTOL_FLOAT64 = 1e-12
-#: A reduced loss sums per-row losses each within 32 ulps of itself, i.e. within
-#: 32 * 2u |loss_i| (an ulp is at most 2u |v|, u = 2**-p): the sum is within
-#: 64 u sum|loss_i| <= 64 ulps of sum|loss_i|, plus the final rounding to the dtype.
-REDUCED_LOSS_ULPS = 2 * ULPS["loss"] + 1
-
-SIXTEEN_BIT = {"float16"} | ({BFLOAT16.name} if BFLOAT16 is not None else set())
 DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64),
           "float16": np.dtype(np.float16)}
 if BFLOAT16 is not None:
     DTYPES[BFLOAT16.name] = BFLOAT16
-
-
-def _work_dtype(dtype: np.dtype) -> np.dtype:
-    return np.dtype(np.float32) if dtype.name in SIXTEEN_BIT else dtype
-
-
-def measure(got, exact: naive.Exact, dtype, ulps: float, rtol64: float | None = None
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(error, tolerance, ok) per element, float64 arrays of exact's shape.
-
-    err = |got - (value + low)|; tolerance = ulps * spacing(ref) in the working dtype
-    (float32 for 16-bit outputs), ref = |exact|, or the oracle's scale at a genuine
-    near-zero crossing (module docstring); rtol64 * ref instead for float64 when given.
-    16-bit outputs pass when they lie between the roundings of exact -/+ tolerance:
-    the float32 result, within the float32 bound, rounded once (rounding is monotone).
-    NaN must match NaN; +-inf must match exactly (also where the exact value overflows
-    the output dtype)."""
-    dtype = np.dtype(dtype)
-    work = _work_dtype(dtype)
-    g = np.asarray(got).astype(np.float64)
-    value, low, scale = exact.value, exact.low, exact.scale
-    assert g.shape == value.shape, f"shape {g.shape}, expected {value.shape}"
-    with np.errstate(over="ignore", invalid="ignore"):
-        rounded = value.astype(dtype).astype(np.float64)
-        special = ~np.isfinite(rounded)
-        ref = np.where(np.nan_to_num(scale, nan=0.0, posinf=0.0) > np.abs(value) * (1 + 2.0 ** -20),
-                       scale, np.abs(value))
-        ref = np.where(special, 0.0, ref)
-        if rtol64 is not None and work == np.float64:
-            tol = rtol64 * ref
-        else:
-            tol = ulps * np.spacing(ref.astype(work)).astype(np.float64)
-        err = np.abs((g - value) - low)
-        if dtype != work:  # 16-bit: between round(exact - tol) and round(exact + tol)
-            lo_b = ((value + low) - tol).astype(work).astype(dtype).astype(np.float64)
-            hi_b = ((value + low) + tol).astype(work).astype(dtype).astype(np.float64)
-            ok = (g >= lo_b) & (g <= hi_b)
-        else:
-            ok = err <= tol
-        same_special = np.where(np.isnan(rounded), np.isnan(g), g == rounded)
-    ok = np.where(special, same_special, ok & np.isfinite(g))
-    return np.where(special, 0.0, err), tol, ok
-
-
-def assert_accurate(got, exact: naive.Exact, dtype, what: str, ulps: float,
-                    rtol64: float | None = None, row_kinds=None) -> None:
-    err, tol, ok = measure(got, exact, dtype, ulps, rtol64)
-    if ok.all():
-        return
-    bad = np.argwhere(~ok)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(ok, -np.inf, np.where(tol > 0, err / tol, np.inf))
-        ratio = np.where(np.isnan(ratio), np.inf, ratio)
-    worst = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
-    kind = ""
-    if row_kinds is not None and len(worst) >= 1 and err.ndim >= 1:
-        kind = f" (row kind {row_kinds[worst[0]]!r})"
-    g = np.asarray(got).astype(np.float64)[worst]
-    v = exact.value[worst]
-    cancel = exact.scale[worst] > abs(v) * (1 + 2.0 ** -20)
-    if rtol64 is not None and np.dtype(dtype) == np.float64:
-        bound = f"{rtol64:g} relative"
-    elif np.dtype(dtype).name in SIXTEEN_BIT:
-        bound = f"{ulps:g} float32 ulps, rounded once to {np.dtype(dtype).name}"
-    else:
-        bound = f"{ulps:g} ulps"
-    raise AssertionError(
-        f"{what}: {len(bad)} of {ok.size} elements outside {bound}"
-        f"; worst at {tuple(int(i) for i in worst)}{kind}: got {g!r}, exact {v!r}"
-        f"{' (a near-zero crossing: terms of magnitude %r)' % float(exact.scale[worst]) if cancel else ''}"
-        f", error {err[worst]:.3g} = {ratio[worst]:.3g} x the bound; first bad "
-        f"{[tuple(int(i) for i in b) for b in bad[:6]]}")
 
 
 # ----------------------------------------------------------------------- the grid

@@ -153,9 +153,9 @@ def label_kind(
         )
     if kind == "b":
         raise TypeError(
-            f"labels must be integer class ids or float probabilities; got dtype bool. "
-            f"For class ids cast them, e.g. labels.astype(np.int64); for one-hot rows, "
-            f"labels.astype(np.float32)"
+            "labels must be integer class ids or float probabilities; got dtype bool. "
+            "For class ids cast them, e.g. labels.astype(np.int64); for one-hot rows, "
+            "labels.astype(np.float32)"
         )
     if kind == "O":
         raise TypeError(

@@ -13,8 +13,6 @@ built.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from xentfast import _forkguard
