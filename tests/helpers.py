@@ -736,13 +736,14 @@ def work_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float32) if dtype.name in SIXTEEN_BIT else dtype
 
 
-def measure(got, exact, dtype, ulps: float, rtol64: float | None = None
+def measure(got, exact, dtype, ulps: float, rtol64: float | None = None, flush=1.0
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(error, tolerance, ok) per element, float64 arrays of exact's shape.
 
     err = |got - (value + low)|; tolerance = ulps * spacing(ref) in the working dtype
     (float32 for 16-bit outputs), ref = |exact|, or the oracle's scale at a genuine
-    near-zero crossing (module docstring); rtol64 * ref instead for float64 when given.
+    near-zero crossing (module docstring), plus twice the dtype's smallest normal number
+    (results below it may be flushed to 0); rtol64 * ref instead for float64 when given.
     16-bit outputs pass when they lie between the roundings of exact -/+ tolerance:
     the float32 result, within the float32 bound, rounded once (rounding is monotone).
     NaN must match NaN; +-inf must match exactly (also where the exact value overflows
@@ -761,7 +762,13 @@ def measure(got, exact, dtype, ulps: float, rtol64: float | None = None
         if rtol64 is not None and work == np.float64:
             tol = rtol64 * ref
         else:
-            tol = ulps * np.spacing(ref.astype(work)).astype(np.float64)
+            # results within a factor 2 of the smallest normal number may be
+            # flushed to 0 (the kernels' exp flushes below 2**(k_min - 0.5), to keep
+            # subnormals out of the loops): an absolute floor, on top of the ulps
+            # (``flush``: the factor an element carries after its exp, e.g. the
+            # gradient's coefficient, broadcastable to the result)
+            tol = ulps * np.spacing(ref.astype(work)).astype(np.float64) \
+                + 2 * np.finfo(work).tiny * np.asarray(flush, dtype=np.float64)
         err = np.abs((g - value) - low)
         if dtype != work:  # 16-bit: between round(exact - tol) and round(exact + tol)
             lo_b = ((value + low) - tol).astype(work).astype(dtype).astype(np.float64)
@@ -775,8 +782,8 @@ def measure(got, exact, dtype, ulps: float, rtol64: float | None = None
 
 
 def assert_accurate(got, exact, dtype, what: str, ulps: float,
-                    rtol64: float | None = None, row_kinds=None) -> None:
-    err, tol, ok = measure(got, exact, dtype, ulps, rtol64)
+                    rtol64: float | None = None, row_kinds=None, flush=1.0) -> None:
+    err, tol, ok = measure(got, exact, dtype, ulps, rtol64, flush)
     if ok.all():
         return
     bad = np.argwhere(~ok)
