@@ -21,7 +21,10 @@ For one row x_0 .. x_{C-1} (accumulation dtype: float32 for 16/32-bit logits, fl
 for float64) the SIMD passes compute
 
     m  = max_j x_j                                  (NaN ignored by the max itself)
-    e_j = exp(x_j - m)                              (e_j = 1 exactly where x_j = m)
+    e_j = exp(x_j - m)                              (e_j = 1 exactly where x_j = m;
+                                                    softmax's and float64 gradients'
+                                                    e_j are corrected for the rounding
+                                                    of x_j - m: exp(d) (1 + err))
     u  = sum_{j: x_j - m != 0} e_j                  the terms off the max; a NaN, a
                                                     +inf (inf - inf) or an all -inf row
                                                     (-inf - -inf) makes u NaN
