@@ -180,7 +180,7 @@ def _grid():
                                        id=f"{backend}-{kind}-{dtype_name}-{label}-{option}")
 
 
-@pytest.mark.sim_sample(0.15)
+@pytest.mark.sim_sample(0.1)
 @pytest.mark.parametrize("backend_name,kind,dtype_name,label,option", list(_grid()))
 def test_cross_entropy_rows(backend_name, kind, dtype_name, label, option):
     """Per-row loss, lse and every gradient element (reduction="none"), loss+grad and
@@ -213,7 +213,7 @@ def _primitive_grid():
                                        id=f"{backend}-{kind}-{dtype_name}-{op}")
 
 
-@pytest.mark.sim_sample(0.3)
+@pytest.mark.sim_sample(0.2)
 @pytest.mark.parametrize("backend_name,kind,dtype_name,op", list(_primitive_grid()))
 def test_primitives(backend_name, kind, dtype_name, op):
     shape = _shape(kind, backend_name, dtype_name)
@@ -238,7 +238,7 @@ def _reduction_grid():
                                        id=f"{backend}-{dtype_name}-{label}-{option}-{reduction}")
 
 
-@pytest.mark.sim_sample(0.3)
+@pytest.mark.sim_sample(0.2)
 @pytest.mark.parametrize("backend_name,dtype_name,label,option,reduction", list(_reduction_grid()))
 def test_reductions(backend_name, dtype_name, label, option, reduction):
     """The reduced loss (bound derived from the per-row one) and the gradient of the
@@ -275,7 +275,7 @@ def _layout_grid():
                                        id=f"{backend}-{dtype_name}-{label}-{option}-{variant}")
 
 
-@pytest.mark.sim_sample(0.3)
+@pytest.mark.sim_sample(0.2)
 @pytest.mark.parametrize("backend_name,dtype_name,label,option,variant", list(_layout_grid()))
 def test_axis_out_inplace(backend_name, dtype_name, label, option, variant):
     """The same rows through other layouts and gradient destinations keep the bounds."""
