@@ -802,7 +802,8 @@ def assert_accurate(got, exact, dtype, what: str, ulps: float,
     elif np.dtype(dtype).name in SIXTEEN_BIT:
         bound = f"{ulps:g} float32 ulps, rounded once to {np.dtype(dtype).name}"
     else:
-        bound = f"{ulps:g} ulps"
+        bound = (f"{ulps:g} ulps" if np.ndim(ulps) == 0
+                 else f"per-element bounds of {np.min(ulps):g}..{np.max(ulps):g} ulps")
     raise AssertionError(
         f"{what}: {len(bad)} of {ok.size} elements outside {bound}"
         f"; worst at {tuple(int(i) for i in worst)}{kind}: got {g!r}, exact {v!r}"

@@ -76,5 +76,8 @@ No compiler may reassociate them: the Numba backends compile rowmath without fas
 flags (``reassoc`` only inside the SIMD reductions), and the C build never uses
 -ffast-math.  e_j of softmax (both dtypes) and of float64 gradients is compensated for
 the rounding of x_j - m; accumulation is in the logits' dtype within blocks of a row
-and in float64 across blocks.  The measured bounds are in BENCHMARKS.md.
+and in float64 across blocks.  The measured bounds are in BENCHMARKS.md.  Known
+excess: float32 rows take exp of a rounded x_j - m (up to |x_j - m| ulps of e_j), which
+passes the 64-ulp gradient bound only for x_j - m > -60 and the 32-ulp loss bound only
+for a lead of the target under 28 (README, "accuracy").
 """
