@@ -52,13 +52,13 @@ except ImportError:  # run from a source checkout without installing
     import xentfast as xf
 
 import naive  # noqa: E402  (tests/naive.py: the exact oracle)
-from helpers import ACCURACY_KINDS, accuracy_case  # noqa: E402
+from helpers import ACCURACY_KINDS, LOSS_RTOL_FLOAT64, ULPS, accuracy_case  # noqa: E402
 
 QUANTITIES = ("loss", "lse", "log_softmax", "softmax", "grad", "grad[y]")
 HEADS = {"loss": "loss", "lse": "lse", "log_softmax": "log_sm", "softmax": "softmax",
          "grad": "grad", "grad[y]": "grad[y]"}
-BOUNDS = {"loss": 32, "lse": 4, "log_softmax": 32, "softmax": 4, "grad": 64, "grad[y]": 64}
-BOUND_LOSS_FLOAT64 = 1e-12  # relative
+BOUNDS = dict(ULPS, **{"grad[y]": ULPS["grad"]})  # the test suite's bounds
+BOUND_LOSS_FLOAT64 = LOSS_RTOL_FLOAT64  # relative
 
 #: (rows, classes) per data set: the test suite's host sizes, and small ones (--quick).
 FULL_SHAPES = {
