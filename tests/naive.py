@@ -793,14 +793,14 @@ def keras_categorical(y_true, y_pred, *, from_logits=False, label_smoothing=0.0,
     y_pred = np.asarray(y_pred)
     y_true = np.asarray(y_true)
     eps = float(label_smoothing)
-    last = y_pred.shape[-1]  # Keras smooths with the last axis' size, whatever axis is
     axis = axis % y_pred.ndim
+    num_classes = y_pred.shape[axis]  # smoothing spreads eps over the class axis
     p_rows, batch_shape = _rows(y_pred, axis)
     t_rows, _ = _rows(y_true, axis)
     out = []
     for p, t in zip(p_rows, t_rows):
         if eps:
-            t = [(1.0 - eps) * v + eps / last for v in t]
+            t = [(1.0 - eps) * v + eps / num_classes for v in t]
         if from_logits:
             out.append(dense_row(p, t, None, 0.0, 0.0)[0])
             continue
@@ -814,9 +814,11 @@ def keras_sparse(y_true, y_pred, *, from_logits=False, ignore_class=None, axis=-
     """Per-sample ``keras.losses.sparse_categorical_crossentropy`` in float64."""
     y_pred = np.asarray(y_pred)
     y_true = np.asarray(y_true)
-    if y_true.ndim == y_pred.ndim and y_true.shape[-1] == 1:
-        y_true = y_true.reshape(y_true.shape[:-1])
     axis = axis % y_pred.ndim
+    if y_true.ndim == y_pred.ndim:  # Keras drops a size-1 class axis, else a size-1 last
+        size_one = [d for d in (axis, y_true.ndim - 1) if y_true.shape[d] == 1]
+        if size_one:
+            y_true = np.squeeze(y_true, axis=size_one[0])
     p_rows, batch_shape = _rows(y_pred, axis)
     ys = [int(v) for v in y_true.reshape(-1).tolist()]  # Keras truncates float labels
     out = []

@@ -256,6 +256,22 @@ def test_python_lists_and_weight_dtypes(backend):
     assert_close(loss, expected, rtol=1e-10, what="loss")
 
 
+@pytest.mark.parametrize("weight_dtype", ["bfloat16", "float16", "int8", "float32"])
+def test_class_weights_of_any_real_dtype(backend, weight_dtype, rng):
+    """Class weights in bfloat16 (as logits may be), float16 or integers: read as their
+    exact values in the accumulation dtype."""
+    if weight_dtype == "bfloat16":
+        weight_dtype = pytest.importorskip("ml_dtypes").bfloat16
+    weight = np.array([1, 2.5, 0.5, 3, 1], dtype=weight_dtype)
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    y = rng.integers(0, 5, 6)
+    loss, grad = xf.cross_entropy_with_grad(x, y, weight=weight, backend=backend)
+    exact_weight = weight.astype(np.float64)
+    expected, expected_grad, _ = naive.cross_entropy(x, y, weight=exact_weight)
+    assert_close(loss, expected, rtol=1e-6, what="loss")
+    assert_close(grad, expected_grad, rtol=1e-6, atol=1e-7, what="grad")
+
+
 @pytest.mark.parametrize("dtype_name", DTYPE_IDS)
 def test_dense_labels_of_another_float_dtype(backend, dtype_name, rng):
     """Probability labels of any float dtype are read in the compute dtype."""

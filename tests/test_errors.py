@@ -57,6 +57,21 @@ def test_dense_label_shape_mismatch(backend):
         ce(backend, labels=np.zeros((4, 4)))
 
 
+@pytest.mark.parametrize("ignore_index", [0, 3, 10])
+def test_probability_labels_reject_a_class_ignore_index(backend, ignore_index):
+    """PyTorch: "ignore_index is not supported for floating point target" -- there is no
+    class id to compare with; negative values (the default -100 included) are accepted."""
+    with pytest.raises(ValueError, match=rf"ignore_index is not supported for probability .*"
+                                         rf"got ignore_index={ignore_index}"):
+        ce(backend, labels=np.full((4, 5), 0.2), ignore_index=ignore_index)
+
+
+def test_probability_labels_accept_a_negative_ignore_index(backend):
+    labels = np.full((4, 5), 0.2)
+    expected = ce(backend, labels=labels)
+    np.testing.assert_array_equal(ce(backend, labels=labels, ignore_index=-1), expected)
+
+
 def test_float_labels_with_batch_shape(backend):
     with pytest.raises(TypeError, match=r"read as class indices.*dtype is float64.*astype\(np.int64\)"):
         ce(backend, labels=Y.astype(np.float64))
@@ -136,7 +151,7 @@ def test_wrong_weight_shape(backend, weight, shape):
 
 
 def test_complex_weight(backend):
-    with pytest.raises(TypeError, match=r"weight must be a real numeric array; got dtype complex128"):
+    with pytest.raises(TypeError, match=r"weight must be a real numeric array \(integer or floating\); got dtype complex128"):
         ce(backend, weight=np.ones(5, complex))
 
 
@@ -208,9 +223,15 @@ def test_keras_positional_from_logits_in_axis(backend):
         xf.categorical_crossentropy(np.eye(5)[Y], X, True, 0.0, True, backend=backend)
 
 
-def test_keras_categorical_shape_mismatch(backend):
-    with pytest.raises(ValueError, match=r"y_true of shape \(4,\) must have y_pred's shape \(4, 5\)"):
-        xf.categorical_crossentropy(Y.astype(np.float32), np.full((4, 5), 0.2), backend=backend)
+@pytest.mark.parametrize("from_logits", [False, True], ids=["probs", "logits"])
+@pytest.mark.parametrize("true_shape", [(4,), (4, 1), (1, 5)], ids=str)
+def test_keras_categorical_shape_mismatch(backend, from_logits, true_shape):
+    """Keras' categorical loss does not broadcast y_true (TensorFlow's function does)."""
+    expected = (r"y_true and y_pred must have the same shape .*"
+                rf"y_true.shape={re.escape(str(true_shape))}, y_pred.shape=\(4, 5\)")
+    with pytest.raises(ValueError, match=expected):
+        xf.categorical_crossentropy(np.full(true_shape, 0.2), np.full((4, 5), 0.2),
+                                    from_logits=from_logits, backend=backend)
 
 
 # ----------------------------------------------------------------------- out= and inplace

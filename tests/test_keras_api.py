@@ -51,20 +51,21 @@ def test_categorical_crossentropy(backend, dtype, from_logits, label_smoothing, 
 
 
 @pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probs"])
-def test_categorical_axis_and_smoothing_uses_last_axis(backend, from_logits, rng):
-    """Keras smooths with y_pred.shape[-1] even when the classes lie on another axis."""
+def test_categorical_smoothing_spreads_over_the_class_axis(backend, from_logits, rng):
+    """label_smoothing mixes in 1/C with C the class axis' size, not the last axis'
+    (Keras 3.15 used the last axis; fixed upstream since)."""
     shape = (2, 4, 3)  # classes on axis 1 (4 of them); the last axis has 3
     y_pred = rng.standard_normal(shape) if from_logits else _probabilities(rng, shape, np.float64, axis=1)
     y_true = make_probabilities(rng, shape, 1, np.float64)
     got = xf.categorical_crossentropy(y_true, y_pred, from_logits=from_logits,
                                       label_smoothing=0.3, axis=1, backend=backend)
-    expected = naive.keras_categorical(y_true, y_pred, from_logits=from_logits,
-                                       label_smoothing=0.3, axis=1)
-    wrong = naive.keras_categorical(y_true, y_pred, from_logits=from_logits, label_smoothing=0.0,
-                                    axis=1)
+    smoothed = 0.7 * y_true + 0.3 / 4
+    expected = naive.keras_categorical(smoothed, y_pred, from_logits=from_logits, axis=1)
+    last_axis = naive.keras_categorical(0.7 * y_true + 0.3 / 3, y_pred, from_logits=from_logits,
+                                        axis=1)
     assert got.shape == (2, 3)
     assert_close(got, expected, rtol=1e-10, atol=1e-12)
-    assert not np.allclose(expected, wrong)  # the case really tells the two apart
+    assert not np.allclose(expected, last_axis)  # the case really tells the two apart
 
 
 @pytest.mark.sim_sample(0.3)
@@ -225,3 +226,82 @@ def test_from_config_accepts_a_keras_config():
 def test_unknown_reduction_is_rejected():
     with pytest.raises(ValueError, match=r"reduction must be one of .*'sum_over_batch_size'.*got 'avg'"):
         xf.CategoricalCrossentropy(reduction="avg")
+
+
+# ----------------------------------------------------------------- Keras' own conventions
+
+
+@pytest.mark.parametrize("dtype_arg,expected", [
+    (None, np.float32), ("float32", np.float32), ("float64", np.float64),
+    ("float16", np.float16), ("bfloat16", "bfloat16"), ("mixed_bfloat16", "bfloat16"),
+    (np.float64, np.float64),
+], ids=str)
+@pytest.mark.parametrize("cls", [xf.CategoricalCrossentropy, xf.SparseCategoricalCrossentropy],
+                         ids=["categorical", "sparse"])
+def test_loss_object_computes_and_returns_its_dtype(backend, cls, dtype_arg, expected, rng):
+    """Keras' Loss.__call__ casts y_pred to the loss' dtype (default floatx, float32) and
+    returns the loss in it; the value is the one of the cast inputs."""
+    if expected == "bfloat16":
+        ml_dtypes = pytest.importorskip("ml_dtypes")
+        expected = ml_dtypes.bfloat16
+    expected = np.dtype(expected)
+    x = rng.standard_normal((6, 5))  # float64 in: the loss' dtype decides
+    y = (make_probabilities(rng, x.shape, -1, np.float64) if cls is xf.CategoricalCrossentropy
+         else rng.integers(0, 5, size=6))
+    got = cls(from_logits=True, dtype=dtype_arg, backend=backend)(y, x)
+    assert np.asarray(got).dtype == expected
+    x_cast = x.astype(expected).astype(np.float64)
+    per = (naive.keras_categorical(y.astype(expected).astype(np.float64), x_cast, from_logits=True)
+           if cls is xf.CategoricalCrossentropy else naive.keras_sparse(y, x_cast, from_logits=True))
+    tolerance = float(np.finfo(np.float32 if expected.itemsize < 8 else np.float64).eps) * 8
+    if expected.itemsize == 2:  # per-sample losses rounded to 16 bits, then their mean:
+        # two roundings of half a unit each (8 significant bits in bfloat16, 11 in float16)
+        tolerance = 2.0 ** -7 if expected.name == "bfloat16" else 2.0 ** -10
+    assert_close(np.float64(np.asarray(got).astype(np.float64)), float(np.mean(per)),
+                 rtol=tolerance, atol=0, what="loss in the loss' dtype")
+
+
+def test_loss_object_rejects_a_non_float_dtype():
+    with pytest.raises(TypeError, match="dtype must be a floating dtype"):
+        xf.SparseCategoricalCrossentropy(dtype="int32")
+
+
+@pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probs"])
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_categorical_single_class_warns(backend, from_logits, axis):
+    """One class: softmax is 1, the loss always 0 -- Keras warns (SyntaxWarning)."""
+    shape = (3, 1) if axis == -1 else (3, 1, 2)
+    y_pred = np.ones(shape, np.float64)
+    with pytest.warns(SyntaxWarning, match="loss is always 0"):
+        got = xf.categorical_crossentropy(np.ones(shape, np.float64), y_pred,
+                                          from_logits=from_logits, axis=axis, backend=backend)
+    # Logits: exactly 0.  Probabilities: Keras clips p = 1 to 1 - 1e-7 first.
+    expected = naive.keras_categorical(np.ones(shape), np.ones(shape), from_logits=from_logits,
+                                       axis=axis)
+    assert_close(got, expected, rtol=1e-6, atol=0)
+
+
+def test_categorical_two_classes_do_not_warn(backend):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xf.categorical_crossentropy(np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32),
+                                    from_logits=True, backend=backend)
+
+
+@pytest.mark.parametrize("axis,true_shape", [(1, (4, 1, 5)), (-1, (4, 5, 1)), (1, (4, 5, 1))],
+                         ids=["class_axis_1", "last_axis", "last_axis_with_axis_1"])
+def test_sparse_singleton_label_axis_is_squeezed(backend, axis, true_shape, rng):
+    """Class ids of y_pred's rank: a size-1 class axis is dropped (Keras' losses), else a
+    size-1 last axis (its TensorFlow backend)."""
+    pred_shape = (4, 3, 5) if axis == 1 else (4, 5, 3)
+    if true_shape == (4, 5, 1) and axis == 1:
+        pred_shape = (4, 3, 5)
+    x = rng.standard_normal(pred_shape)
+    y = rng.integers(0, 3, size=true_shape)
+    got = xf.sparse_categorical_crossentropy(y, x, from_logits=True, axis=axis, backend=backend)
+    squeezed = y.reshape(4, 5)
+    expected, _, _ = naive.cross_entropy(x, squeezed, axis=axis, reduction="none")
+    assert got.shape == (4, 5)
+    assert_close(got, expected, rtol=1e-12, atol=0)

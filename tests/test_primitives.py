@@ -140,3 +140,35 @@ def test_lists_and_inputs_untouched(backend):
     for op in OPS:
         getattr(xf, op)(arr, backend=backend)
     assert_bitwise_equal(arr, copy, "input")
+
+
+@pytest.mark.parametrize("axes", [(0, 1), (2, 0), (1,), (), [0, 1, 2], (-1, -3)], ids=str)
+@pytest.mark.parametrize("op", ["softmax", "log_softmax", "logsumexp"])
+def test_several_axes_at_once(host_backend, op, axes, rng):
+    """A tuple axis normalises over those axes together (NumPy, SciPy, Keras): the same
+    as merging them into one row axis, element for element; keepdims as NumPy's."""
+    x = (rng.standard_normal((3, 4, 5)) * 4).astype(np.float32)
+    ndim = x.ndim
+    axes_ = tuple(a % ndim for a in axes)
+    last = tuple(range(ndim - len(axes_), ndim))
+    moved = np.moveaxis(x, axes_, last)
+    merged = moved.reshape(moved.shape[: ndim - len(axes_)] + (-1,)).astype(np.float64)
+    exact = getattr(naive, op)(merged, axis=-1)
+    got = getattr(xf, op)(x, axis=axes, backend=host_backend)
+    if op == "logsumexp":
+        expected = exact
+        kept = xf.logsumexp(x, axis=axes, keepdims=True, backend=host_backend)
+        keep_shape = tuple(1 if d in axes_ else s for d, s in enumerate(x.shape))
+        assert kept.shape == keep_shape
+        np.testing.assert_array_equal(kept.reshape(got.shape), got)
+    else:
+        expected = np.moveaxis(exact.reshape(moved.shape), last, axes_)
+    assert got.shape == expected.shape and got.dtype == np.float32
+    assert_close(got, expected, rtol=64 * 2.0 ** -24, atol=1e-30, what=f"{op} over {axes}")
+
+
+def test_several_axes_reject_repeats_and_bounds(host_backend):
+    with pytest.raises(ValueError, match=r"axis \(0, 0\) repeats an axis"):
+        xf.softmax(np.ones((2, 3)), axis=(0, 0), backend=host_backend)
+    with pytest.raises(ValueError, match="out of bounds"):
+        xf.log_softmax(np.ones((2, 3)), axis=(0, 2), backend=host_backend)

@@ -53,6 +53,32 @@ def test_keywords_and_axis(backend, rng):
         assert_close(got, expected, rtol=1e-10, atol=1e-12, what=f"axis={axis}")
 
 
+@pytest.mark.parametrize("labels_shape,logits_shape,result_shape", [
+    ((1, 5), (4, 5), (4,)),            # one label row for every row (TensorFlow's case)
+    ((4, 5), (1, 5), (4,)),            # one row of logits for many label rows
+    ((4, 5), (4, 1), (4,)),            # TensorFlow's feature-broadcast case (one class)
+    ((4, 1), (4, 5), (4,)),            # one probability per row, spread over the classes
+    ((5,), (2, 3, 5), (2, 3)),         # NumPy's rules, any rank
+    ((2, 1, 5), (1, 3, 5), (2, 3)),
+], ids=str)
+def test_labels_and_logits_broadcast(backend, labels_shape, logits_shape, result_shape, rng):
+    """softmax_cross_entropy_with_logits broadcasts labels and logits against each other
+    (TensorFlow's op does): the loss is that of the explicitly broadcast arrays."""
+    labels = rng.uniform(0, 1, labels_shape)
+    logits = rng.standard_normal(logits_shape) * 3
+    got = xf.softmax_cross_entropy_with_logits(labels, logits, backend=backend)
+    shape = np.broadcast_shapes(labels_shape, logits_shape)
+    expected, _, _ = naive.cross_entropy(np.broadcast_to(logits, shape).copy(),
+                                         np.broadcast_to(labels, shape).copy(), reduction="none")
+    assert got.shape == result_shape
+    assert_close(got, expected, rtol=1e-12, atol=1e-14, what="broadcast loss")
+
+
+def test_labels_that_do_not_broadcast_still_name_both_shapes(backend):
+    with pytest.raises(ValueError, match=r"labels of shape \(4, 3\) do not fit logits of shape \(4, 5\)"):
+        xf.softmax_cross_entropy_with_logits(np.zeros((4, 3)), np.zeros((4, 5)), backend=backend)
+
+
 @pytest.mark.sim_sample(0.5)
 @pytest.mark.parametrize("label_dtype", ["int32", "int64"])
 @pytest.mark.parametrize("backend_name,shape_case,dtype_name",

@@ -83,6 +83,7 @@ def _cross_entropy(
     check_labels: bool = True,
     labels_as_probabilities: bool = False,
     labels_as_indices: bool = False,
+    broadcast_labels: bool = False,
 ):
     reduction = _validate.check_reduction(reduction)
     ignore_index = _validate.check_ignore_index(ignore_index)
@@ -90,10 +91,12 @@ def _cross_entropy(
     z_loss = _validate.check_nonnegative(z_loss, "z_loss")
     x, call = _resolve(logits, labels, out, backend=backend)
     arrays = call.arrays
+    y = arrays.asarray(labels)
+    if broadcast_labels:
+        x, y = _broadcast_pair(x, y, arrays)
     shape, axis, batch_shape, num_classes = _shape_axis(x, axis)
     _validate.check_classes(num_classes, shape, axis)
 
-    y = arrays.asarray(labels)
     if not arrays.on_device and np.dtype(y.dtype).kind == "O":
         _validate.check_object_labels(y, num_classes, ignore_index)
     if labels_as_probabilities and tuple(y.shape) == shape and y.dtype.kind in "iub":
@@ -126,6 +129,7 @@ def _cross_entropy(
         )
     else:
         _validate.check_float_dtype(y.dtype, "labels")
+        _validate.check_no_ignore_index_for_probabilities(ignore_index)
         y_rows = arrays.to_rows(y, axis, call.compute_dtype)
         denominator = float(n) if reduction == "mean" else 1.0
     # "mean" with nothing kept is 0 with a zero gradient (not PyTorch's 0/0 = NaN).
@@ -161,6 +165,21 @@ def _cross_entropy(
     if return_lse:
         results.append(arrays.from_rows(lse_rows, batch_shape, axis, call.dtype, like=x))
     return results[0] if len(results) == 1 else tuple(results)
+
+
+def _broadcast_pair(x, y, arrays):
+    """Logits and probability labels broadcast against each other, as TensorFlow's
+    ``softmax_cross_entropy_with_logits`` does (labels of shape (1, C) for every row;
+    one row of logits for many label rows): NumPy's broadcasting rules, as zero-stride
+    views.  Shapes that do not broadcast are left for the shape check's message."""
+    x_shape, y_shape = tuple(x.shape), tuple(y.shape)
+    if x_shape == y_shape or len(x_shape) == 0 or len(y_shape) == 0:
+        return x, y
+    try:
+        shape = np.broadcast_shapes(x_shape, y_shape)
+    except ValueError:
+        return x, y
+    return arrays.broadcast_to(x, shape), arrays.broadcast_to(y, shape)
 
 
 def _grad_target(given, x, out, inplace: bool, shape, call: _Call):
@@ -363,13 +382,15 @@ def cross_entropy_with_grad(
 def softmax_cross_entropy_with_logits(labels, logits, axis: int = -1, *, backend: str | None = None):
     """Per-example loss for probability labels, as ``tf.nn.softmax_cross_entropy_with_logits``.
 
-    ``labels`` have the logits' shape; integer one-hot labels are cast to the logits'
-    dtype, as TensorFlow does.  Returns an array of the logits' shape without ``axis``.
+    ``labels`` have the logits' shape, or one that broadcasts against it (NumPy's rules,
+    which include TensorFlow's: labels of shape (1, C) for every row, or one row of
+    logits for many rows of labels); integer one-hot labels are cast to the logits'
+    dtype, as TensorFlow does.  Returns an array of the broadcast shape without ``axis``.
     """
     return _cross_entropy(
         logits, labels, axis=axis, weight=None, ignore_index=-100, label_smoothing=0.0,
         z_loss=0.0, reduction="none", backend=backend, want_grad=False,
-        labels_as_probabilities=True,
+        labels_as_probabilities=True, broadcast_labels=True,
     )
 
 
@@ -416,29 +437,67 @@ def _primitive(x, axis, backend, op: str):
     return arrays.from_rows(rows_out, batch_shape, axis_, call.dtype, like=x)
 
 
-def softmax(x, axis: int | None = -1, *, backend: str | None = None):
-    """``exp(x - logsumexp(x))`` along ``axis`` (None: over all elements), fused and stable."""
+def _over_axes(x, axes, backend, op: str):
+    """Row kernel ``op`` over several axes at once (NumPy's, SciPy's and Keras' tuple
+    ``axis``): those axes moved last and merged into one row axis, the kernel, and the
+    layout back.  Host arrays (a device array's merged axes would need a copy kernel
+    per layout; pass one axis, or reshape it first)."""
+    if is_device_array(x):
+        raise TypeError(
+            f"axis={axes!r}: several axes at once are supported for host arrays; got a CUDA "
+            "array. Reshape it so the axes are one (e.g. x.reshape(n, -1)) and pass that axis"
+        )
+    x = np.asarray(x)
+    _validate.check_ndim(tuple(x.shape), "x")
+    axes = _validate.normalize_axes(axes, x.ndim, "x")
+    last = tuple(range(x.ndim - len(axes), x.ndim))
+    moved = np.moveaxis(x, axes, last)
+    kept_shape = moved.shape[: x.ndim - len(axes)]
+    rows = _primitive(moved.reshape(kept_shape + (-1,)), -1, backend, op)
+    if op == "logsumexp":
+        return rows
+    return np.moveaxis(rows.reshape(moved.shape), last, axes)
+
+
+def _is_axes(axis) -> bool:
+    return isinstance(axis, (tuple, list))
+
+
+def softmax(x, axis: int | tuple[int, ...] | None = -1, *, backend: str | None = None):
+    """``exp(x - logsumexp(x))`` along ``axis`` (a tuple: over those axes together; None:
+    over all elements), fused and stable."""
+    if _is_axes(axis):
+        return _over_axes(x, axis, backend, "softmax")
     return _primitive(x, axis, backend, "softmax").reshape(tuple(_shape_of(x)))
 
 
-def log_softmax(x, axis: int | None = -1, *, backend: str | None = None):
-    """``x - logsumexp(x)`` along ``axis`` (None: over all elements), fused and stable."""
+def log_softmax(x, axis: int | tuple[int, ...] | None = -1, *, backend: str | None = None):
+    """``x - logsumexp(x)`` along ``axis`` (a tuple: over those axes together; None: over
+    all elements), fused and stable."""
+    if _is_axes(axis):
+        return _over_axes(x, axis, backend, "log_softmax")
     return _primitive(x, axis, backend, "log_softmax").reshape(tuple(_shape_of(x)))
 
 
-def logsumexp(x, axis: int | None = -1, *, keepdims: bool = False, backend: str | None = None):
-    """``log(sum(exp(x)))`` along ``axis`` (None: over all elements), without overflow.
+def logsumexp(x, axis: int | tuple[int, ...] | None = -1, *, keepdims: bool = False,
+              backend: str | None = None):
+    """``log(sum(exp(x)))`` along ``axis`` (a tuple: over those axes together; None: over
+    all elements), without overflow.
 
     An empty axis gives ``-inf`` (the log of an empty sum), as in SciPy and PyTorch.
     """
-    result = _primitive(x, axis, backend, "logsumexp")
+    if _is_axes(axis):
+        result = _over_axes(x, axis, backend, "logsumexp")
+        reduced = _validate.normalize_axes(axis, len(_shape_of(x)), "x")
+    else:
+        result = _primitive(x, axis, backend, "logsumexp")
+        reduced = (range(len(_shape_of(x))) if axis is None
+                   else (_validate.normalize_axis(axis, len(_shape_of(x)), "x"),))
     if not keepdims:
         return result
     shape = list(_shape_of(x))
-    if axis is None:
-        shape = [1] * len(shape)
-    else:
-        shape[_validate.normalize_axis(axis, len(shape), "x")] = 1
+    for d in reduced:
+        shape[d] = 1
     return result.reshape(tuple(shape))
 
 

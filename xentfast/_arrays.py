@@ -51,6 +51,11 @@ class HostArrays:
         return rows.reshape(-1, moved.shape[-1])
 
     @staticmethod
+    def broadcast_to(x: np.ndarray, shape) -> np.ndarray:
+        """Read-only view of ``x`` broadcast to ``shape`` (no copy)."""
+        return np.broadcast_to(x, shape)
+
+    @staticmethod
     def label_rows(labels: np.ndarray) -> np.ndarray:
         """Class ids as a C-contiguous int64 vector.
 
@@ -86,8 +91,7 @@ class HostArrays:
         if weight is None:
             return np.empty(0, dtype)
         w = np.asarray(weight)
-        if w.dtype.kind not in "iuf":
-            raise TypeError(f"weight must be a real numeric array; got dtype {w.dtype}")
+        _validate.check_weight_dtype(w.dtype)
         _validate.check_weight_shape(w.shape, num_classes)
         with np.errstate(over="ignore"):  # an overflow is reported just below
             w = np.ascontiguousarray(w, dtype=dtype)

@@ -8,18 +8,29 @@ and ``keras.losses.sparse_categorical_crossentropy`` (Keras 3, TensorFlow backen
   over ``axis``, clip to ``[1e-7, 1 - 1e-7]``, ``-sum(y_true * log(y_pred))``.  Sparse:
   clip, take the log, and run the fused sparse kernel on those log-probabilities (which
   is what TensorFlow's backend does, renormalisation by the log-sum-exp included).
-* ``label_smoothing`` mixes ``y_true`` with ``1 / y_pred.shape[-1]`` (Keras takes the
-  class count from the last axis whatever ``axis`` is; so do we).
+* ``label_smoothing`` mixes ``y_true`` with ``1 / C``, C the size of the class axis
+  ``axis``.  (Keras 3.15 and earlier take C from the last axis whatever ``axis`` is;
+  Keras has since fixed that.  Both agree for ``axis=-1``.)
+* A class axis of size 1 warns (``SyntaxWarning``, as Keras): the loss is always 0.
+* ``sparse_categorical_crossentropy`` squeezes a size-1 class axis of ``y_true`` of
+  ``y_pred``'s rank (as Keras does before its backends), else a size-1 last axis (its
+  TensorFlow backend).
 * ``ignore_class`` zeroes the loss of samples whose label equals it; the loss objects
   then average over the remaining samples only (Keras' mask).
 
 The loss objects accept Keras' reductions: ``"sum_over_batch_size"`` (default; sum
 divided by the number of loss entries), ``"sum"``, ``"mean"`` (same as
 ``"sum_over_batch_size"``), ``"mean_with_sample_weight"`` and ``"none"``/``None``.
+Like Keras' ``Loss.__call__`` they first cast ``y_pred`` (and float ``y_true``) to their
+``dtype`` -- by default Keras' ``floatx()``, float32 -- and return the loss in it
+(``dtype="bfloat16"`` or ``"mixed_bfloat16"``: bfloat16, through ``ml_dtypes``).  Integer
+class ids are not cast: they stay exact beyond float32's 2**24.
 """
 
 from __future__ import annotations
 
+import sys
+import warnings
 from typing import Any
 
 import numpy as np
@@ -70,15 +81,12 @@ def categorical_crossentropy(
         pred = y_pred if is_device_array(y_pred) else np.asarray(y_pred)
         dtype = _validate.check_float_dtype(pred.dtype, "y_pred")
         true = y_true if is_device_array(y_true) else np.asarray(y_true).astype(dtype, copy=False)
-        shape = tuple(pred.shape)
-        fused_smoothing = label_smoothing
-        if label_smoothing and shape and shape[_validate.normalize_axis(axis, len(shape))] != shape[-1]:
-            # Keras smooths with the last axis' size even when the classes lie elsewhere.
-            true = true * (1.0 - label_smoothing) + label_smoothing / shape[-1]
-            fused_smoothing = 0.0
+        _check_same_shape(tuple(true.shape), tuple(pred.shape))
+        _warn_single_class(tuple(pred.shape), axis)
+        # The kernel smooths with C = the class axis' size: (1 - eps) t + eps / C.
         return _api._cross_entropy(
             pred, true, axis=axis, weight=None, ignore_index=-100,
-            label_smoothing=fused_smoothing, z_loss=0.0, reduction="none", backend=backend,
+            label_smoothing=label_smoothing, z_loss=0.0, reduction="none", backend=backend,
             want_grad=False, labels_as_probabilities=True,
         )
     pred = _host(y_pred, "y_pred")
@@ -86,13 +94,10 @@ def categorical_crossentropy(
     true = _host(y_true, "y_true").astype(dtype, copy=False)
     _validate.check_ndim(pred.shape, "y_pred")
     axis_ = _validate.normalize_axis(axis, pred.ndim, "y_pred")
-    if true.shape != pred.shape:
-        raise ValueError(
-            f"y_true of shape {true.shape} must have y_pred's shape {pred.shape} "
-            "(one-hot or soft targets); for class indices use sparse_categorical_crossentropy"
-        )
+    _check_same_shape(true.shape, pred.shape)
+    _warn_single_class(pred.shape, axis_)
     if label_smoothing:
-        true = true * (1.0 - label_smoothing) + label_smoothing / pred.shape[-1]
+        true = true * (1.0 - label_smoothing) + label_smoothing / pred.shape[axis_]
     acc = np.float64 if dtype == np.float64 else np.float32
     p = pred.astype(acc)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -100,6 +105,29 @@ def categorical_crossentropy(
     p = np.clip(p, EPSILON, 1.0 - EPSILON)
     loss = -np.sum(true.astype(acc) * np.log(p), axis=axis_)
     return loss.astype(dtype)
+
+
+def _check_same_shape(true_shape: tuple[int, ...], pred_shape: tuple[int, ...]) -> None:
+    """Keras' categorical loss takes targets of exactly y_pred's shape (no broadcasting)."""
+    if tuple(true_shape) != tuple(pred_shape):
+        raise ValueError(
+            f"y_true and y_pred must have the same shape (one-hot or soft targets); got "
+            f"y_true.shape={tuple(true_shape)}, y_pred.shape={tuple(pred_shape)}. For class "
+            "indices use sparse_categorical_crossentropy"
+        )
+
+
+def _warn_single_class(shape: tuple[int, ...], axis: int) -> None:
+    """Keras' warning for one class: softmax over one class is 1, the loss always 0."""
+    if shape and shape[_validate.normalize_axis(axis, len(shape), "y_pred")] == 1:
+        warnings.warn(
+            "In loss categorical_crossentropy, expected y_pred.shape to be (batch_size, "
+            f"num_classes) with num_classes > 1 along axis {axis}. Received: "
+            f"y_pred.shape={shape}: one class, so the loss is always 0. Consider "
+            "'binary_crossentropy' if you only have 2 classes.",
+            SyntaxWarning,
+            stacklevel=3,
+        )
 
 
 def _check_float_class_ids(true: np.ndarray) -> None:
@@ -125,15 +153,15 @@ def sparse_categorical_crossentropy(
     ``keras.losses.sparse_categorical_crossentropy``.
 
     ``y_true`` holds class ids (integers, or floats holding integers, as Keras allows),
-    of ``y_pred``'s shape without ``axis``, or with a trailing axis of size 1.  Samples
-    whose label is ``ignore_class`` get loss 0.
+    of ``y_pred``'s shape without ``axis``, or of ``y_pred``'s rank with a size-1 axis
+    in place of the classes (or last).  Samples whose label is ``ignore_class`` get
+    loss 0.
     """
     _check_axis_arg(axis)
     pred = y_pred if is_device_array(y_pred) else np.asarray(y_pred)
     dtype = _validate.check_float_dtype(pred.dtype, "y_pred")
     true = y_true if is_device_array(y_true) else np.asarray(y_true)
-    if len(true.shape) == len(pred.shape) and len(true.shape) and true.shape[-1] == 1:
-        true = true.reshape(tuple(true.shape[:-1]))
+    true = _squeeze_class_axis(true, tuple(pred.shape), axis)
     if np.dtype(true.dtype).kind == "f":
         if not is_device_array(true):
             _check_float_class_ids(true)
@@ -149,6 +177,55 @@ def sparse_categorical_crossentropy(
         pred, true, axis=axis, weight=None, ignore_index=ignore, label_smoothing=0.0,
         z_loss=0.0, reduction="none", backend=backend, want_grad=False,
     )
+
+
+def _squeeze_class_axis(true, pred_shape: tuple[int, ...], axis: int):
+    """Class ids given with ``y_pred``'s rank: drop their size-1 class axis (Keras'
+    losses do, for every backend), or else a size-1 last axis (its TensorFlow backend)."""
+    shape = tuple(true.shape)
+    if len(shape) != len(pred_shape) or not shape:
+        return true
+    class_axis = _validate.normalize_axis(axis, len(pred_shape), "y_pred")
+    for drop in (class_axis, len(shape) - 1):
+        if shape[drop] == 1:
+            return true.reshape(shape[:drop] + shape[drop + 1:])
+    return true
+
+
+def _compute_dtype(dtype) -> np.dtype:
+    """The dtype a Keras loss object computes in: its ``dtype`` argument (a name, a
+    NumPy dtype, a ``mixed_*`` policy name or a Keras ``DTypePolicy``), by default
+    Keras' ``floatx()`` (float32, unless Keras is loaded and configured otherwise)."""
+    if dtype is None:
+        keras = sys.modules.get("keras")
+        floatx = getattr(getattr(keras, "config", None), "floatx", None)
+        dtype = floatx() if callable(floatx) else "float32"
+    dtype = getattr(dtype, "compute_dtype", dtype)
+    if isinstance(dtype, str) and dtype.startswith("mixed_"):
+        dtype = dtype[len("mixed_"):]
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise TypeError(
+                "dtype='bfloat16' needs the ml_dtypes package (pip install ml_dtypes)"
+            ) from None
+        return np.dtype(ml_dtypes.bfloat16)
+    try:
+        return _validate.check_float_dtype(np.dtype(dtype), "dtype")
+    except TypeError as error:
+        raise TypeError(f"the loss' dtype must be a floating dtype: {error}") from None
+
+
+def _cast_input(x, dtype: np.dtype, keep_integers: bool = False):
+    """Keras' ``convert_to_tensor(x, dtype=self.dtype)`` of the loss' inputs, on the
+    host; device arrays are left as they are (their result is cast instead)."""
+    if is_device_array(x):
+        return x
+    x = np.asarray(x)
+    if keep_integers and x.dtype.kind in "iu":
+        return x
+    return x.astype(dtype, copy=False)
 
 
 def _reduce(values: np.ndarray, sample_weight, mask, reduction):
@@ -212,6 +289,7 @@ class _KerasLoss:
         self.reduction = reduction
         self.name = name
         self.dtype = dtype
+        _compute_dtype(dtype)  # an unusable dtype fails here, not at the first call
 
     def _config(self) -> dict:
         return {"name": self.name, "reduction": self.reduction, "dtype": self.dtype}
@@ -239,11 +317,14 @@ class CategoricalCrossentropy(_KerasLoss):
         self.backend = backend
 
     def __call__(self, y_true, y_pred, sample_weight=None):
+        dtype = _compute_dtype(self.dtype)
         values = categorical_crossentropy(
-            y_true, y_pred, from_logits=self.from_logits, label_smoothing=self.label_smoothing,
+            _cast_input(y_true, dtype), _cast_input(y_pred, dtype),
+            from_logits=self.from_logits, label_smoothing=self.label_smoothing,
             axis=self.axis, backend=self.backend,
         )
-        return _reduce(_host(values, "loss"), sample_weight, None, self.reduction)
+        values = _host(values, "loss").astype(dtype, copy=False)
+        return _reduce(values, sample_weight, None, self.reduction)
 
     def get_config(self) -> dict:
         return {**self._config(), "from_logits": self.from_logits,
@@ -269,11 +350,13 @@ class SparseCategoricalCrossentropy(_KerasLoss):
         self.backend = backend
 
     def __call__(self, y_true, y_pred, sample_weight=None):
+        dtype = _compute_dtype(self.dtype)
         values = sparse_categorical_crossentropy(
-            y_true, y_pred, from_logits=self.from_logits, ignore_class=self.ignore_class,
+            _cast_input(y_true, dtype, keep_integers=True), _cast_input(y_pred, dtype),
+            from_logits=self.from_logits, ignore_class=self.ignore_class,
             axis=self.axis, backend=self.backend,
         )
-        values = _host(values, "loss")
+        values = _host(values, "loss").astype(dtype, copy=False)
         mask = None
         if self.ignore_class is not None:
             labels = np.asarray(y_true)

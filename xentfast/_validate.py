@@ -23,6 +23,28 @@ def is_bfloat16(dtype: np.dtype) -> bool:
     return dtype.name == "bfloat16"
 
 
+def check_weight_dtype(dtype: np.dtype) -> None:
+    """Class weights: any real numbers (integers, float16, bfloat16, float32/64)."""
+    if np.dtype(dtype).kind not in "iuf" and not is_bfloat16(np.dtype(dtype)):
+        raise TypeError(
+            f"weight must be a real numeric array (integer or floating); got dtype {dtype}. "
+            "Pass e.g. np.asarray(weight, dtype=np.float32)"
+        )
+
+
+def check_no_ignore_index_for_probabilities(ignore_index: int) -> None:
+    """Probability labels have no class id to ignore: a non-negative ``ignore_index``
+    (one that could name a class) with them is an error, as in PyTorch; negative ones,
+    the default -100 included, are accepted and change nothing."""
+    if ignore_index >= 0:
+        raise ValueError(
+            f"ignore_index is not supported for probability (floating point) labels; got "
+            f"ignore_index={ignore_index}. It masks rows by class id: pass class indices as "
+            "labels, or leave ignore_index at its default (-100) and give ignored rows a "
+            "zero label row"
+        )
+
+
 def check_float_dtype(dtype: np.dtype, name: str) -> np.dtype:
     """``dtype`` in native byte order; TypeError unless float16/bfloat16/32/64."""
     dtype = np.dtype(dtype)
@@ -49,6 +71,14 @@ def normalize_axis(axis: Any, ndim: int, name: str = "logits") -> int:
             f"expected an axis in [{-ndim}, {ndim})"
         )
     return int(axis) % ndim
+
+
+def normalize_axes(axes: Any, ndim: int, name: str = "x") -> tuple[int, ...]:
+    """A tuple of distinct axes, each in [0, ndim) (NumPy's ``normalize_axis_tuple``)."""
+    normalized = tuple(normalize_axis(a, ndim, name) for a in axes)
+    if len(set(normalized)) != len(normalized):
+        raise ValueError(f"axis {tuple(axes)!r} repeats an axis; give each axis of {name} once")
+    return normalized
 
 
 def check_ndim(shape: tuple[int, ...], name: str) -> None:

@@ -509,6 +509,20 @@ class DeviceArrays:
         copy_into(v, _view(out, v.shape, _contiguous_strides(v.shape, dtype.itemsize)))
         return out
 
+    def broadcast_to(self, x, shape):
+        """View of ``x`` broadcast to ``shape`` (NumPy's rules: zero strides on the
+        stretched axes, no copy); host arrays through NumPy."""
+        if not is_device(x):
+            return HOST.broadcast_to(np.asarray(x), shape)
+        a = as_numba(x)
+        shape = tuple(int(s) for s in shape)
+        lead = len(shape) - a.ndim
+        strides = [0] * lead + [
+            0 if size == 1 and want != 1 else stride
+            for size, want, stride in zip(a.shape, shape[lead:], a.strides)
+        ]
+        return _view(a, shape, strides)
+
     def label_rows(self, labels):
         if not is_device(labels):
             return _upload(HOST.label_rows(np.asarray(labels)))
@@ -558,8 +572,7 @@ class DeviceArrays:
         if not is_device(weight):
             return _upload(HOST.weight_vector(weight, num_classes, dtype))
         w = as_numba(weight)
-        if w.dtype.kind not in "iuf":
-            raise TypeError(f"weight must be a real numeric array; got dtype {w.dtype}")
+        _validate.check_weight_dtype(w.dtype)
         _validate.check_weight_shape(tuple(w.shape), num_classes)
         _check_byte_order(w)
         return contiguous(w, dtype)

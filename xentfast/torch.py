@@ -1,0 +1,634 @@
+"""xentfast inside PyTorch: ``torch.nn.functional.cross_entropy`` on the fused kernels.
+
+``cross_entropy`` has exactly ``F.cross_entropy``'s signature and semantics (class
+dimension 1 for ``(N, C, d1, ...)``, unbatched ``(C,)`` input, index and probability
+targets, ``weight``, ``ignore_index``, ``label_smoothing``, the deprecated
+``size_average``/``reduce``), plus ``z_loss`` and ``inplace_backward``.  The
+differences are xentfast's documented ones (README, "Semantics"): ``reduction="mean"``
+with every target ignored gives 0 (not NaN), a class index outside ``[0, C)`` that is
+not ``ignore_index`` raises ``ValueError``, class weights must be finite.
+``CrossEntropyLoss`` is ``torch.nn.CrossEntropyLoss`` (a subclass of it) on top.
+
+How the gradient is made
+------------------------
+When ``input.requires_grad`` (and grad mode is on) the forward runs xentfast's fused
+loss+grad kernel once and keeps ``g = d loss / d input``; the backward only scales it:
+
+    mean, sum:  d input = grad_output * g              (grad_output a scalar)
+    none:       d input = grad_output[:, None, ...] * g
+                (loss_i's gradient lives in row i only, so scaling row i by
+                grad_output_i is the exact vector-Jacobian product)
+
+and when ``grad_output`` is all ones (``loss.backward()``) ``g`` itself is the
+gradient: no multiplication, no copy.  Without ``requires_grad`` (evaluation,
+``torch.no_grad()``) the loss-only kernel runs and no gradient memory exists.
+``inplace_backward=True`` writes ``g`` into the input's own storage (xentfast's
+``inplace=True``): no gradient memory at all, and the input's values are gone after the
+call (its version counter is bumped, so autograd refuses any other use of them).
+Second derivatives are not available: differentiating the gradient raises.
+
+The PyTorch operators
+---------------------
+``xentfast::cross_entropy_fwd(input, target, weight?, ignore_index, reduction,
+label_smoothing, z_loss) -> (loss, grad)`` (with an autograd formula) and
+``xentfast::cross_entropy_loss(...) -> loss``, registered with ``torch.library`` (fake
+implementations included), so ``torch.compile(model, fullgraph=True)`` keeps them in
+its graph and ``torch.export`` shows one ``xentfast`` operator.  Eager calls on plain
+tensors run the same implementation through a ``torch.autograd.Function`` instead of
+the dispatcher (whose Python round trip costs about 80 us a call); traced and compiled
+code always meets the operators.
+
+Memory and devices
+------------------
+CPU tensors reach the host kernels through their own memory (``tensor.numpy()``: no
+copy; non-contiguous strides go to xentfast as they are) and the results come back
+through ``torch.from_numpy`` (no copy), in the input's dtype.  bfloat16 tensors are read
+as ``ml_dtypes.bfloat16`` arrays when ml_dtypes is installed; without it they are
+converted to float32 once (and the results back).  CUDA tensors go to xentfast's
+``cuda`` backend through ``__cuda_array_interface__``; the kernels run on the legacy
+default stream, ordered against PyTorch's current stream by stream waits both ways
+(CUDA bfloat16 is computed in float32: PyTorch exports no bfloat16 array interface).
+
+Threads: the host kernels run on their own thread pool (Numba's OpenMP or TBB layer
+for ``cpu``, OpenMP for ``cython``), which takes turns with PyTorch's intra-op pool
+rather than sharing cores with it.  With the ``cpu`` backend each call uses at most
+``torch.get_num_threads()`` threads, so ``torch.set_num_threads(k)`` caps both.
+"""
+
+from typing import Optional
+
+try:
+    import torch
+except ImportError as exc:  # pragma: no cover - exercised only without torch
+    raise ImportError(
+        "xentfast.torch needs PyTorch, which is not installed: pip install torch "
+        "(xentfast itself works without it)"
+    ) from exc
+
+import numpy as np
+
+import xentfast as _xf
+from . import _dispatch, _validate
+
+__all__ = ["CrossEntropyLoss", "cross_entropy"]
+
+Tensor = torch.Tensor
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_NO_ML_DTYPES = object()
+_bfloat16_numpy = None  # ml_dtypes.bfloat16, _NO_ML_DTYPES, or None before the first look
+
+
+def _ml_bfloat16():
+    """``ml_dtypes.bfloat16`` when ml_dtypes is installed, else None (imported once)."""
+    global _bfloat16_numpy
+    if _bfloat16_numpy is None:
+        try:
+            import ml_dtypes
+        except ImportError:
+            _bfloat16_numpy = _NO_ML_DTYPES
+        else:
+            _bfloat16_numpy = np.dtype(ml_dtypes.bfloat16)
+    return None if _bfloat16_numpy is _NO_ML_DTYPES else _bfloat16_numpy
+
+
+# ------------------------------------------------------------------ metadata checks
+
+
+def _class_dim(ndim: int) -> int:
+    """PyTorch's class dimension: 1 for (N, C, d1, ...), 0 for unbatched (C,)."""
+    return 1 if ndim >= 2 else 0
+
+
+def _np_dtype_for_checks(dtype: torch.dtype) -> np.dtype:
+    """A NumPy dtype of the same kind, so that xentfast's checks word the messages."""
+    if dtype == torch.bfloat16:
+        return _ml_bfloat16() or np.dtype(np.float32)
+    if dtype == torch.bool:
+        return np.dtype(np.bool_)
+    if dtype.is_complex:
+        return np.dtype(np.complex64)
+    if dtype.is_floating_point:
+        return np.dtype(str(dtype).replace("torch.", ""))
+    try:
+        return np.dtype(str(dtype).replace("torch.", ""))
+    except TypeError:  # quantized and other exotic dtypes
+        return np.dtype(object)
+
+
+def _check_float_input(dtype: torch.dtype) -> None:
+    if dtype not in _FLOAT_DTYPES:
+        hint = ""
+        if not dtype.is_floating_point and not dtype.is_complex:
+            hint = "; cast it first, e.g. input.float()"
+        elif dtype.is_complex:
+            hint = "; cross-entropy is defined for real logits only (take .real if intended)"
+        raise TypeError(
+            "input must be a floating-point tensor (float16, bfloat16, float32, float64); "
+            f"got dtype {dtype}{hint}"
+        )
+
+
+def _check_call(input, target, weight, reduction, ignore_index, label_smoothing, z_loss):
+    """Checks on metadata only (shapes, dtypes, devices, options), in xentfast's words;
+    they hold for fake tensors too.  Returns (class dim, "sparse" or "dense")."""
+    for name, value in (("input", input), ("target", target)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
+    if weight is not None and not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor or None; got {type(weight).__name__}")
+    _validate.check_reduction(reduction)
+    _validate.check_ignore_index(ignore_index)
+    _validate.check_fraction(label_smoothing, "label_smoothing")
+    _validate.check_nonnegative(z_loss, "z_loss")
+    _check_float_input(input.dtype)
+    shape = tuple(input.shape)
+    _validate.check_ndim(shape, "logits")
+    cdim = _class_dim(len(shape))
+    _validate.check_classes(shape[cdim], shape, cdim)
+    kind = _validate.label_kind(_np_dtype_for_checks(target.dtype), tuple(target.shape),
+                                shape, cdim)
+    if kind == "dense":
+        _validate.check_no_ignore_index_for_probabilities(int(ignore_index))
+    _check_devices(input, target, weight)
+    if weight is not None:
+        _validate.check_weight_dtype(_np_dtype_for_checks(weight.dtype))
+        _validate.check_weight_shape(tuple(weight.shape), shape[cdim])
+    return cdim, kind
+
+
+def _check_devices(input, target, weight) -> None:
+    for name, value in (("target", target), ("weight", weight)):
+        if value is not None and value.device != input.device:
+            raise ValueError(
+                f"{name} is on {value.device} but input is on {input.device}; put them on "
+                f"one device, e.g. {name}.to(input.device)"
+            )
+
+
+def _check_no_grad_wanted(target, weight) -> None:
+    """xentfast differentiates with respect to the input only."""
+    if not torch.is_grad_enabled():
+        return
+    if target.requires_grad:
+        raise RuntimeError(
+            "xentfast.torch.cross_entropy differentiates with respect to input only, but "
+            "target requires grad; pass target.detach(), or use "
+            "torch.nn.functional.cross_entropy for gradients with respect to the target"
+        )
+    if weight is not None and weight.requires_grad:
+        raise RuntimeError(
+            "xentfast.torch.cross_entropy differentiates with respect to input only, but "
+            "weight requires grad; pass weight.detach()"
+        )
+
+
+def _loss_dtype(input, target, kind: str) -> torch.dtype:
+    """The loss's dtype: the input's; PyTorch promotes it with probability targets."""
+    if kind == "dense" and target.dtype != input.dtype:
+        return torch.promote_types(input.dtype, target.dtype)
+    return input.dtype
+
+
+def _batch_shape(shape, cdim: int) -> tuple:
+    return tuple(shape[:cdim]) + tuple(shape[cdim + 1:])
+
+
+def _empty_grad_like(input, cdim: int) -> Tensor:
+    """The gradient's layout, as xentfast returns it: class dimension innermost in
+    memory (plain row-major for (N, C) and (C,))."""
+    shape = tuple(input.shape)
+    return input.new_empty(_batch_shape(shape, cdim) + (shape[cdim],)).movedim(-1, cdim)
+
+
+def _empty_loss_like(input, target, cdim, kind, reduction) -> Tensor:
+    dtype = _loss_dtype(input, target, kind)
+    shape = _batch_shape(tuple(input.shape), cdim) if reduction == "none" else ()
+    return input.new_empty(shape, dtype=dtype)
+
+
+# ------------------------------------------------------------------ the computation
+
+
+def _host_array(t: Tensor):
+    """A NumPy view of CPU tensor ``t`` (no copy), bfloat16 as ml_dtypes.bfloat16; None
+    for bfloat16 without ml_dtypes."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        bf16 = _ml_bfloat16()
+        if bf16 is None:
+            return None
+        # Same element size: a view of any strides, and NumPy reads the bits as bfloat16.
+        return t.view(torch.int16).numpy().view(bf16)
+    return t.numpy()
+
+
+def _host_tensor(a) -> Tensor:
+    """``torch.from_numpy`` (no copy), bfloat16 arrays included."""
+    a = np.asarray(a)
+    if _validate.is_bfloat16(a.dtype):
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _numba_thread_cap():
+    """Numba's thread count to set for this call (PyTorch's, if lower), or None."""
+    numba = _numba_if_used()
+    if numba is None:
+        return None
+    wanted = torch.get_num_threads()
+    current = numba.get_num_threads()
+    return (numba, current) if wanted < current else None
+
+
+def _numba_if_used():
+    if _dispatch.resolve(None, False) != "cpu":
+        return None
+    import numba
+
+    return numba
+
+
+def _host_call(x, y, w, cdim, ignore_index, reduction, label_smoothing, z_loss, want_grad,
+               inplace):
+    kwargs = dict(axis=cdim, weight=w, ignore_index=ignore_index, reduction=reduction,
+                  label_smoothing=label_smoothing, z_loss=z_loss)
+    cap = _numba_thread_cap()
+    if cap is not None:
+        numba, previous = cap
+        numba.set_num_threads(torch.get_num_threads())
+    try:
+        if want_grad:
+            return _xf.cross_entropy_with_grad(x, y, inplace=inplace, **kwargs)
+        return _xf.cross_entropy(x, y, **kwargs), None
+    finally:
+        if cap is not None:
+            numba.set_num_threads(previous)
+
+
+def _compute(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+             want_grad: bool, inplace: bool = False):
+    """Loss (a tensor) and, with ``want_grad``, d loss / d input (else None).
+
+    ``inplace``: the gradient is written into ``input``'s storage and returned as a
+    tensor aliasing it."""
+    cdim = _class_dim(input.dim())
+    kind = "dense" if target.dtype.is_floating_point else "sparse"
+    loss_dtype = _loss_dtype(input, target, kind)
+    if input.device.type == "cuda":
+        loss, grad = _compute_cuda(input, target, weight, cdim, ignore_index, reduction,
+                                   label_smoothing, z_loss, want_grad, inplace)
+    elif input.device.type == "cpu":
+        loss, grad = _compute_host(input, target, weight, cdim, ignore_index, reduction,
+                                   label_smoothing, z_loss, want_grad, inplace)
+    else:
+        raise ValueError(
+            f"xentfast.torch runs on CPU and CUDA tensors; got a tensor on {input.device}. "
+            "Move it with .cpu() or .cuda(), or use torch.nn.functional.cross_entropy"
+        )
+    if loss.dtype != loss_dtype:
+        loss = loss.to(loss_dtype)
+    return loss, grad
+
+
+def _compute_host(input, target, weight, cdim, ignore_index, reduction, label_smoothing,
+                  z_loss, want_grad, inplace):
+    x = _host_array(input)
+    if x is None:  # bfloat16 without ml_dtypes: one float32 copy in, results back
+        return _compute_upcast(input, target, weight, ignore_index, reduction,
+                               label_smoothing, z_loss, want_grad, inplace)
+    if target.dtype.is_floating_point:
+        y = _host_array(target)
+        if y is None:
+            y = target.detach().float().numpy()
+    else:
+        y = target.numpy()
+    w = None
+    if weight is not None:
+        weight = weight.detach()
+        w = (weight.float() if weight.dtype == torch.bfloat16 else weight).numpy()
+    loss, grad = _host_call(x, y, w, cdim, ignore_index, reduction, label_smoothing, z_loss,
+                            want_grad, inplace)
+    if reduction == "none":
+        loss_t = _host_tensor(loss)
+    else:  # a NumPy scalar of the input's dtype: exact through float
+        loss_t = torch.tensor(float(loss), dtype=input.dtype)
+    if grad is None:
+        return loss_t, None
+    return loss_t, (input.detach() if inplace else _host_tensor(grad))
+
+
+def _compute_upcast(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                    want_grad, inplace):
+    """bfloat16 without ml_dtypes (host), or bfloat16 on CUDA: float32 in, results
+    rounded once to bfloat16."""
+    x32 = input.detach().float()
+    t32 = target.detach().float() if target.dtype == torch.bfloat16 else target
+    loss, grad = _compute(x32, t32, weight, ignore_index, reduction, label_smoothing,
+                          z_loss, want_grad, inplace=False)
+    loss = loss.to(input.dtype)
+    if grad is not None:
+        if inplace:
+            alias = input.detach()
+            alias.copy_(grad)
+            grad = alias
+        else:
+            grad = grad.to(input.dtype)
+    return loss, grad
+
+
+def _compute_cuda(input, target, weight, cdim, ignore_index, reduction, label_smoothing,
+                  z_loss, want_grad, inplace):
+    if input.dtype == torch.bfloat16:
+        return _compute_upcast(input, target, weight, ignore_index, reduction,
+                               label_smoothing, z_loss, want_grad, inplace)
+    from numba import cuda
+
+    device = input.device
+    current = torch.cuda.current_stream(device)
+    default = torch.cuda.default_stream(device)
+    side_stream = current != default
+    if side_stream:  # xentfast launches on the legacy default stream
+        default.wait_stream(current)
+    x = input.detach()
+    y = target.detach()
+    w = None if weight is None else weight.detach()
+    kwargs = dict(axis=cdim, weight=w, ignore_index=ignore_index, reduction=reduction,
+                  label_smoothing=label_smoothing, z_loss=z_loss, backend="cuda")
+    with cuda.gpus[device.index if device.index is not None else torch.cuda.current_device()]:
+        if want_grad:
+            loss, grad = _xf.cross_entropy_with_grad(x, y, inplace=inplace, **kwargs)
+        else:
+            loss, grad = _xf.cross_entropy(x, y, **kwargs), None
+    if side_stream:
+        current.wait_stream(default)
+    loss_t = torch.as_tensor(loss, device=device)
+    if grad is None:
+        return loss_t, None
+    return loss_t, (x if inplace else torch.as_tensor(grad, device=device))
+
+
+# ------------------------------------------------------------------ backward
+
+
+def _is_plain(t) -> bool:
+    """A real tensor in eager mode (not a fake, functional or traced one)."""
+    return type(t) is Tensor and not torch.compiler.is_compiling()
+
+
+def _scale_grad(grad: Tensor, grad_loss: Optional[Tensor], reduction: str, cdim: int):
+    """The vector-Jacobian product: g scaled by grad_output (see the module docstring)."""
+    if grad_loss is None:
+        return None
+    if reduction == "none":
+        if _is_plain(grad_loss) and bool((grad_loss == 1).all()):
+            return grad
+        return grad * grad_loss.unsqueeze(cdim).to(grad.dtype)
+    if _is_plain(grad_loss) and grad_loss.item() == 1.0:
+        return grad
+    return grad * grad_loss.to(grad.dtype)
+
+
+def _second_derivative_error() -> RuntimeError:
+    return RuntimeError(
+        "xentfast.torch.cross_entropy has no second derivative: its backward scales a "
+        "gradient computed in the forward pass, which is not differentiable again "
+        "(double backward). Use torch.nn.functional.cross_entropy where you need "
+        "gradients of gradients"
+    )
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    """Eager path: the forward keeps the fused gradient, the backward scales it.
+
+    The gradient is also an output, so that differentiating the backward's result
+    reaches this node's second output, and raises, instead of treating the saved
+    gradient as a constant and returning a wrong second derivative."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss):
+        loss, grad = _compute(input, target, weight, ignore_index, reduction,
+                              label_smoothing, z_loss, want_grad=True)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad)
+        ctx.reduction = reduction
+        ctx.cdim = _class_dim(input.dim())
+        return loss, grad
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_grad):
+        if grad_grad is not None:
+            raise _second_derivative_error()
+        (grad,) = ctx.saved_tensors
+        return (_scale_grad(grad, grad_loss, ctx.reduction, ctx.cdim),
+                None, None, None, None, None, None)
+
+
+class _FusedCrossEntropyInplace(torch.autograd.Function):
+    """Eager path of ``inplace_backward=True``: the gradient overwrites the input."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss):
+        loss, grad = _compute(input, target, weight, ignore_index, reduction,
+                              label_smoothing, z_loss, want_grad=True, inplace=True)
+        # The input's values are gone: anything autograd saved of them is now stale,
+        # and the bump makes its backward raise instead of reading the gradient.
+        torch.autograd.graph.increment_version(input)
+        ctx.save_for_backward(grad)
+        ctx.reduction = reduction
+        ctx.cdim = _class_dim(input.dim())
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():
+            raise _second_derivative_error()
+        (grad,) = ctx.saved_tensors
+        return (_scale_grad(grad, grad_loss, ctx.reduction, ctx.cdim),
+                None, None, None, None, None, None)
+
+
+# ------------------------------------------------------------------ the operators
+
+
+@torch.library.custom_op("xentfast::cross_entropy_fwd", mutates_args=())
+def _op_fwd(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+            reduction: str, label_smoothing: float, z_loss: float) -> tuple[Tensor, Tensor]:
+    """Loss and d loss / d input in one fused pass (class dimension 1, or 0 for (C,))."""
+    loss, grad = _compute(input, target, weight, ignore_index, reduction, label_smoothing,
+                          z_loss, want_grad=True)
+    return loss, grad
+
+
+@torch.library.custom_op("xentfast::cross_entropy_loss", mutates_args=())
+def _op_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+             reduction: str, label_smoothing: float, z_loss: float) -> Tensor:
+    """The loss alone (no gradient memory)."""
+    loss, _ = _compute(input, target, weight, ignore_index, reduction, label_smoothing,
+                       z_loss, want_grad=False)
+    return loss
+
+
+@_op_fwd.register_fake
+def _op_fwd_fake(input, target, weight, ignore_index, reduction, label_smoothing, z_loss):
+    cdim, kind = _check_call(input, target, weight, reduction, ignore_index,
+                             label_smoothing, z_loss)
+    return (_empty_loss_like(input, target, cdim, kind, reduction),
+            _empty_grad_like(input, cdim))
+
+
+@_op_loss.register_fake
+def _op_loss_fake(input, target, weight, ignore_index, reduction, label_smoothing, z_loss):
+    cdim, kind = _check_call(input, target, weight, reduction, ignore_index,
+                             label_smoothing, z_loss)
+    return _empty_loss_like(input, target, cdim, kind, reduction)
+
+
+def _op_fwd_setup(ctx, inputs, output):
+    input, _, _, _, reduction, _, _ = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(output[1])
+    ctx.reduction = reduction
+    ctx.cdim = _class_dim(input.dim())
+
+
+def _op_fwd_backward(ctx, grad_loss, grad_grad):
+    if grad_grad is not None:
+        raise _second_derivative_error()
+    (grad,) = ctx.saved_tensors
+    return (_scale_grad(grad, grad_loss, ctx.reduction, ctx.cdim),
+            None, None, None, None, None, None)
+
+
+_op_fwd.register_autograd(_op_fwd_backward, setup_context=_op_fwd_setup)
+
+
+# ------------------------------------------------------------------ public API
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    inplace_backward: bool = False,
+) -> Tensor:
+    """Cross-entropy between logits and targets, as ``torch.nn.functional.cross_entropy``.
+
+    Parameters
+    ----------
+    input : Tensor
+        Unnormalised logits, (N, C), (N, C, d1, ..., dK) or unbatched (C,); float16,
+        bfloat16, float32 or float64; on the CPU or a CUDA device.
+    target : Tensor
+        Class indices (integers, the input's shape without the class dimension) or class
+        probabilities (floats, the input's shape).
+    weight : Tensor of shape (C,), optional
+        Per-class rescaling weights (finite).
+    size_average, reduce : bool, optional
+        Deprecated; mapped to ``reduction`` exactly as PyTorch maps them (with its
+        warning).
+    ignore_index : int, default -100
+        Index targets equal to it contribute neither loss nor gradient.
+    reduction : {"mean", "sum", "none"}, default "mean"
+        ``"mean"`` divides by the sum of ``weight[target]`` over kept targets (the number
+        of rows for probability targets); with no kept target the mean is 0, not NaN.
+    label_smoothing : float in [0, 1], default 0
+        Mixes the target with the uniform distribution: ``(1 - eps) t + eps / C``.
+    z_loss : float >= 0, default 0
+        Adds ``z_loss * lse**2`` per kept row (PaLM's auxiliary loss), gradient included.
+    inplace_backward : bool, default False
+        Write the gradient into ``input``'s storage instead of new memory.  ``input``'s
+        values are destroyed by the call: use it when nothing else needs the logits
+        (they come from a Linear layer, say).  Under ``torch.compile`` it is ignored
+        (the compiled graph owns its memory).
+
+    Returns
+    -------
+    Tensor
+        A scalar for ``"mean"``/``"sum"``, else the per-element losses (the input's
+        shape without the class dimension); the input's dtype and device.
+
+    Raises
+    ------
+    ValueError
+        A class index outside ``[0, C)`` that is not ``ignore_index``; a non-finite
+        weight; shapes that do not fit.
+    TypeError
+        Non-floating input, or a target of neither index nor probability kind.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    if not isinstance(target, Tensor) or not isinstance(input, Tensor):
+        _check_call(input, target, weight, reduction, ignore_index, label_smoothing, z_loss)
+    _check_devices(input, target, weight)
+    _check_no_grad_wanted(target, weight)
+    need_grad = torch.is_grad_enabled() and input.requires_grad
+    args = (input, target, weight, int(ignore_index), reduction, float(label_smoothing),
+            float(z_loss))
+    if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and type(input) is Tensor:
+        if not need_grad:
+            return _compute(*args, want_grad=False)[0]
+        if inplace_backward:
+            return _FusedCrossEntropyInplace.apply(*args)
+        return _FusedCrossEntropy.apply(*args)[0]
+    if need_grad:
+        return torch.ops.xentfast.cross_entropy_fwd(*args)[0]
+    return torch.ops.xentfast.cross_entropy_loss(*args)
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """``torch.nn.CrossEntropyLoss`` computed by xentfast, plus ``z_loss``.
+
+    The constructor is ``torch.nn.CrossEntropyLoss``'s (``weight`` is registered as a
+    buffer, so it follows ``.to(device)``; ``size_average``/``reduce`` are mapped as
+    PyTorch maps them), and instances are ``torch.nn.CrossEntropyLoss`` instances.
+
+    Parameters
+    ----------
+    weight, size_average, ignore_index, reduce, reduction, label_smoothing
+        As in ``torch.nn.CrossEntropyLoss``.
+    z_loss : float >= 0, default 0
+        Adds ``z_loss * lse**2`` per kept row, gradient included.
+    inplace_backward : bool, default False
+        Overwrite the logits with their gradient (see :func:`cross_entropy`).
+    """
+
+    __constants__ = ["ignore_index", "reduction", "label_smoothing", "z_loss",
+                     "inplace_backward"]
+
+    def __init__(self, weight: Optional[Tensor] = None, size_average=None,
+                 ignore_index: int = -100, reduce=None, reduction: str = "mean",
+                 label_smoothing: float = 0.0, *, z_loss: float = 0.0,
+                 inplace_backward: bool = False) -> None:
+        super().__init__(weight, size_average, ignore_index, reduce, reduction,
+                         label_smoothing)
+        _validate.check_reduction(self.reduction)
+        _validate.check_ignore_index(ignore_index)
+        _validate.check_fraction(label_smoothing, "label_smoothing")
+        self.z_loss = _validate.check_nonnegative(z_loss, "z_loss")
+        self.inplace_backward = bool(inplace_backward)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                             reduction=self.reduction, label_smoothing=self.label_smoothing,
+                             z_loss=self.z_loss, inplace_backward=self.inplace_backward)
+
+    def extra_repr(self) -> str:
+        parts = [f"reduction={self.reduction!r}"]
+        if self.ignore_index != -100:
+            parts.append(f"ignore_index={self.ignore_index}")
+        if self.label_smoothing:
+            parts.append(f"label_smoothing={self.label_smoothing}")
+        if self.z_loss:
+            parts.append(f"z_loss={self.z_loss}")
+        if self.inplace_backward:
+            parts.append("inplace_backward=True")
+        return ", ".join(parts)
