@@ -84,8 +84,10 @@ def _cross_entropy(
     labels_as_probabilities: bool = False,
     labels_as_indices: bool = False,
     broadcast_labels: bool = False,
+    softcap: float | None = None,
 ):
     reduction = _validate.check_reduction(reduction)
+    softcap = _validate.check_softcap(softcap)
     ignore_index = _validate.check_ignore_index(ignore_index)
     label_smoothing = _validate.check_fraction(label_smoothing, "label_smoothing")
     z_loss = _validate.check_nonnegative(z_loss, "z_loss")
@@ -144,13 +146,27 @@ def _cross_entropy(
             grad_rows, grad_in_target, y_rows = _without_overlap(
                 grad_rows, x_rows, y_rows if kind == "dense" else None, y_rows, n,
                 num_classes, call)
+    slope_rows = None
+    if n and softcap is not None:
+        # Gemma 2's soft-capping: the kernels see cap * tanh(x / cap); the gradient
+        # takes the chain factor 1 / cosh^2(x / cap) -- read from x before the kernel
+        # when the gradient overwrites x's rows (inplace).
+        if want_grad and grad_in_target and _may_alias(grad_rows, x_rows, inplace, arrays):
+            slope_rows = arrays.softcap_slope(x_rows, softcap)
+        x_capped = arrays.softcap(x_rows, softcap)
+    else:
+        x_capped = x_rows
     if n:
         if kind == "sparse":
-            call.kernels.sparse(x_rows, y_rows, w, ignore_index, label_smoothing, z_loss,
+            call.kernels.sparse(x_capped, y_rows, w, ignore_index, label_smoothing, z_loss,
                                 grad_scale, loss_rows, lse_rows, grad_rows)
         else:
-            call.kernels.dense(x_rows, y_rows, w, label_smoothing, z_loss, grad_scale,
+            call.kernels.dense(x_capped, y_rows, w, label_smoothing, z_loss, grad_scale,
                                loss_rows, lse_rows, grad_rows)
+        if want_grad and softcap is not None:
+            if slope_rows is None:
+                slope_rows = arrays.softcap_slope(x_rows, softcap, out=x_capped)
+            arrays.multiply_into(grad_rows, slope_rows)
 
     if reduction == "none":
         loss = arrays.from_rows(loss_rows, batch_shape, axis, call.dtype, like=x)
@@ -180,6 +196,14 @@ def _broadcast_pair(x, y, arrays):
     except ValueError:
         return x, y
     return arrays.broadcast_to(x, shape), arrays.broadcast_to(y, shape)
+
+
+def _may_alias(grad_rows, x_rows, inplace: bool, arrays) -> bool:
+    """Whether writing the gradient may overwrite the logit rows (then anything still
+    to be read from them must be read first)."""
+    if arrays.on_device:
+        return inplace
+    return bool(np.may_share_memory(grad_rows, x_rows))
 
 
 def _grad_target(given, x, out, inplace: bool, shape, call: _Call):
@@ -287,6 +311,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     reduction: Reduction = "mean",
+    softcap: float | None = None,
     return_lse: bool = False,
     check_labels: bool = True,
     backend: str | None = None,
@@ -315,6 +340,10 @@ def cross_entropy(
         ``"mean"`` divides by the sum of ``weight[label]`` over kept rows (their count
         without weights; the number of rows for probability labels).  With no kept row
         the mean is 0.0, not NaN.
+    softcap : float > 0, optional
+        Soft-cap the logits first, ``softcap * tanh(logits / softcap)`` (Gemma 2); the
+        gradient includes the chain factor ``1 - tanh^2``.  Costs one temporary of the
+        logits' size (the capped rows).
     return_lse : bool, default False
         Also return the per-row log-sum-exp (the logits' shape without ``axis``).
     check_labels : bool, default True
@@ -334,6 +363,7 @@ def cross_entropy(
         logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
         label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction,
         backend=backend, want_grad=False, return_lse=return_lse, check_labels=check_labels,
+        softcap=softcap,
     )
 
 
@@ -347,6 +377,7 @@ def cross_entropy_with_grad(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     reduction: Reduction = "mean",
+    softcap: float | None = None,
     return_lse: bool = False,
     check_labels: bool = True,
     out=None,
@@ -375,7 +406,7 @@ def cross_entropy_with_grad(
         logits, labels, axis=axis, weight=weight, ignore_index=ignore_index,
         label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction,
         backend=backend, want_grad=True, out=out, inplace=inplace, return_lse=return_lse,
-        check_labels=check_labels,
+        check_labels=check_labels, softcap=softcap,
     )
 
 

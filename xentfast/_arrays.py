@@ -56,6 +56,31 @@ class HostArrays:
         return np.broadcast_to(x, shape)
 
     @staticmethod
+    def softcap(rows: np.ndarray, cap: float, out: np.ndarray | None = None) -> np.ndarray:
+        """``cap * tanh(rows / cap)`` (Gemma 2's soft-capping), into ``out`` (may be
+        ``rows`` itself) or a new array of ``rows``' dtype."""
+        scale = rows.dtype.type(cap)
+        out = np.divide(rows, scale, out=out)
+        np.tanh(out, out=out)
+        return np.multiply(out, scale, out=out)
+
+    @staticmethod
+    def softcap_slope(rows: np.ndarray, cap: float, out: np.ndarray | None = None) -> np.ndarray:
+        """d/dz of ``cap * tanh(z / cap)`` at ``rows``: ``1 - tanh^2(z / cap)``, written
+        ``1 / cosh^2(z / cap)`` (no cancellation where tanh is near +-1; 0 at +-inf)."""
+        scale = rows.dtype.type(cap)
+        out = np.divide(rows, scale, out=out)
+        with np.errstate(over="ignore"):  # cosh(+-inf) = inf: a slope of 0
+            np.cosh(out, out=out)
+            np.square(out, out=out)
+        return np.reciprocal(out, out=out)
+
+    @staticmethod
+    def multiply_into(target: np.ndarray, factor: np.ndarray) -> None:
+        """target *= factor, elementwise, in place."""
+        np.multiply(target, factor, out=target)
+
+    @staticmethod
     def label_rows(labels: np.ndarray) -> np.ndarray:
         """Class ids as a C-contiguous int64 vector.
 

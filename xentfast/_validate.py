@@ -153,6 +153,19 @@ def check_nonnegative(value: Any, name: str) -> float:
     return value
 
 
+def check_softcap(value: Any) -> float | None:
+    """None (no capping) or a finite real number > 0 (Gemma 2's logit soft-cap)."""
+    if value is None:
+        return None
+    value = _real_scalar(value, "softcap", "None or a finite real number > 0")
+    if not (np.isfinite(value) and value > 0.0):
+        raise ValueError(
+            f"softcap must be None (no capping) or a finite real number > 0; got {value}. "
+            "Gemma 2 uses softcap=30.0 for its final logits"
+        )
+    return value
+
+
 def label_kind(
     labels_dtype: np.dtype,
     labels_shape: tuple[int, ...],

@@ -224,30 +224,32 @@ def _host_array(t: Tensor):
     return t.numpy()
 
 
-def _host_tensor(a) -> Tensor:
-    """``torch.from_numpy`` (no copy), bfloat16 arrays included."""
+def _host_tensor(a, bfloat16: bool) -> Tensor:
+    """``torch.from_numpy`` (no copy) of an array or NumPy scalar; ``bfloat16``: an
+    ml_dtypes.bfloat16 one."""
     a = np.asarray(a)
-    if _validate.is_bfloat16(a.dtype):
+    if bfloat16:
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
 
 
+_numba_max_threads = None  # numba.config.NUMBA_NUM_THREADS, read on the first cpu call
+
+
 def _numba_thread_cap():
-    """Numba's thread count to set for this call (PyTorch's, if lower), or None."""
-    numba = _numba_if_used()
-    if numba is None:
-        return None
+    """(numba, its thread count now) when this call must run on fewer Numba threads
+    (PyTorch's count, when lower), else None."""
+    global _numba_max_threads
     wanted = torch.get_num_threads()
-    current = numba.get_num_threads()
-    return (numba, current) if wanted < current else None
-
-
-def _numba_if_used():
+    if _numba_max_threads is not None and wanted >= _numba_max_threads:
+        return None  # the common case, decided without asking Numba anything
     if _dispatch.resolve(None, False) != "cpu":
         return None
     import numba
 
-    return numba
+    _numba_max_threads = numba.config.NUMBA_NUM_THREADS
+    current = numba.get_num_threads()
+    return (numba, current) if wanted < current else None
 
 
 def _host_call(x, y, w, cdim, ignore_index, reduction, label_smoothing, z_loss, want_grad,
@@ -255,16 +257,18 @@ def _host_call(x, y, w, cdim, ignore_index, reduction, label_smoothing, z_loss, 
     kwargs = dict(axis=cdim, weight=w, ignore_index=ignore_index, reduction=reduction,
                   label_smoothing=label_smoothing, z_loss=z_loss)
     cap = _numba_thread_cap()
-    if cap is not None:
-        numba, previous = cap
-        numba.set_num_threads(torch.get_num_threads())
+    if cap is None:
+        if want_grad:
+            return _xf.cross_entropy_with_grad(x, y, inplace=inplace, **kwargs)
+        return _xf.cross_entropy(x, y, **kwargs), None
+    numba, previous = cap
+    numba.set_num_threads(torch.get_num_threads())
     try:
         if want_grad:
             return _xf.cross_entropy_with_grad(x, y, inplace=inplace, **kwargs)
         return _xf.cross_entropy(x, y, **kwargs), None
     finally:
-        if cap is not None:
-            numba.set_num_threads(previous)
+        numba.set_num_threads(previous)
 
 
 def _compute(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
@@ -310,13 +314,11 @@ def _compute_host(input, target, weight, cdim, ignore_index, reduction, label_sm
         w = (weight.float() if weight.dtype == torch.bfloat16 else weight).numpy()
     loss, grad = _host_call(x, y, w, cdim, ignore_index, reduction, label_smoothing, z_loss,
                             want_grad, inplace)
-    if reduction == "none":
-        loss_t = _host_tensor(loss)
-    else:  # a NumPy scalar of the input's dtype: exact through float
-        loss_t = torch.tensor(float(loss), dtype=input.dtype)
+    bfloat16 = input.dtype == torch.bfloat16
+    loss_t = _host_tensor(loss, bfloat16)  # a NumPy scalar for "mean" and "sum"
     if grad is None:
         return loss_t, None
-    return loss_t, (input.detach() if inplace else _host_tensor(grad))
+    return loss_t, (input.detach() if inplace else _host_tensor(grad, bfloat16))
 
 
 def _compute_upcast(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
@@ -393,48 +395,35 @@ def _scale_grad(grad: Tensor, grad_loss: Optional[Tensor], reduction: str, cdim:
 def _second_derivative_error() -> RuntimeError:
     return RuntimeError(
         "xentfast.torch.cross_entropy has no second derivative: its backward scales a "
-        "gradient computed in the forward pass, which is not differentiable again "
-        "(double backward). Use torch.nn.functional.cross_entropy where you need "
-        "gradients of gradients"
+        "gradient computed in the forward pass, which cannot be differentiated again, so "
+        "create_graph=True (double backward) is refused. Use "
+        "torch.nn.functional.cross_entropy where you need gradients of gradients"
     )
+
+
+def _backward(ctx, grad_loss):
+    """The input's gradient; refuses to build a graph of it (create_graph=True), since
+    the saved gradient would enter that graph as a constant: a wrong second derivative."""
+    if torch.is_grad_enabled() and _is_plain(grad_loss):
+        raise _second_derivative_error()
+    (grad,) = ctx.saved_tensors
+    return _scale_grad(grad, grad_loss, ctx.reduction, ctx.cdim)
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
     """Eager path: the forward keeps the fused gradient, the backward scales it.
 
-    The gradient is also an output, so that differentiating the backward's result
-    reaches this node's second output, and raises, instead of treating the saved
-    gradient as a constant and returning a wrong second derivative."""
+    ``inplace``: the gradient overwrites the input's storage."""
 
     @staticmethod
-    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss):
+    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                inplace):
         loss, grad = _compute(input, target, weight, ignore_index, reduction,
-                              label_smoothing, z_loss, want_grad=True)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad)
-        ctx.reduction = reduction
-        ctx.cdim = _class_dim(input.dim())
-        return loss, grad
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_grad):
-        if grad_grad is not None:
-            raise _second_derivative_error()
-        (grad,) = ctx.saved_tensors
-        return (_scale_grad(grad, grad_loss, ctx.reduction, ctx.cdim),
-                None, None, None, None, None, None)
-
-
-class _FusedCrossEntropyInplace(torch.autograd.Function):
-    """Eager path of ``inplace_backward=True``: the gradient overwrites the input."""
-
-    @staticmethod
-    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss):
-        loss, grad = _compute(input, target, weight, ignore_index, reduction,
-                              label_smoothing, z_loss, want_grad=True, inplace=True)
-        # The input's values are gone: anything autograd saved of them is now stale,
-        # and the bump makes its backward raise instead of reading the gradient.
-        torch.autograd.graph.increment_version(input)
+                              label_smoothing, z_loss, want_grad=True, inplace=inplace)
+        if inplace:
+            # The input's values are gone: whatever autograd saved of them is stale, and
+            # the bump makes its backward raise instead of reading the gradient.
+            torch.autograd.graph.increment_version(input)
         ctx.save_for_backward(grad)
         ctx.reduction = reduction
         ctx.cdim = _class_dim(input.dim())
@@ -442,11 +431,7 @@ class _FusedCrossEntropyInplace(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if torch.is_grad_enabled():
-            raise _second_derivative_error()
-        (grad,) = ctx.saved_tensors
-        return (_scale_grad(grad, grad_loss, ctx.reduction, ctx.cdim),
-                None, None, None, None, None, None)
+        return (_backward(ctx, grad_loss), None, None, None, None, None, None, None)
 
 
 # ------------------------------------------------------------------ the operators
@@ -487,6 +472,7 @@ def _op_loss_fake(input, target, weight, ignore_index, reduction, label_smoothin
 
 def _op_fwd_setup(ctx, inputs, output):
     input, _, _, _, reduction, _, _ = inputs
+    ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
     ctx.reduction = reduction
@@ -494,11 +480,8 @@ def _op_fwd_setup(ctx, inputs, output):
 
 
 def _op_fwd_backward(ctx, grad_loss, grad_grad):
-    if grad_grad is not None:
-        raise _second_derivative_error()
-    (grad,) = ctx.saved_tensors
-    return (_scale_grad(grad, grad_loss, ctx.reduction, ctx.cdim),
-            None, None, None, None, None, None)
+    # grad_grad: the gradient output is non-differentiable, so always None.
+    return _backward(ctx, grad_loss), None, None, None, None, None, None
 
 
 _op_fwd.register_autograd(_op_fwd_backward, setup_context=_op_fwd_setup)
@@ -576,9 +559,7 @@ def cross_entropy(
     if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and type(input) is Tensor:
         if not need_grad:
             return _compute(*args, want_grad=False)[0]
-        if inplace_backward:
-            return _FusedCrossEntropyInplace.apply(*args)
-        return _FusedCrossEntropy.apply(*args)[0]
+        return _FusedCrossEntropy.apply(*args, bool(inplace_backward))
     if need_grad:
         return torch.ops.xentfast.cross_entropy_fwd(*args)[0]
     return torch.ops.xentfast.cross_entropy_loss(*args)

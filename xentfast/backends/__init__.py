@@ -63,6 +63,11 @@ has the derivations.  In short:
 4. log_softmax_j = (x_j - m) - log s;  softmax_j = e_j / s.
 5. The gradient is multiplied by grad_scale; the loss is not (the public layer
    reduces the per-row losses in float64).
+6. Soft-capping (``softcap=c``, Gemma 2) happens around the kernels, in the public
+   layer's array operations: the kernels see z' = c tanh(z / c), and the gradient of
+   the row loss L(z') with respect to z is dL/dz' * dz'/dz with
+   dz'/dz = 1 - tanh^2(z / c) = 1 / cosh^2(z / c) = 4a / (1 + a)^2, a = exp(-2 |z / c|)
+   -- never 1 - tanh^2, which cancels to 0 (or 100% error) where |tanh| rounds to 1.
 
 Why these forms (the precision rule)
 ------------------------------------

@@ -266,6 +266,48 @@ def contiguous(a, dtype=None):
     return out
 
 
+# --------------------------------------------------------------------------- elementwise
+
+# Modes of the elementwise kernel on C-contiguous (n, c) rows, flattened:
+SOFTCAP = 0        # out = cap * tanh(x / cap)                (Gemma 2's soft-capping)
+SOFTCAP_SLOPE = 1  # out = 1 / cosh^2(x / cap) = 1 - tanh^2 without its cancellation,
+                   # as 4a / (1 + a)^2 with a = exp(-2 |x / cap|) in [0, 1]: no overflow
+MULTIPLY = 2       # out = out * x
+
+
+@jit()
+def _elementwise(x, out, cap, mode, total):
+    """One of the modes above for every element of the flat arrays x and out (out may
+    be x); arithmetic in out's dtype.  ``total`` elements, a grid-stride loop."""
+    prologue()
+    i = np.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+    step = np.int64(cuda.gridDim.x) * cuda.blockDim.x
+    while i < total:
+        if mode == MULTIPLY:
+            out[i] = out[i] * x[i]
+        else:
+            u = x[i] / cap
+            if mode == SOFTCAP:
+                out[i] = cap * math.tanh(u)
+            else:
+                a = math.exp(-abs(u + u))
+                one = cap / cap  # 1 in out's dtype (a literal would be float64)
+                out[i] = (a + a + a + a) / ((one + a) * (one + a))
+        i += step
+
+
+def elementwise(x, out, cap: float, mode: int) -> None:
+    """Run ``_elementwise`` over C-contiguous arrays of one shape."""
+    total = int(np.prod(tuple(out.shape), dtype=np.int64))
+    if total == 0:
+        return
+    flat_x = _view(x, (total,), (x.dtype.itemsize,))
+    flat_out = _view(out, (total,), (out.dtype.itemsize,))
+    blocks = min((total + COPY_THREADS - 1) // COPY_THREADS, 65536 if not SIMULATED else 8)
+    launch(_elementwise, blocks, COPY_THREADS, flat_x, flat_out, out.dtype.type(cap),
+           np.int64(mode), np.int64(total))
+
+
 # --------------------------------------------------------------------------- reductions
 
 REDUCE_THREADS = 2 if SIMULATED else 256
@@ -522,6 +564,19 @@ class DeviceArrays:
             for size, want, stride in zip(a.shape, shape[lead:], a.strides)
         ]
         return _view(a, shape, strides)
+
+    def softcap(self, rows, cap: float, out=None):
+        out = _empty(tuple(rows.shape), rows.dtype) if out is None else out
+        elementwise(rows, out, cap, SOFTCAP)
+        return out
+
+    def softcap_slope(self, rows, cap: float, out=None):
+        out = _empty(tuple(rows.shape), rows.dtype) if out is None else out
+        elementwise(rows, out, cap, SOFTCAP_SLOPE)
+        return out
+
+    def multiply_into(self, target, factor) -> None:
+        elementwise(factor, target, 1.0, MULTIPLY)
 
     def label_rows(self, labels):
         if not is_device(labels):
