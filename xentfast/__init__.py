@@ -23,6 +23,7 @@ from ._dispatch import (
     set_backend,
     use_backend,
 )
+from ._linear import linear_cross_entropy, linear_cross_entropy_with_grad
 from ._keras import (
     CategoricalCrossentropy,
     SparseCategoricalCrossentropy,
@@ -42,6 +43,8 @@ __all__ = [
     "cross_entropy_with_grad",
     "empty_cache",
     "get_backend",
+    "linear_cross_entropy",
+    "linear_cross_entropy_with_grad",
     "log_softmax",
     "logsumexp",
     "set_backend",
