@@ -1,0 +1,123 @@
+"""Run by tests/test_keras_adapter.py in a fresh process per Keras backend
+(``KERAS_BACKEND`` must be set before Keras is imported): computes xentfast.keras's
+losses and gradients next to Keras' own on the same inputs, and prints them as JSON for
+the parent test to compare.  Not a test module itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+
+
+def _to_numpy(t):
+    if hasattr(t, "detach"):
+        t = t.detach().cpu()
+    return np.asarray(t, dtype=np.float64).tolist()
+
+
+def _value_and_grad(loss_fn, y_true, logits):
+    """The loss and d loss / d logits through the backend's own autodiff."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        x = tf.Variable(logits)
+        with tf.GradientTape() as tape:
+            value = loss_fn(y_true, x)
+        return value, tape.gradient(value, x)
+    if backend == "jax":
+        import jax
+
+        return jax.value_and_grad(lambda x: loss_fn(y_true, x))(logits)
+    import torch
+
+    x = torch.tensor(logits, requires_grad=True)
+    value = loss_fn(torch.as_tensor(y_true), x)
+    value.backward()
+    return value, x.grad
+
+
+def cases():
+    import keras
+
+    import xentfast.keras as xk
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((12, 7)) * 3).astype("float32")
+    y = rng.integers(0, 7, 12)
+    y[[1, 5]] = 3
+    probs = rng.dirichlet(np.ones(7), 12).astype("float32")
+    x3 = (rng.standard_normal((3, 7, 4)) * 2).astype("float32")  # classes on axis 1
+    t3 = rng.dirichlet(np.ones(7), (3, 4)).transpose(0, 2, 1).astype("float32")
+    weights = rng.uniform(0.5, 2, 12).astype("float32")
+    specs = {
+        "sparse_logits": (dict(from_logits=True), y, x, None),
+        "sparse_ignore_class": (dict(from_logits=True, ignore_class=3), y, x, None),
+        "sparse_probs": (dict(from_logits=False), y,
+                         np.asarray(keras.ops.softmax(x)).astype("float32"), None),
+        "sparse_sum_weighted": (dict(from_logits=True, reduction="sum"), y, x, weights),
+        "categorical_logits": (dict(from_logits=True), probs, x, None),
+        "categorical_smoothing": (dict(from_logits=True, label_smoothing=0.2), probs, x, None),
+        "categorical_axis1": (dict(from_logits=True, axis=1), t3, x3, None),
+        "categorical_probs": (dict(from_logits=False, label_smoothing=0.1), probs,
+                              np.asarray(keras.ops.softmax(x)).astype("float32"), None),
+    }
+    out = {}
+    for name, (kwargs, y_true, y_pred, sample_weight) in specs.items():
+        cls = "Sparse" if name.startswith("sparse") else ""
+        ours = getattr(xk, f"{cls}CategoricalCrossentropy")(**kwargs)
+        theirs = getattr(keras.losses, f"{cls}CategoricalCrossentropy")(**kwargs)
+        row = {}
+        for who, loss in (("ours", ours), ("keras", theirs)):
+            def fn(t, p, loss=loss):
+                return loss(t, p, sample_weight=sample_weight)
+            value, grad = _value_and_grad(fn, y_true, y_pred)
+            row[who] = {"loss": _to_numpy(value), "grad": _to_numpy(grad)}
+        out[name] = row
+    # Serialisation round trip through Keras' own machinery.
+    loss = xk.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1, name="scce")
+    clone = keras.losses.deserialize(keras.losses.serialize(loss))
+    out["config_round_trip"] = {"same_type": type(clone) is type(loss),
+                                "same_config": clone.get_config() == loss.get_config()}
+    return out
+
+
+def jit_compile_error():
+    """model.fit with jit_compile=True on TensorFlow: our clear error, not XLA's."""
+    import keras
+
+    import xentfast.keras as xk
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(optimizer="sgd", loss=xk.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=True)
+    try:
+        model.fit(np.ones((8, 4), "float32"), np.zeros(8, "int64"), epochs=1, verbose=0)
+    except Exception as error:  # noqa: BLE001 - reported to the parent for its assertion
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    what = sys.argv[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if what == "cases":
+            result = cases()
+        elif what == "jit":
+            result = jit_compile_error()
+        else:
+            import keras_mnist
+
+            result = {loss: keras_mnist.train(loss, epochs=int(sys.argv[2]))
+                      for loss in ("keras", "xentfast")}
+    print("RESULT " + json.dumps(result))
