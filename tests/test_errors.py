@@ -198,8 +198,22 @@ def test_zero_classes(backend):
 def test_zero_dimensional_logits(backend):
     with pytest.raises(ValueError, match=r"at least one dimension.*0-d"):
         ce(backend, np.float32(1.0), np.array(0))
-    with pytest.raises(ValueError, match=r"x must have at least one dimension"):
-        xf.softmax(np.float64(1.0), backend=backend)
+
+
+@pytest.mark.parametrize("value", [1.5, -np.inf, np.inf, np.nan])
+def test_primitives_of_a_scalar(backend, value):
+    """A 0-d array is one row of one class (PyTorch, SciPy): softmax 1, log_softmax 0,
+    logsumexp the value itself; NaN and +-inf rows give what such a row gives."""
+    x = np.float64(value)
+    row = np.array([value])
+    for op in ("softmax", "log_softmax", "logsumexp"):
+        for axis in (None, 0, -1):
+            got = getattr(xf, op)(x, axis=axis, backend=backend)
+            expected = getattr(xf, op)(row, backend="numpy")
+            assert np.shape(got) == ()
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(expected).reshape(()))
+    with pytest.raises(ValueError, match=r"axis 1 is out of bounds for x"):
+        xf.softmax(x, axis=1, backend=backend)
 
 
 @pytest.mark.parametrize("axis", [2, -3, 5])

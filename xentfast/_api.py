@@ -446,6 +446,11 @@ def _primitive(x, axis, backend, op: str):
     """
     x, call = _resolve(x, backend=backend, name="x")
     arrays = call.arrays
+    if len(x.shape) == 0:
+        # A scalar is one row of one class (PyTorch: dim 0 or -1; NumPy/SciPy: None).
+        if axis is not None:
+            _validate.normalize_axis(axis, 1, "x")
+        axis = None
     if axis is None:
         x = x.reshape(-1)
         axis = -1
@@ -522,8 +527,9 @@ def logsumexp(x, axis: int | tuple[int, ...] | None = -1, *, keepdims: bool = Fa
         reduced = _validate.normalize_axes(axis, len(_shape_of(x)), "x")
     else:
         result = _primitive(x, axis, backend, "logsumexp")
-        reduced = (range(len(_shape_of(x))) if axis is None
-                   else (_validate.normalize_axis(axis, len(_shape_of(x)), "x"),))
+        ndim = len(_shape_of(x))
+        reduced = (range(ndim) if axis is None or ndim == 0
+                   else (_validate.normalize_axis(axis, ndim, "x"),))
     if not keepdims:
         return result
     shape = list(_shape_of(x))
