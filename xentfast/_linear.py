@@ -101,7 +101,11 @@ def _check_shapes(h: np.ndarray, w: np.ndarray, y: np.ndarray, bias) -> None:
 
 
 def _linear(hidden, weight, labels, *, bias, softcap, class_weight, ignore_index,
-            label_smoothing, z_loss, reduction, chunk_size, return_lse, backend, want_grad):
+            label_smoothing, z_loss, reduction, chunk_size, return_lse, backend, want_grad,
+            row_scale=None):
+    """``row_scale`` (n,), for reduction="none" only: the gradients are those of
+    sum_i row_scale[i] * loss_i (a per-row cotangent, as autograd's backward passes;
+    the d_weight sum cannot be rescaled afterwards)."""
     reduction = _validate.check_reduction(reduction)
     ignore_index = _validate.check_ignore_index(ignore_index)
     label_smoothing = _validate.check_fraction(label_smoothing, "label_smoothing")
@@ -145,6 +149,10 @@ def _linear(hidden, weight, labels, *, bias, softcap, class_weight, ignore_index
     denominator = (HOST.kept_weight_total(y_rows, class_w, ignore_index, kept_count)
                    if reduction == "mean" else 1.0)
     grad_scale = 1.0 / denominator if denominator != 0 else 0.0
+    if row_scale is not None:
+        row_scale = np.ascontiguousarray(row_scale, dtype=acc).reshape(-1)
+        if reduction != "none" or row_scale.shape[0] != n:
+            raise ValueError("row_scale needs reduction='none' and one value per row")
 
     # Rows that need the matmul: all when lse is asked for (ignored rows have an lse
     # too), else only the kept ones.
@@ -193,6 +201,8 @@ def _linear(hidden, weight, labels, *, bias, softcap, class_weight, ignore_index
             continue
         if slope is not None:
             z *= slope
+        if row_scale is not None:
+            z *= row_scale[take, None]
         if rows is None:
             np.matmul(z, w_acc, out=d_hidden[take])
         else:
