@@ -24,6 +24,14 @@ from ._dispatch import (
     use_backend,
 )
 from ._linear import linear_cross_entropy, linear_cross_entropy_with_grad
+from ._shards import (
+    RowTotals,
+    ShardStats,
+    combine_shard_stats,
+    merge_shard_stats,
+    shard_grad,
+    shard_stats,
+)
 from ._keras import (
     CategoricalCrossentropy,
     SparseCategoricalCrossentropy,
@@ -35,10 +43,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "RowTotals",
+    "ShardStats",
     "CategoricalCrossentropy",
     "SparseCategoricalCrossentropy",
     "available_backends",
     "categorical_crossentropy",
+    "combine_shard_stats",
     "cross_entropy",
     "cross_entropy_with_grad",
     "empty_cache",
@@ -46,8 +57,11 @@ __all__ = [
     "linear_cross_entropy",
     "linear_cross_entropy_with_grad",
     "log_softmax",
+    "merge_shard_stats",
     "logsumexp",
     "set_backend",
+    "shard_grad",
+    "shard_stats",
     "softmax",
     "softmax_cross_entropy_with_logits",
     "sparse_categorical_crossentropy",

@@ -85,4 +85,21 @@ and in float64 across blocks.  The measured bounds are in BENCHMARKS.md.  Known
 excess: float32 rows take exp of a rounded x_j - m (up to |x_j - m| ulps of e_j), which
 passes the 64-ulp gradient bound only for x_j - m > -60 and the 32-ulp loss bound only
 for a lead of the target under 28 (README, "accuracy").
+
+Class chunks (vocabulary-parallel, class-chunked Dask arrays)
+-------------------------------------------------------------
+When no kernel sees a whole row, ``xentfast._shards`` takes per-chunk row statistics
+and merges them exactly; its docstring has the derivation.  In short, chunk k gives
+m_k (its max), u_k (the mass below it), t_k (the ties at it), the target logit where
+it owns the label, and the smoothing sums A_k = sum a_c and D_k = sum a_c (m_k - x_c);
+the merge is M = max m_k, t = sum of t_k at M, u = sum of u_k at M + sum of
+(t_k + u_k) e^(m_k - M) below it, D = sum [A_k (M - m_k) + D_k] -- all terms >= 0, an
+all -inf chunk being (m, s) = (-inf, 0) -- and then r = u + (t - 1) and the forms of
+step 2 with the GLOBAL C, W and D.  The backends ``numpy`` and ``cpu`` provide the
+statistics as one more kernel (the others fall back to them):
+``row_stats(x, coef, probs, one_m_eps, eps_c, m, u, t, coef_sum, dist)`` -- m (n,) in
+x's dtype, u and t (n,) float64, the row passes A and B; with ``coef`` (c,) non-empty
+also coef_sum = sum_j a_j and dist = sum_{a_j != 0} a_j (m - x_j) (float64), a_j =
+coef_j, or coef_j ((1 - eps) t_j + eps_c) with probability rows ``probs`` (n, c).
+Rows without a finite maximum get NaN sums; the caller gives them their meaning.
 """

@@ -2174,3 +2174,66 @@ def dense(logits, labels, weight, label_smoothing, z_loss, grad_scale, loss, lse
     else:
         _run(p, n, c, _dense_grad_rows, _dense_grad_par, logits, t, w, one_m_eps, eps_c,
              z, gs, loss, lse, grad, inplace)
+
+
+# ---------------------------------------------------------------------------------------
+# 9. Row statistics of a block of classes (``xentfast._shards``: class-chunked and
+#    vocabulary-parallel cross-entropy).  Passes A and B of the kernels above, the
+#    per-row epilogue left to the caller, who merges the statistics of several blocks.
+#    mode 0: (m, u, t) -- the wide passes for long rows, as logsumexp;
+#    mode 1: also dist = sum_{w_j != 0} w_j (m - x_j), the class coefficients w;
+#    mode 2: also coef_sum = sum_j wt_j and dist with wt_j = smoothed_weight(w_j, t_j)
+#            of probability rows t.
+# ---------------------------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def _stats_rows(r0, r1, x, coef, probs, one_m_eps, eps_c, mode, m, u, t, coef_sum, dist,
+                wide, prefetch):
+    unused = np.empty(0, x.dtype)
+    for i in range(r0, r1):
+        if mode == 0:
+            mi, ui, ti = _row_max_sumexp(x, i, r1, wide, prefetch, unused, False)
+        elif mode == 1:
+            mi = _row_max(x[i])
+            ui, ti, di = _row_sumexp_wsum(x[i], mi, coef)
+            dist[i] = di
+        else:
+            mi = _row_max(x[i])
+            ui, ti, tw, di = _row_sumexp_dense(x[i], probs[i], coef, one_m_eps, eps_c, mi)
+            coef_sum[i] = tw
+            dist[i] = di
+        m[i] = mi
+        u[i] = ui
+        t[i] = ti
+
+
+@njit(**_PJIT)
+def _stats_par(nchunks, chunk, x, coef, probs, one_m_eps, eps_c, mode, m, u, t, coef_sum,
+               dist, wide, prefetch):
+    n = x.shape[0]
+    for k in prange(nchunks):
+        _stats_rows(k * chunk, min(n, (k + 1) * chunk), x, coef, probs, one_m_eps, eps_c,
+                    mode, m, u, t, coef_sum, dist, wide, prefetch)
+
+
+def row_stats(x, coef, probs, one_m_eps, eps_c, m, u, t, coef_sum, dist):
+    """Row statistics of a block of classes: m = max_j x_j (x's dtype), u = sum of e_j
+    off the max, t = ties at it (float64); with ``coef`` non-empty also coef_sum and
+    dist = sum_{a_j != 0} a_j (m - x_j), a_j = coef_j or, with probability rows
+    ``probs`` non-empty, coef_j ((1 - eps) t_j + eps_c).  Same contract as
+    ``numpy_ref.row_stats``.  Always the rows path (the small-C and split paths have no
+    statistics-only variant); parallel and wide as ``plan`` chooses for logsumexp
+    (mode 0) or probability labels (modes 1, 2)."""
+    n, c = x.shape
+    T = np.dtype(x.dtype).type
+    mode = 2 if probs.shape[0] else (1 if coef.shape[0] else 0)
+    w = np.ascontiguousarray(coef, dtype=T) if mode else np.empty(0, dtype=T)
+    pr = (probs if probs.dtype == x.dtype else probs.astype(T)) if mode == 2 \
+        else np.empty((0, 0), dtype=T)
+    forced = dataclasses.replace(_tuning.get(), force_path="rows")
+    p = plan("logsumexp" if mode == 0 else "dense", n, c, x.itemsize, t=forced)
+    _run(p, n, c, _stats_rows, _stats_par, x, w, pr, T(one_m_eps), T(eps_c), mode,
+         m, u, t, coef_sum, dist, p.wide, p.prefetch)
+    if mode == 1:
+        coef_sum[...] = np.sum(w, dtype=np.float64)

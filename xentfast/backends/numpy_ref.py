@@ -138,3 +138,32 @@ def dense(logits, labels, weight, label_smoothing, z_loss, grad_scale, loss, lse
         coef = rowmath.dense_coef(row_lse, t_sum, z)
         gs_over_s = rowmath.grad_over_sum(one, r, acc.type(grad_scale))
         grad[...] = rowmath.dense_grad(e, wt, r[:, None], coef[:, None], gs_over_s[:, None])
+
+
+def row_stats(x, coef, probs, one_m_eps, eps_c, m, u, t, coef_sum, dist):
+    """Row statistics of a block of classes (the class-chunked statistics of
+    ``xentfast._shards``): the row passes without the per-row epilogue.
+
+    m = max_j x_j (x's dtype); u = sum of e_j off the max, t = ties at it (float64);
+    with ``coef`` (c,) non-empty, also coef_sum = sum_j a_j and
+    dist = sum_{a_j != 0} a_j (m - x_j) (float64), where a_j = coef_j, or -- with
+    probability rows ``probs`` (n, c) non-empty -- a_j = coef_j ((1 - eps) t_j + eps_c)
+    (rowmath.smoothed_weight).  A row without a finite maximum (all -inf, NaN) gives
+    NaN sums; the caller gives such rows their meaning."""
+    acc = _accumulation_dtype(x.dtype)
+    xa = x.astype(acc, copy=False)
+    with np.errstate(invalid="ignore", over="ignore"):
+        row_max = np.max(xa, axis=1)
+        e = _exp_of_difference(xa, row_max[:, None])
+        tie = (xa - row_max[:, None]) == 0
+        u[...] = np.sum(np.where(tie, 0, e), axis=1, dtype=acc)
+        t[...] = np.sum(tie, axis=1, dtype=acc)
+    m[...] = row_max
+    if coef.shape[0] == 0:
+        return
+    a = coef.astype(acc, copy=False)[None, :]
+    if probs.shape[0]:
+        a = rowmath.smoothed_weight(a, probs.astype(acc, copy=False), acc.type(one_m_eps),
+                                    acc.type(eps_c))
+    coef_sum[...] = np.sum(np.broadcast_to(a, x.shape), axis=1, dtype=acc)
+    dist[...] = _weighted_distance(a, row_max, xa, acc)
