@@ -40,21 +40,28 @@ code always meets the operators.
 
 Memory and devices
 ------------------
-CPU tensors reach the host kernels through their own memory (``tensor.numpy()``: no
-copy; non-contiguous strides go to xentfast as they are) and the results come back
-through ``torch.from_numpy`` (no copy), in the input's dtype.  bfloat16 tensors are read
-as ``ml_dtypes.bfloat16`` arrays when ml_dtypes is installed; without it they are
-converted to float32 once (and the results back).  CUDA tensors go to xentfast's
-``cuda`` backend through ``__cuda_array_interface__``; the kernels run on the legacy
-default stream, ordered against PyTorch's current stream by stream waits both ways
-(CUDA bfloat16 is computed in float32: PyTorch exports no bfloat16 array interface).
+float32 and float64 CPU tensors reach the host kernels through their own memory
+(``tensor.numpy()``: no copy; non-contiguous strides go to xentfast as they are), and
+the loss and gradient come back through ``torch.from_numpy`` (no copy; a gradient that
+``loss.backward()`` stores in a leaf's ``.grad`` is that memory too).  The host kernels
+compute 16-bit input in float32, so float16 and bfloat16 tensors are converted by
+PyTorch (on its threads) into float32 staging memory, at most 1 GiB at a time, which
+the kernel overwrites with the gradient and PyTorch rounds once into the output; no
+ml_dtypes needed.  Large buffers come from xentfast's cache of dropped ones, so a
+training loop does not page-fault fresh memory every step.  CUDA tensors go to
+xentfast's ``cuda`` backend through ``__cuda_array_interface__``; the kernels run on
+the legacy default stream, ordered against PyTorch's current stream by stream waits
+both ways (CUDA bfloat16 is computed from a float32 copy: PyTorch exports no bfloat16
+array interface).
 
-Threads: the host kernels run on their own thread pool (Numba's OpenMP or TBB layer
-for ``cpu``, OpenMP for ``cython``), which takes turns with PyTorch's intra-op pool
-rather than sharing cores with it.  With the ``cpu`` backend each call uses at most
+Threads: the host kernels run on their own pool (Numba's OpenMP or TBB layer for
+``cpu``, OpenMP for ``cython``), which takes turns with PyTorch's intra-op pool: one
+loss call is one parallel region between PyTorch's, and a training step measured the
+same loss time inside the step as alone.  With the ``cpu`` backend a call uses at most
 ``torch.get_num_threads()`` threads, so ``torch.set_num_threads(k)`` caps both.
 """
 
+import math
 from typing import Optional
 
 try:
@@ -68,20 +75,21 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
 import numpy as np
 
 import xentfast as _xf
-from . import _dispatch, _validate
+from . import _arrays, _buffers, _dispatch, _validate
 
 __all__ = ["CrossEntropyLoss", "cross_entropy"]
 
 Tensor = torch.Tensor
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 _NO_ML_DTYPES = object()
 _bfloat16_numpy = None  # ml_dtypes.bfloat16, _NO_ML_DTYPES, or None before the first look
 
 
 def _ml_bfloat16():
-    """``ml_dtypes.bfloat16`` when ml_dtypes is installed, else None (imported once)."""
+    """``ml_dtypes.bfloat16`` when ml_dtypes is installed, else None (imported once);
+    only error messages use it, to name a bfloat16 target's dtype."""
     global _bfloat16_numpy
     if _bfloat16_numpy is None:
         try:
@@ -109,8 +117,6 @@ def _np_dtype_for_checks(dtype: torch.dtype) -> np.dtype:
         return np.dtype(np.bool_)
     if dtype.is_complex:
         return np.dtype(np.complex64)
-    if dtype.is_floating_point:
-        return np.dtype(str(dtype).replace("torch.", ""))
     try:
         return np.dtype(str(dtype).replace("torch.", ""))
     except TypeError:  # quantized and other exotic dtypes
@@ -211,26 +217,23 @@ def _empty_loss_like(input, target, cdim, kind, reduction) -> Tensor:
 # ------------------------------------------------------------------ the computation
 
 
-def _host_array(t: Tensor):
-    """A NumPy view of CPU tensor ``t`` (no copy), bfloat16 as ml_dtypes.bfloat16; None
-    for bfloat16 without ml_dtypes."""
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        bf16 = _ml_bfloat16()
-        if bf16 is None:
-            return None
-        # Same element size: a view of any strides, and NumPy reads the bits as bfloat16.
-        return t.view(torch.int16).numpy().view(bf16)
-    return t.numpy()
+def _host_tensor(a) -> Tensor:
+    """``torch.from_numpy`` (no copy) of an array or a NumPy scalar."""
+    return torch.from_numpy(np.asarray(a))
 
 
-def _host_tensor(a, bfloat16: bool) -> Tensor:
-    """``torch.from_numpy`` (no copy) of an array or NumPy scalar; ``bfloat16``: an
-    ml_dtypes.bfloat16 one."""
-    a = np.asarray(a)
-    if bfloat16:
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
+def _staging_buffer(shape, cdim: int, dtype) -> tuple:
+    """Uninitialised (tensor, array) views of one buffer from xentfast's buffer cache
+    (dropped large buffers are reused: no page faults), with ``shape`` and the class
+    dimension ``cdim`` innermost in memory (the layout the kernels read without a copy
+    and the gradient's layout)."""
+    batch = _batch_shape(shape, cdim)
+    array = _buffers.HOST_CACHE.empty(batch + (shape[cdim],), dtype)
+    if dtype == np.int16:  # bfloat16 bits
+        tensor = torch.from_numpy(array).view(torch.bfloat16)
+    else:
+        tensor = torch.from_numpy(array)
+    return tensor.movedim(-1, cdim), np.moveaxis(array, -1, cdim)
 
 
 _numba_max_threads = None  # numba.config.NUMBA_NUM_THREADS, read on the first cpu call
@@ -298,38 +301,136 @@ def _compute(input, target, weight, ignore_index, reduction, label_smoothing, z_
 
 def _compute_host(input, target, weight, cdim, ignore_index, reduction, label_smoothing,
                   z_loss, want_grad, inplace):
-    x = _host_array(input)
-    if x is None:  # bfloat16 without ml_dtypes: one float32 copy in, results back
-        return _compute_upcast(input, target, weight, ignore_index, reduction,
-                               label_smoothing, z_loss, want_grad, inplace)
-    if target.dtype.is_floating_point:
-        y = _host_array(target)
-        if y is None:
-            y = target.detach().float().numpy()
+    if input.dtype in _HALF_DTYPES:
+        return _compute_host_16bit(input, target, weight, cdim, ignore_index, reduction,
+                                   label_smoothing, z_loss, want_grad, inplace)
+    x = input.detach().numpy()
+    if target.dtype in _HALF_DTYPES:  # 16-bit probabilities
+        y = target.detach().float().numpy()
     else:
-        y = target.numpy()
-    w = None
-    if weight is not None:
-        weight = weight.detach()
-        w = (weight.float() if weight.dtype == torch.bfloat16 else weight).numpy()
+        y = target.detach().numpy()
+    w = None if weight is None else _weight_array(weight)
     loss, grad = _host_call(x, y, w, cdim, ignore_index, reduction, label_smoothing, z_loss,
                             want_grad, inplace)
-    bfloat16 = input.dtype == torch.bfloat16
-    loss_t = _host_tensor(loss, bfloat16)  # a NumPy scalar for "mean" and "sum"
+    loss_t = _host_tensor(loss)  # a NumPy scalar for "mean" and "sum"
     if grad is None:
         return loss_t, None
-    return loss_t, (input.detach() if inplace else _host_tensor(grad, bfloat16))
+    return loss_t, (input.detach() if inplace else _host_tensor(grad))
+
+
+def _weight_array(weight) -> np.ndarray:
+    weight = weight.detach()
+    return (weight.float() if weight.dtype == torch.bfloat16 else weight).numpy()
+
+
+#: Most float32 staging memory of a 16-bit call (1 GiB: with the 16-bit output it stays
+#: within xentfast's default 2 GiB cache of reusable buffers).  Chunks stay large: each
+#: one alternates between PyTorch's thread pool (the conversions) and xentfast's (the
+#: kernel), and on busy cores every switch can wait a scheduler slice for a thread
+#: (measured on 2 cores: 4 MiB chunks 5-10x slower than one chunk), and a chunked
+#: "mean" costs one more pass (the scaling).
+_STAGING_BYTES = 1 << 30
+
+
+def _compute_host_16bit(input, target, weight, cdim, ignore_index, reduction,
+                        label_smoothing, z_loss, want_grad, inplace):
+    """float16 and bfloat16 on the host, whose kernels compute in float32 (the rule for
+    16-bit input), through float32 staging memory of at most ``_STAGING_BYTES``:
+
+    1. per chunk of leading-dimension slices (usually one chunk: the whole input),
+       PyTorch converts the input (and probability targets) into the float32 staging
+       buffer, one pass on its threads;
+    2. the kernel overwrites the buffer with the gradient (xentfast's ``inplace=True``);
+    3. PyTorch rounds it once into the 16-bit output (or into the input itself, for
+       ``inplace``).
+
+    With several chunks the kernel returns per-row losses ("none") and the gradient of
+    their sum; the whole call's facts come first -- the labels checked at once (errors
+    name positions in the whole target) and the "mean" denominator D, as xentfast
+    forms it (sum of weight[label] over kept rows, their count without weights, the row
+    count for probabilities) -- then each chunk's gradient is scaled by 1/D before the
+    rounding, and the loss is the float64 sum of the per-row losses (times 1/D).
+
+    The staging buffers come from xentfast's cache of dropped buffers (no page faults
+    step after step).  (NumPy's casts, which xentfast's NumPy-level call uses for
+    16-bit arrays, run on one thread over whole float32 copies, and its float32 ->
+    float16 cast signals each result that underflows -- most gradient elements --
+    through the floating-point status: 2x (bfloat16) and 50x (float16) slower measured
+    on 65536 x 1000.)"""
+    _, kind = _check_call(input, target, weight, reduction, ignore_index, label_smoothing,
+                          z_loss)
+    shape = tuple(input.shape)
+    batch_shape = _batch_shape(shape, cdim)
+    c = shape[cdim]
+    x_in, t_in = input.detach(), target.detach()
+    w = None if weight is None else _weight_array(weight)
+    y_all = t_in.numpy() if kind == "sparse" else None
+
+    # Chunks of the leading dimension (N; the unbatched (C,) input is one chunk).
+    lead = shape[0] if len(shape) >= 2 else 1
+    per_lead = math.prod(shape[1:]) if len(shape) >= 2 else c
+    step = max(1, min(lead, _STAGING_BYTES // max(4 * per_lead, 1)))
+    chunked = step < lead
+    chunk_reduction, scale = reduction, 1.0
+    if chunked:
+        chunk_reduction = "none"
+        w32 = _arrays.HOST.weight_vector(w, c, np.float32)  # xentfast's, for 16-bit input
+        if kind == "sparse":
+            y_rows = _arrays.HOST.label_rows(y_all)
+            kept = _arrays.HOST.check_labels(y_rows, batch_shape, c, ignore_index)
+        if reduction == "mean":
+            if kind == "sparse":
+                denominator = _arrays.HOST.kept_weight_total(y_rows, w32, ignore_index, kept)
+            else:
+                denominator = float(math.prod(batch_shape))
+            scale = 1.0 / denominator if denominator != 0 else 0.0
+
+    chunk_shape = ((step,) + shape[1:]) if len(shape) >= 2 else shape
+    staged, staged_np = _staging_buffer(chunk_shape, cdim, np.float32)
+    if kind == "dense":
+        staged_t, staged_t_np = _staging_buffer(chunk_shape, cdim, np.float32)
+    grad = None
+    if want_grad:
+        grad = x_in if inplace else _staging_buffer(
+            shape, cdim, np.int16 if input.dtype == torch.bfloat16 else np.float16)[0]
+    losses = []
+    for first in range(0, max(lead, 1), step):
+        if len(shape) >= 2:
+            part, rows = slice(first, min(first + step, lead)), min(step, lead - first)
+        else:
+            part, rows = slice(None), None
+        x_chunk, x_np = staged[:rows], staged_np[:rows]
+        x_chunk.copy_(x_in[part])
+        if kind == "dense":
+            staged_t[:rows].copy_(t_in[part])
+            y = staged_t_np[:rows]
+        else:
+            y = y_all[part]
+        loss, _ = _host_call(x_np, y, w, cdim, ignore_index, chunk_reduction,
+                             label_smoothing, z_loss, want_grad, inplace=want_grad)
+        losses.append(loss)
+        if want_grad:  # the float32 gradient, rounded once
+            if scale != 1.0:  # (torch.mul(..., out=) a 16-bit tensor is 4x slower)
+                x_chunk.mul_(scale)
+            grad[part].copy_(x_chunk)
+    if not chunked:  # xentfast's own result: float32, rounded once by _compute
+        return _host_tensor(losses[0]), grad
+    per_row = np.concatenate(losses)
+    if reduction == "none":
+        return torch.from_numpy(per_row), grad
+    total = float(np.sum(per_row.reshape(-1), dtype=np.float64))
+    return torch.tensor(total * scale if reduction == "mean" else total,
+                        dtype=torch.float64), grad
 
 
 def _compute_upcast(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                     want_grad, inplace):
-    """bfloat16 without ml_dtypes (host), or bfloat16 on CUDA: float32 in, results
-    rounded once to bfloat16."""
+    """bfloat16 on CUDA (no array interface for it): float32 in, results rounded once."""
     x32 = input.detach().float()
     t32 = target.detach().float() if target.dtype == torch.bfloat16 else target
     loss, grad = _compute(x32, t32, weight, ignore_index, reduction, label_smoothing,
                           z_loss, want_grad, inplace=False)
-    loss = loss.to(input.dtype)
+    # The loss stays float32: _compute rounds it once to the loss's dtype.
     if grad is not None:
         if inplace:
             alias = input.detach()
@@ -356,6 +457,8 @@ def _compute_cuda(input, target, weight, cdim, ignore_index, reduction, label_sm
     x = input.detach()
     y = target.detach()
     w = None if weight is None else weight.detach()
+    if w is not None and w.dtype == torch.bfloat16:
+        w = w.float()
     kwargs = dict(axis=cdim, weight=w, ignore_index=ignore_index, reduction=reduction,
                   label_smoothing=label_smoothing, z_loss=z_loss, backend="cuda")
     with cuda.gpus[device.index if device.index is not None else torch.cuda.current_device()]:
@@ -487,6 +590,30 @@ def _op_fwd_backward(ctx, grad_loss, grad_grad):
 _op_fwd.register_autograd(_op_fwd_backward, setup_context=_op_fwd_setup)
 
 
+def _op_loss_setup(ctx, inputs, output):
+    input, target, weight, ignore_index, reduction, label_smoothing, z_loss = inputs
+    ctx.save_for_backward(input, target, weight)
+    ctx.options = (ignore_index, reduction, label_smoothing, z_loss)
+
+
+def _op_loss_backward(ctx, grad_loss):
+    """The loss-only operator differentiated by recomputing with the fused one (the
+    Python wrapper never needs this: it picks cross_entropy_fwd when a gradient is
+    wanted; direct callers of the operator get a correct gradient all the same)."""
+    input, target, weight = ctx.saved_tensors
+    ignore_index, reduction, label_smoothing, z_loss = ctx.options
+    if torch.is_grad_enabled() and _is_plain(grad_loss):
+        raise _second_derivative_error()
+    _, grad = torch.ops.xentfast.cross_entropy_fwd(input.detach(), target, weight,
+                                                   ignore_index, reduction,
+                                                   label_smoothing, z_loss)
+    return (_scale_grad(grad, grad_loss, reduction, _class_dim(input.dim())),
+            None, None, None, None, None, None)
+
+
+_op_loss.register_autograd(_op_loss_backward, setup_context=_op_loss_setup)
+
+
 # ------------------------------------------------------------------ public API
 
 
@@ -553,13 +680,22 @@ def cross_entropy(
         _check_call(input, target, weight, reduction, ignore_index, label_smoothing, z_loss)
     _check_devices(input, target, weight)
     _check_no_grad_wanted(target, weight)
+    if input.dtype in _HALF_DTYPES and torch.is_autocast_enabled(input.device.type):
+        # Autocast runs cross-entropy in float32 (PyTorch's policy for it): a float32
+        # loss, and autograd rounds the gradient back to the logits' dtype.
+        input = input.float()
+        if target.dtype in _HALF_DTYPES:
+            target = target.float()
     need_grad = torch.is_grad_enabled() and input.requires_grad
-    args = (input, target, weight, int(ignore_index), reduction, float(label_smoothing),
-            float(z_loss))
     if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and type(input) is Tensor:
+        # Eager: the implementation directly (xentfast checks the options' values).
+        args = (input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
         if not need_grad:
             return _compute(*args, want_grad=False)[0]
         return _FusedCrossEntropy.apply(*args, bool(inplace_backward))
+    # Traced or compiled: the registered operators (their schema's scalar types).
+    args = (input, target, weight, int(ignore_index), reduction, float(label_smoothing),
+            float(z_loss))
     if need_grad:
         return torch.ops.xentfast.cross_entropy_fwd(*args)[0]
     return torch.ops.xentfast.cross_entropy_loss(*args)
