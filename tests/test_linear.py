@@ -229,3 +229,96 @@ def test_extra_memory_is_one_chunk_of_logits():
     bound = (m["chunk"] + m["outputs"]) * 1.05
     assert m["peak"] <= bound, m
     assert m["peak"] < m["logits"] / 4, m  # the materialised logits would be 4x more
+
+
+# ------------------------------------------------------------------ xentfast.torch
+
+
+def _torch_problem(torch, dtype, bias=True):
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(13, 8, dtype=dtype, generator=gen, requires_grad=True)
+    w = (torch.randn(20, 8, dtype=dtype, generator=gen) * 0.7).requires_grad_()
+    b = torch.randn(20, dtype=dtype, generator=gen, requires_grad=True) if bias else None
+    y = torch.randint(0, 20, (13,), generator=gen)
+    y[2] = -100
+    return h, w, b, y
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_torch_op_matches_pytorch(reduction, bias):
+    """xentfast.torch.linear_cross_entropy: loss and the gradients of input, weight and
+    bias equal PyTorch's linear + cross_entropy, with a non-uniform cotangent for
+    'none' (the backward re-runs the chunks with the rows scaled)."""
+    torch = import_peer("torch")
+    import torch.nn.functional as F
+
+    import xentfast.torch as xft
+
+    h, w, b, y = _torch_problem(torch, torch.float64, bias)
+    params = [t for t in (h, w, b) if t is not None]
+    cotangent = (torch.randn(13, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+                 if reduction == "none" else torch.tensor(2.5, dtype=torch.float64))
+    ours = xft.linear_cross_entropy(h, w, y, linear_bias=b, reduction=reduction,
+                                    label_smoothing=0.1, z_loss=1e-3, chunk_size=4)
+    ref_logits = F.linear(h, w, b)
+    # z-loss by hand (PyTorch has none): z * lse^2 per kept row, reduced like the loss
+    zl = 1e-3 * torch.logsumexp(ref_logits, -1) ** 2 * (y != -100)
+    ref = F.cross_entropy(ref_logits, y, reduction=reduction, label_smoothing=0.1) + (
+        zl if reduction == "none" else zl.sum() / (y != -100).sum() if reduction == "mean"
+        else zl.sum())
+    got_grads = torch.autograd.grad(ours, params, cotangent)
+    ref_grads = torch.autograd.grad(ref, params, cotangent)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-13)
+    for got, exp in zip(got_grads, ref_grads):
+        torch.testing.assert_close(got, exp, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_op_gradcheck(reduction):
+    torch = import_peer("torch")
+    import xentfast.torch as xft
+
+    h, w, b, y = _torch_problem(torch, torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: xft.linear_cross_entropy(h, w, y, linear_bias=b, reduction=reduction,
+                                                 softcap=3.0, label_smoothing=0.05,
+                                                 chunk_size=5), (h, w, b))
+
+
+def test_torch_op_no_grad_and_16_bit():
+    """Without grad the loss-only pass runs; bfloat16 tensors computed in float32 give
+    the float32 result rounded once."""
+    torch = import_peer("torch")
+    import xentfast.torch as xft
+
+    h, w, b, y = _torch_problem(torch, torch.float32)
+    with torch.no_grad():
+        loss = xft.linear_cross_entropy(h, w, y, linear_bias=b)
+    assert loss.dtype == torch.float32 and loss.grad_fn is None
+    h16, w16, b16 = (t.detach().to(torch.bfloat16).requires_grad_() for t in (h, w, b))
+    loss16 = xft.linear_cross_entropy(h16, w16, y, linear_bias=b16)
+    loss16.backward()
+    ref = xft.linear_cross_entropy(h16.detach().float(), w16.detach().float(), y,
+                                   linear_bias=b16.detach().float())
+    assert loss16.dtype == torch.bfloat16 and h16.grad.dtype == torch.bfloat16
+    assert loss16.item() == ref.to(torch.bfloat16).item()
+
+
+def test_torch_op_compiles_without_graph_breaks():
+    torch = import_peer("torch")
+    import xentfast.torch as xft
+
+    h, w, b, y = _torch_problem(torch, torch.float32)
+
+    def step(h, w, b, y):
+        return xft.linear_cross_entropy(h, w, y, linear_bias=b, chunk_size=4)
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    loss = compiled(h, w, b, y)
+    loss.backward()
+    eager_h = h.detach().clone().requires_grad_()
+    ref = step(eager_h, w.detach(), b.detach(), y)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(h.grad, eager_h.grad)

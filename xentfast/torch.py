@@ -77,7 +77,7 @@ import numpy as np
 import xentfast as _xf
 from . import _arrays, _buffers, _dispatch, _validate
 
-__all__ = ["CrossEntropyLoss", "cross_entropy"]
+__all__ = ["CrossEntropyLoss", "cross_entropy", "linear_cross_entropy"]
 
 Tensor = torch.Tensor
 
@@ -749,3 +749,200 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         if self.inplace_backward:
             parts.append("inplace_backward=True")
         return ", ".join(parts)
+
+
+# ------------------------------------------------------------------ linear cross-entropy
+#
+# The loss of logits = input @ linear_weight.T (+ linear_bias), never materialised:
+# xentfast.linear_cross_entropy(_with_grad) on the tensors' memory (CPU tensors; 16-bit
+# ones computed from float32 copies, as that function computes them).  "mean" and "sum":
+# the forward computes the loss and all gradients in one chunked pass and the backward
+# scales them by the scalar grad_output.  "none": a per-row grad_output cannot be
+# applied to d_weight after its sum over rows, so the backward runs the chunked pass
+# again with the rows scaled (xentfast._linear's row_scale).
+
+
+def _linear_arrays(input, linear_weight, target, linear_bias, weight):
+    def host(t):
+        t = t.detach()
+        if t.device.type != "cpu":
+            raise ValueError(
+                "xentfast.torch.linear_cross_entropy computes on the host; got a tensor on "
+                f"{t.device}. Move the tensors with .cpu(), or use "
+                "torch.nn.functional.linear_cross_entropy on the GPU")
+        return (t.float() if t.dtype in _HALF_DTYPES else t).numpy()
+
+    return (host(input), host(linear_weight), host(target),
+            None if linear_bias is None else host(linear_bias),
+            None if weight is None else _weight_array(weight))
+
+
+def _linear_options(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size):
+    return dict(ignore_index=ignore_index, reduction=reduction,
+                label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                chunk_size=chunk_size)
+
+
+def _linear_outputs(values, like: Tensor, dtypes):
+    # np.array keeps 0-d results 0-d (np.ascontiguousarray would make them 1-d)
+    return tuple(torch.from_numpy(np.array(v, order="C")).to(d) for v, d in zip(values, dtypes))
+
+
+@torch.library.custom_op("xentfast::linear_cross_entropy_fwd", mutates_args=())
+def _op_linear_fwd(input: Tensor, linear_weight: Tensor, target: Tensor,
+                   linear_bias: Optional[Tensor], weight: Optional[Tensor], ignore_index: int,
+                   reduction: str, label_smoothing: float, z_loss: float,
+                   softcap: Optional[float], chunk_size: Optional[int]
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Loss and the gradients of input, linear_weight and linear_bias (an empty tensor
+    without a bias) in one chunked pass."""
+    h, w, y, b, cw = _linear_arrays(input, linear_weight, target, linear_bias, weight)
+    result = _xf.linear_cross_entropy_with_grad(
+        h, w, y, bias=b, class_weight=cw,
+        **_linear_options(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size))
+    loss, d_h, d_w = result[:3]
+    d_b = result[3] if b is not None else np.zeros(0, np.float32)
+    bias_dtype = linear_bias.dtype if linear_bias is not None else input.dtype
+    return _linear_outputs((np.asarray(loss), d_h, d_w, d_b), input,
+                           (input.dtype, input.dtype, linear_weight.dtype, bias_dtype))
+
+
+@torch.library.custom_op("xentfast::linear_cross_entropy_loss", mutates_args=())
+def _op_linear_loss(input: Tensor, linear_weight: Tensor, target: Tensor,
+                    linear_bias: Optional[Tensor], weight: Optional[Tensor], ignore_index: int,
+                    reduction: str, label_smoothing: float, z_loss: float,
+                    softcap: Optional[float], chunk_size: Optional[int]) -> Tensor:
+    """The loss alone."""
+    h, w, y, b, cw = _linear_arrays(input, linear_weight, target, linear_bias, weight)
+    loss = _xf.linear_cross_entropy(
+        h, w, y, bias=b, class_weight=cw,
+        **_linear_options(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size))
+    return torch.from_numpy(np.array(loss, order="C")).to(input.dtype)
+
+
+@torch.library.custom_op("xentfast::linear_cross_entropy_bwd", mutates_args=())
+def _op_linear_bwd(input: Tensor, linear_weight: Tensor, target: Tensor,
+                   linear_bias: Optional[Tensor], weight: Optional[Tensor], ignore_index: int,
+                   label_smoothing: float, z_loss: float, softcap: Optional[float],
+                   chunk_size: Optional[int], grad_loss: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of sum_i grad_loss[i] * loss_i (reduction "none")."""
+    from . import _linear
+
+    h, w, y, b, cw = _linear_arrays(input, linear_weight, target, linear_bias, weight)
+    result = _linear._linear(
+        h, w, y, bias=b, class_weight=cw, return_lse=False, backend=None, want_grad=True,
+        row_scale=grad_loss.detach().double().reshape(-1).numpy(),
+        **_linear_options(ignore_index, "none", label_smoothing, z_loss, softcap, chunk_size))
+    d_h, d_w = result[1:3]
+    d_b = result[3] if b is not None else np.zeros(0, np.float32)
+    bias_dtype = linear_bias.dtype if linear_bias is not None else input.dtype
+    return _linear_outputs((d_h, d_w, d_b), input,
+                           (input.dtype, linear_weight.dtype, bias_dtype))
+
+
+def _linear_loss_shape(input, reduction):
+    return input.shape[:-1] if reduction == "none" else ()
+
+
+@_op_linear_fwd.register_fake
+def _(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+      label_smoothing, z_loss, softcap, chunk_size):
+    bias = (linear_bias.new_empty(linear_bias.shape) if linear_bias is not None
+            else input.new_empty((0,)))
+    return (input.new_empty(_linear_loss_shape(input, reduction)), input.new_empty(input.shape),
+            linear_weight.new_empty(linear_weight.shape), bias)
+
+
+@_op_linear_loss.register_fake
+def _(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+      label_smoothing, z_loss, softcap, chunk_size):
+    return input.new_empty(_linear_loss_shape(input, reduction))
+
+
+@_op_linear_bwd.register_fake
+def _(input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing,
+      z_loss, softcap, chunk_size, grad_loss):
+    bias = (linear_bias.new_empty(linear_bias.shape) if linear_bias is not None
+            else input.new_empty((0,)))
+    return input.new_empty(input.shape), linear_weight.new_empty(linear_weight.shape), bias
+
+
+def _linear_fwd_setup(ctx, inputs, output):
+    _, d_h, d_w, d_b = output
+    ctx.save_for_backward(d_h, d_w, d_b)
+    ctx.has_bias = inputs[3] is not None
+
+
+def _linear_fwd_backward(ctx, grad_loss, *unused):
+    d_h, d_w, d_b = ctx.saved_tensors
+    scale = grad_loss.to(d_h.dtype)
+    grads = [d_h * scale, d_w * scale.to(d_w.dtype),
+             (d_b * scale.to(d_b.dtype)) if ctx.has_bias else None]
+    return (grads[0], grads[1], None, grads[2]) + (None,) * 7
+
+
+_op_linear_fwd.register_autograd(_linear_fwd_backward, setup_context=_linear_fwd_setup)
+
+
+def _linear_loss_setup(ctx, inputs, output):
+    ctx.save_for_backward(*(t for t in inputs[:5] if t is not None))
+    ctx.present = [t is not None for t in inputs[:5]]
+    ctx.options = inputs[5:]
+
+
+def _linear_loss_backward(ctx, grad_loss):
+    saved = iter(ctx.saved_tensors)
+    input, linear_weight, target, linear_bias, weight = (
+        next(saved) if present else None for present in ctx.present)
+    ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size = ctx.options
+    if reduction != "none":
+        raise _second_derivative_error()  # only "none" takes this path (see below)
+    d_h, d_w, d_b = torch.ops.xentfast.linear_cross_entropy_bwd(
+        input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing,
+        z_loss, softcap, chunk_size, grad_loss)
+    return (d_h, d_w, None, d_b if linear_bias is not None else None) + (None,) * 7
+
+
+_op_linear_loss.register_autograd(_linear_loss_backward, setup_context=_linear_loss_setup)
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """``torch.nn.functional.linear_cross_entropy`` on xentfast: the cross-entropy of
+    ``input @ linear_weight.T (+ linear_bias)`` computed in chunks of rows, the logits
+    never materialised (:func:`xentfast.linear_cross_entropy`), differentiable with
+    respect to ``input``, ``linear_weight`` and ``linear_bias``.
+
+    ``input`` is ``(..., d)`` and ``target`` its shape without ``d`` (class indices);
+    the classes are the logits' last axis (PyTorch's K-dimensional form, with a bias of
+    shape ``(C, d1, ..., dK)``, is not supported).  ``ignore_index=None`` means -100, as
+    in PyTorch.  Plus xentfast's ``z_loss``, ``softcap`` and ``chunk_size`` (rows per
+    chunk).  CPU tensors; 16-bit tensors are computed in float32.
+    """
+    ignore_index = -100 if ignore_index is None else ignore_index
+    _validate.check_reduction(reduction)
+    if target.dtype.is_floating_point:
+        raise TypeError("xentfast.torch.linear_cross_entropy takes class indices as target; "
+                        f"got dtype {target.dtype}")
+    args = (input, linear_weight, target, linear_bias, weight, int(ignore_index), reduction,
+            float(label_smoothing), float(z_loss),
+            None if softcap is None else float(softcap),
+            None if chunk_size is None else int(chunk_size))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
+    if needs_grad and reduction != "none":
+        return torch.ops.xentfast.linear_cross_entropy_fwd(*args)[0]
+    return torch.ops.xentfast.linear_cross_entropy_loss(*args)
