@@ -39,10 +39,10 @@ from ._arrays import HOST, accumulation_dtype, is_device_array
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad", "default_chunk_rows"]
 
 #: Bytes of logits one chunk may hold by default (the (k, V) buffer; two of them with
-#: softcap).  64 MiB keeps a chunk of a 128k vocabulary at 130 float32 rows, enough for
-#: BLAS to run at full speed, and the fused call's extra memory at ~1/30 of the logits
-#: of 4_096 such rows.
-CHUNK_BYTES = 64 * 2**20
+#: softcap).  256 MiB is 523 float32 rows of a 128k vocabulary: measured on 2 cores
+#: (4_096 x 512 x 128_256), 64 MiB chunks (130 rows) ran 1.34x the time of 256 MiB ones,
+#: whose call took the time of the three unchunked matmuls; 512 MiB gained nothing.
+CHUNK_BYTES = 256 * 2**20
 #: The d_weight update runs in blocks of classes whose (block, d) temporary is at most
 #: 1/BLOCK_FRACTION of the chunk buffer (and at least MIN_CLASS_BLOCK classes).
 BLOCK_FRACTION = 32
@@ -266,7 +266,7 @@ def linear_cross_entropy(
     class_weight, ignore_index, label_smoothing, z_loss, reduction
         As ``weight``, ``ignore_index``, ... of :func:`xentfast.cross_entropy`.
     chunk_size : int, optional
-        Rows per chunk.  Default: as many as fit 64 MiB of (chunk, V) logits in the
+        Rows per chunk.  Default: as many as fit 256 MiB of (chunk, V) logits in the
         working dtype (float32 for 16-bit and float32 inputs, float64 for float64),
         at least one row.  The extra memory of the call is one such buffer (two with
         ``softcap``), plus 1/32 of it for the d_weight blocks (and, for 16-bit or
