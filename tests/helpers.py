@@ -810,3 +810,47 @@ def assert_accurate(got, exact, dtype, what: str, ulps: float,
         f"{' (a near-zero crossing: terms of magnitude %r)' % float(exact.scale[worst]) if cancel else ''}"
         f", error {err[worst]:.3g} = {ratio[worst]:.3g} x the bound; first bad "
         f"{[tuple(int(i) for i in b) for b in bad[:6]]}")
+
+
+#: Index-label options (reason: each term of the loss and gradient forms).
+SPARSE_OPTIONS = {
+    "plain": {},
+    "weight": {"weight": "w"},                     # k = w_y, mean divides by sum w_y
+    "ignore": {"ignore": True},                    # exact zeros in loss and gradient
+    "smooth": {"label_smoothing": 0.1},            # W log s + wd, the eps/C crossing
+    "z_loss": {"z_loss": 1e-4},                    # z lse^2, A = 1 + 2 z lse (-1 at -1e4)
+    "all": {"weight": "w", "ignore": True, "label_smoothing": 0.05, "z_loss": 1e-4},
+}
+#: Probability-label options.
+DENSE_OPTIONS = {
+    "onehot": {},                                  # dense p_y - 1 = -q_y / s
+    "soft": {},                                    # p_j T - wt_j crossings
+    "soft_all": {"weight": "w", "label_smoothing": 0.1, "z_loss": 1e-4},
+}
+LABEL_OPTIONS = [("sparse", o) for o in SPARSE_OPTIONS] + [("dense", o) for o in DENSE_OPTIONS]
+
+
+def accuracy_inputs(rng, kind: str, shape, dtype, label: str, option: str):
+    """(logits, labels, kwargs, row kinds) of one accuracy case: ``accuracy_case``'s
+    rows with the labels and options of ``SPARSE_OPTIONS``/``DENSE_OPTIONS[option]``
+    (a weight vector with one zero, ignored rows); the arrays read-only."""
+    case = accuracy_case(rng, kind, *shape, dtype)
+    opts = dict((SPARSE_OPTIONS if label == "sparse" else DENSE_OPTIONS)[option])
+    kwargs: dict[str, Any] = {}
+    c = shape[1]
+    if opts.pop("weight", None):
+        w = rng.uniform(0.5, 2.0, c)
+        if c > 2:
+            w[(int(case.y[0]) + 1) % c] = 0.0  # a zero weight (not the first label)
+        kwargs["weight"] = w
+    if label == "sparse":
+        labels = case.y.copy()
+        if opts.pop("ignore", None) and len(labels) > 1:
+            labels[1::4] = -100
+    else:
+        labels = accuracy_probabilities(rng, case, "onehot" if option == "onehot" else "soft")
+        labels = labels.astype(dtype)
+    kwargs.update(opts)
+    for a in (case.x, labels):
+        a.setflags(write=False)
+    return case.x, labels, kwargs, case.row_kinds

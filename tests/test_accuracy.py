@@ -58,7 +58,9 @@ from helpers import (
     REDUCED_LOSS_ULPS,
     ULPS,
     assert_accurate,
+    LABEL_OPTIONS,
     accuracy_case,
+    accuracy_inputs,
     accuracy_probabilities,
     is_simulated_cuda,
     oracle_inputs,
@@ -93,23 +95,7 @@ SIM_SHAPES = {
     "huge": (3, 16), "masked": (3, 40), "mixed": (6, 16), "long": (1, 300),
 }
 
-#: Index-label options (reason: each term of the loss and gradient forms).
-SPARSE_OPTIONS = {
-    "plain": {},
-    "weight": {"weight": "w"},                     # k = w_y, mean divides by sum w_y
-    "ignore": {"ignore": True},                    # exact zeros in loss and gradient
-    "smooth": {"label_smoothing": 0.1},            # W log s + wd, the eps/C crossing
-    "z_loss": {"z_loss": 1e-4},                    # z lse^2, A = 1 + 2 z lse (-1 at -1e4)
-    "all": {"weight": "w", "ignore": True, "label_smoothing": 0.05, "z_loss": 1e-4},
-}
-#: Probability-label options.
-DENSE_OPTIONS = {
-    "onehot": {},                                  # dense p_y - 1 = -q_y / s
-    "soft": {},                                    # p_j T - wt_j crossings
-    "soft_all": {"weight": "w", "label_smoothing": 0.1, "z_loss": 1e-4},
-}
 LONG_OPTIONS = {"sparse": ["plain", "smooth"], "dense": ["onehot"]}
-LABEL_OPTIONS = [("sparse", o) for o in SPARSE_OPTIONS] + [("dense", o) for o in DENSE_OPTIONS]
 
 
 def _shape(kind: str, backend: str, dtype_name: str = "float32") -> tuple[int, int]:
@@ -133,27 +119,7 @@ def _data(kind: str, shape: tuple[int, int], dtype_name: str, label: str, option
     """(logits, labels, kwargs, row kinds) for one case; read-only, shared by backends."""
     dtype = DTYPES[dtype_name]
     rng = _seed(kind, shape, dtype_name, label, option)
-    case = accuracy_case(rng, kind, *shape, dtype)
-    opts = dict((SPARSE_OPTIONS if label == "sparse" else DENSE_OPTIONS)[option])
-    kwargs: dict[str, Any] = {}
-    c = shape[1]
-    if opts.pop("weight", None):
-        w = rng.uniform(0.5, 2.0, c)
-        if c > 2:
-            w[(int(case.y[0]) + 1) % c] = 0.0  # a zero weight (not the first label)
-        kwargs["weight"] = w
-    if label == "sparse":
-        labels = case.y.copy()
-        if opts.pop("ignore", None) and len(labels) > 1:
-            labels[1::4] = -100
-    else:
-        labels = accuracy_probabilities(rng, case, "onehot" if option == "onehot" else "soft")
-        labels = labels.astype(dtype)
-    kwargs.update(opts)
-    x = case.x
-    for a in (x, labels):
-        a.setflags(write=False)
-    return x, labels, kwargs, case.row_kinds
+    return accuracy_inputs(rng, kind, shape, dtype, label, option)
 
 
 @functools.lru_cache(maxsize=None)

@@ -35,8 +35,8 @@ from helpers import (
     REDUCED_LOSS_ULPS,
     ULPS,
     VALUE_CASES,
-    accuracy_case,
-    accuracy_probabilities,
+    LABEL_OPTIONS,
+    accuracy_inputs,
     adversarial_values,
     assert_accurate,
     oracle_inputs,
@@ -62,20 +62,6 @@ DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64),
 SHAPES = {"normal": (20, 300), "confident": (16, 200), "ties": (12, 8), "offset": (12, 100),
           "huge": (12, 16), "masked": (12, 120), "mixed": (24, 64), "long": (2, 20_000)}
 
-SPARSE_OPTIONS = {
-    "plain": {},
-    "weight": {"weight": "w"},                     # w_y from the owning chunk
-    "ignore": {"ignore": True},                    # kept rows only; others 0
-    "smooth": {"label_smoothing": 0.1},            # global C, global W and D
-    "z_loss": {"z_loss": 1e-4},                    # z lse^2 of the merged lse
-    "all": {"weight": "w", "ignore": True, "label_smoothing": 0.05, "z_loss": 1e-4},
-}
-DENSE_OPTIONS = {
-    "onehot": {},                                  # T and D summed over chunks
-    "soft": {},
-    "soft_all": {"weight": "w", "label_smoothing": 0.1, "z_loss": 1e-4},
-}
-LABEL_OPTIONS = [("sparse", o) for o in SPARSE_OPTIONS] + [("dense", o) for o in DENSE_OPTIONS]
 LONG_OPTIONS = [("sparse", "plain"), ("sparse", "smooth"), ("dense", "onehot")]
 
 
@@ -110,26 +96,7 @@ def _data(kind: str, dtype_name: str, label: str, option: str):
     if kind == "long" and dtype == np.float64:
         shape = (2, 6000)  # the float64 oracle takes mpmath's exp: ~7 us an element
     rng = _seed(kind, dtype_name, label, option)
-    case = accuracy_case(rng, kind, *shape, dtype)
-    opts = dict((SPARSE_OPTIONS if label == "sparse" else DENSE_OPTIONS)[option])
-    kwargs: dict[str, Any] = {}
-    c = shape[1]
-    if opts.pop("weight", None):
-        w = rng.uniform(0.5, 2.0, c)
-        if c > 2:
-            w[(int(case.y[0]) + 1) % c] = 0.0  # a zero weight
-        kwargs["weight"] = w
-    if label == "sparse":
-        labels = case.y.copy()
-        if opts.pop("ignore", None) and len(labels) > 1:
-            labels[1::4] = -100
-    else:
-        labels = accuracy_probabilities(rng, case, "onehot" if option == "onehot" else "soft")
-        labels = labels.astype(dtype)
-    kwargs.update(opts)
-    for a in (case.x, labels):
-        a.setflags(write=False)
-    return case.x, labels, kwargs, case.row_kinds
+    return accuracy_inputs(rng, kind, shape, dtype, label, option)
 
 
 @functools.lru_cache(maxsize=None)
