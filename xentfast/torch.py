@@ -783,7 +783,7 @@ def _linear_options(ignore_index, reduction, label_smoothing, z_loss, softcap, c
                 chunk_size=chunk_size)
 
 
-def _linear_outputs(values, like: Tensor, dtypes):
+def _linear_outputs(values, dtypes):
     # np.array keeps 0-d results 0-d (np.ascontiguousarray would make them 1-d)
     return tuple(torch.from_numpy(np.array(v, order="C")).to(d) for v, d in zip(values, dtypes))
 
@@ -803,7 +803,7 @@ def _op_linear_fwd(input: Tensor, linear_weight: Tensor, target: Tensor,
     loss, d_h, d_w = result[:3]
     d_b = result[3] if b is not None else np.zeros(0, np.float32)
     bias_dtype = linear_bias.dtype if linear_bias is not None else input.dtype
-    return _linear_outputs((np.asarray(loss), d_h, d_w, d_b), input,
+    return _linear_outputs((np.asarray(loss), d_h, d_w, d_b),
                            (input.dtype, input.dtype, linear_weight.dtype, bias_dtype))
 
 
@@ -837,7 +837,7 @@ def _op_linear_bwd(input: Tensor, linear_weight: Tensor, target: Tensor,
     d_h, d_w = result[1:3]
     d_b = result[3] if b is not None else np.zeros(0, np.float32)
     bias_dtype = linear_bias.dtype if linear_bias is not None else input.dtype
-    return _linear_outputs((d_h, d_w, d_b), input,
+    return _linear_outputs((d_h, d_w, d_b),
                            (input.dtype, linear_weight.dtype, bias_dtype))
 
 
