@@ -11,7 +11,7 @@ only fill the arrays they are handed; their contract and the mathematics are in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -41,20 +41,56 @@ class _Call:
     dtype: np.dtype  # the caller's (native) dtype: outputs take it
     compute_dtype: np.dtype  # what the kernels read and write
     acc_dtype: np.dtype  # per-row losses and lse
+    half: str | None = None  # raw 16-bit bits (uint16 arrays): "float16" or "bfloat16"
+
+    @property
+    def grad_dtype(self) -> np.dtype:
+        """The gradient's dtype: the caller's, or the raw bits' uint16."""
+        return self.compute_dtype if self.half else self.dtype
+
+    def half_kwargs(self) -> dict:
+        """The kernels' ``half=`` argument, for raw bits only (other calls pass none, so
+        backends without 16-bit kernels keep their signature)."""
+        return {"half": self.half} if self.half else {}
 
 
-def _resolve(logits, *others, backend: str | None, name: str = "logits"):
-    """Pick the backend, convert ``logits`` to an array and fix the dtypes."""
+def _resolve(logits, *others, backend: str | None, name: str = "logits",
+             half_ok: bool = False, half_bits: str | None = None):
+    """Pick the backend, convert ``logits`` to an array and fix the dtypes.
+
+    16-bit logits are computed in float32 (the precision rule); ``half_ok`` lets a
+    backend that reads them natively (``NATIVE_HALF``: the bits widened in registers,
+    the gradient rounded once into the 16-bit dtype) take them without a float32 copy.
+    ``half_bits`` ("float16"/"bfloat16"): ``logits`` is uint16 memory holding the bits
+    (PyTorch's bfloat16 with no NumPy bfloat16 type installed); losses come back
+    float32, the gradient as bits."""
     on_device = is_device_array(logits) or any(is_device_array(o) for o in others)
     backend_name = _dispatch.resolve(backend, on_device)
     kernels = _dispatch.load(backend_name)
     arrays = getattr(kernels, "DEVICE", HOST) if backend_name == "cuda" else HOST
     arrays.start_call(logits, *others)
     x = arrays.asarray(logits)
+    if half_bits is not None:
+        if (np.dtype(x.dtype) != np.uint16
+                or half_bits not in getattr(kernels, "NATIVE_HALF", ())):
+            raise TypeError(
+                f"raw {half_bits} bits need uint16 logits and a backend that reads them "
+                f"natively; got dtype {x.dtype} and backend {backend_name!r}")
+        f32 = np.dtype(np.float32)
+        return x, _Call(kernels, arrays, f32, np.dtype(np.uint16), f32, half=half_bits)
     dtype = _validate.check_float_dtype(x.dtype, name)
     native = tuple(np.dtype(d) for d in kernels.NATIVE_DTYPES)
-    compute = dtype if dtype in native else np.dtype(np.float32)
+    native_half = getattr(kernels, "NATIVE_HALF", ()) if half_ok else ()
+    compute = dtype if dtype in native or dtype.name in native_half else np.dtype(np.float32)
     return x, _Call(kernels, arrays, dtype, compute, accumulation_dtype(compute))
+
+
+def _native_half_labels(y, call: _Call) -> bool:
+    """Natively read 16-bit logits take index labels, or probabilities of their own
+    dtype (read natively too); probabilities of another dtype are not rounded to 16
+    bits: that call runs on float32 copies."""
+    kind = np.dtype(y.dtype).kind
+    return kind in "iu" or np.dtype(y.dtype) == call.compute_dtype
 
 
 def _shape_axis(x, axis: int):
@@ -85,15 +121,22 @@ def _cross_entropy(
     labels_as_indices: bool = False,
     broadcast_labels: bool = False,
     softcap: float | None = None,
+    half_bits: str | None = None,
 ):
     reduction = _validate.check_reduction(reduction)
     softcap = _validate.check_softcap(softcap)
     ignore_index = _validate.check_ignore_index(ignore_index)
     label_smoothing = _validate.check_fraction(label_smoothing, "label_smoothing")
     z_loss = _validate.check_nonnegative(z_loss, "z_loss")
-    x, call = _resolve(logits, labels, out, backend=backend)
+    x, call = _resolve(logits, labels, out, backend=backend, half_ok=softcap is None,
+                       half_bits=half_bits)
     arrays = call.arrays
     y = arrays.asarray(labels)
+    if half_bits is not None and (softcap is not None or np.dtype(y.dtype).kind not in "iu"):
+        raise TypeError("raw 16-bit logits take index labels and no softcap; convert "
+                        "probability labels and the logits to float32 first")
+    if call.compute_dtype.itemsize == 2 and not _native_half_labels(y, call):
+        call = replace(call, compute_dtype=np.dtype(np.float32))
     if broadcast_labels:
         x, y = _broadcast_pair(x, y, arrays)
     shape, axis, batch_shape, num_classes = _shape_axis(x, axis)
@@ -159,10 +202,11 @@ def _cross_entropy(
     if n:
         if kind == "sparse":
             call.kernels.sparse(x_capped, y_rows, w, ignore_index, label_smoothing, z_loss,
-                                grad_scale, loss_rows, lse_rows, grad_rows)
+                                grad_scale, loss_rows, lse_rows, grad_rows,
+                                **call.half_kwargs())
         else:
             call.kernels.dense(x_capped, y_rows, w, label_smoothing, z_loss, grad_scale,
-                               loss_rows, lse_rows, grad_rows)
+                               loss_rows, lse_rows, grad_rows, **call.half_kwargs())
         if want_grad and softcap is not None:
             if slope_rows is None:
                 slope_rows = arrays.softcap_slope(x_rows, softcap, out=x_capped)
@@ -292,7 +336,7 @@ def _finish_grad(grad_rows, grad_in_target: bool, target, batch_shape, axis: int
                  call: _Call, x):
     arrays = call.arrays
     if target is None:
-        return arrays.from_rows(grad_rows, batch_shape, axis, call.dtype, like=x)
+        return arrays.from_rows(grad_rows, batch_shape, axis, call.grad_dtype, like=x)
     if not grad_in_target:
         arrays.write_back(target, grad_rows, axis)
     return target

@@ -44,10 +44,13 @@ float32 and float64 CPU tensors reach the host kernels through their own memory
 (``tensor.numpy()``: no copy; non-contiguous strides go to xentfast as they are), and
 the loss and gradient come back through ``torch.from_numpy`` (no copy; a gradient that
 ``loss.backward()`` stores in a leaf's ``.grad`` is that memory too).  The host kernels
-compute 16-bit input in float32, so float16 and bfloat16 tensors are converted by
-PyTorch (on its threads) into float32 staging memory, at most 1 GiB at a time, which
-the kernel overwrites with the gradient and PyTorch rounds once into the output; no
-ml_dtypes needed.  Large buffers come from xentfast's cache of dropped ones, so a
+compute 16-bit input in float32.  The ``cpu`` and ``cython`` backends read float16 and
+bfloat16 natively (the bits widened in registers, the gradient rounded once into the
+input's dtype): 16-bit tensors with index targets go to them as their raw bits (a
+uint16 view, no copy, no ml_dtypes).  Otherwise (probability targets, the ``numpy``
+backend) PyTorch converts them (on its threads) into float32 staging memory, at most
+1 GiB at a time, which the kernel overwrites with the gradient and PyTorch rounds once
+into the output.  Large buffers come from xentfast's cache of dropped ones, so a
 training loop does not page-fault fresh memory every step.  CUDA tensors go to
 xentfast's ``cuda`` backend through ``__cuda_array_interface__``; the kernels run on
 the legacy default stream, ordered against PyTorch's current stream by stream waits
@@ -75,7 +78,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
 import numpy as np
 
 import xentfast as _xf
-from . import _arrays, _buffers, _dispatch, _validate
+from . import _api, _arrays, _buffers, _dispatch, _validate
 
 __all__ = ["CrossEntropyLoss", "cross_entropy", "linear_cross_entropy"]
 
@@ -255,23 +258,27 @@ def _numba_thread_cap():
     return (numba, current) if wanted < current else None
 
 
+def _with_thread_cap(run):
+    """``run()`` on at most ``torch.get_num_threads()`` Numba threads."""
+    cap = _numba_thread_cap()
+    if cap is None:
+        return run()
+    numba, previous = cap
+    numba.set_num_threads(torch.get_num_threads())
+    try:
+        return run()
+    finally:
+        numba.set_num_threads(previous)
+
+
 def _host_call(x, y, w, cdim, ignore_index, reduction, label_smoothing, z_loss, want_grad,
                inplace):
     kwargs = dict(axis=cdim, weight=w, ignore_index=ignore_index, reduction=reduction,
                   label_smoothing=label_smoothing, z_loss=z_loss)
-    cap = _numba_thread_cap()
-    if cap is None:
-        if want_grad:
-            return _xf.cross_entropy_with_grad(x, y, inplace=inplace, **kwargs)
-        return _xf.cross_entropy(x, y, **kwargs), None
-    numba, previous = cap
-    numba.set_num_threads(torch.get_num_threads())
-    try:
-        if want_grad:
-            return _xf.cross_entropy_with_grad(x, y, inplace=inplace, **kwargs)
-        return _xf.cross_entropy(x, y, **kwargs), None
-    finally:
-        numba.set_num_threads(previous)
+    if want_grad:
+        return _with_thread_cap(
+            lambda: _xf.cross_entropy_with_grad(x, y, inplace=inplace, **kwargs))
+    return _with_thread_cap(lambda: _xf.cross_entropy(x, y, **kwargs)), None
 
 
 def _compute(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
@@ -301,6 +308,9 @@ def _compute(input, target, weight, ignore_index, reduction, label_smoothing, z_
 
 def _compute_host(input, target, weight, cdim, ignore_index, reduction, label_smoothing,
                   z_loss, want_grad, inplace):
+    if input.dtype in _HALF_DTYPES and _reads_half_natively(input.dtype, target):
+        return _compute_host_half_bits(input, target, weight, cdim, ignore_index, reduction,
+                                       label_smoothing, z_loss, want_grad, inplace)
     if input.dtype in _HALF_DTYPES:
         return _compute_host_16bit(input, target, weight, cdim, ignore_index, reduction,
                                    label_smoothing, z_loss, want_grad, inplace)
@@ -316,6 +326,36 @@ def _compute_host(input, target, weight, cdim, ignore_index, reduction, label_sm
     if grad is None:
         return loss_t, None
     return loss_t, (input.detach() if inplace else _host_tensor(grad))
+
+
+def _reads_half_natively(dtype: torch.dtype, target) -> bool:
+    """Index targets, and a default host backend that reads this 16-bit dtype natively."""
+    if target.dtype.is_floating_point:
+        return False
+    kernels = _dispatch.load(_dispatch.resolve(None, False))
+    return str(dtype).replace("torch.", "") in getattr(kernels, "NATIVE_HALF", ())
+
+
+def _compute_host_half_bits(input, target, weight, cdim, ignore_index, reduction,
+                            label_smoothing, z_loss, want_grad, inplace):
+    """float16/bfloat16 with index targets on a backend that reads 16-bit natively: the
+    input's bits as a uint16 array (no copy), the loss in float32 (``_compute`` rounds it
+    once to the input's dtype), the gradient written as the input's bits."""
+    half = str(input.dtype).replace("torch.", "")
+    bits = input.detach().view(torch.int16).numpy().view(np.uint16)
+    w = None if weight is None else _weight_array(weight)
+    kwargs = dict(axis=cdim, weight=w, ignore_index=ignore_index, reduction=reduction,
+                  label_smoothing=label_smoothing, z_loss=z_loss, half_bits=half)
+    result = _with_thread_cap(
+        lambda: _api._cross_entropy(bits, target.detach().numpy(), want_grad=want_grad,
+                                    inplace=inplace and want_grad, backend=None, **kwargs))
+    loss, grad = result if want_grad else (result, None)
+    loss_t = _host_tensor(loss)
+    if grad is None:
+        return loss_t, None
+    if inplace:
+        return loss_t, input.detach()
+    return loss_t, torch.from_numpy(grad.view(np.int16)).view(input.dtype)
 
 
 def _weight_array(weight) -> np.ndarray:
