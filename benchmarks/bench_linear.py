@@ -16,6 +16,9 @@ after the inputs are allocated and a warm-up call on a small problem has run (im
 JIT and thread pools excluded).
 
     python benchmarks/bench_linear.py --vocab 32000 128256 --rounds 3
+    python benchmarks/bench_linear.py --vocab 8000 16000 32000 64000 128256 --rounds 1 \
+        --repeats 1 --contenders xentfast-fused,xentfast-unfused,torch-eager,torch-chunked \
+        --plot benchmarks/linear_memory.png          # peak memory against V
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--json", help="write the raw results here")
+    parser.add_argument("--plot", help="draw peak extra memory against V into this PNG")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -147,6 +151,34 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(table, f, indent=1)
+    if args.plot:
+        _plot_memory(table, args.tokens, args.dim, args.plot)
+
+
+def _plot_memory(table: list, n: int, d: int, path: str) -> None:
+    """Peak extra memory of each contender against V (log-log), with the logits' size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    vocab = sorted({row["V"] for row in table})
+    ax.plot(vocab, [n * v * 4 / 2**20 for v in vocab], "k:", label="the logits (N x V float32)")
+    for name in CONTENDERS:
+        rows = sorted((row["V"], row["peak_extra_mb"]) for row in table
+                      if row["contender"] == name)
+        if rows:
+            ax.plot([v for v, _ in rows], [max(m, 1.0) for _, m in rows], "o-", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("classes V")
+    ax.set_ylabel("peak extra memory, MB")
+    ax.set_title(f"loss + gradients of hidden @ weight.T, N={n}, d={d}, float32")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
