@@ -358,6 +358,11 @@ def _compute_host_half_bits(input, target, weight, cdim, ignore_index, reduction
     return loss_t, torch.from_numpy(grad.view(np.int16)).view(input.dtype)
 
 
+def _numpy_dtype(dtype: torch.dtype):
+    """The NumPy dtype of a buffer holding ``dtype`` (bfloat16: its bits, int16)."""
+    return np.int16 if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
+
+
 def _weight_array(weight) -> np.ndarray:
     weight = weight.detach()
     return (weight.float() if weight.dtype == torch.bfloat16 else weight).numpy()
@@ -529,7 +534,14 @@ def _scale_grad(grad: Tensor, grad_loss: Optional[Tensor], reduction: str, cdim:
     if reduction == "none":
         if _is_plain(grad_loss) and bool((grad_loss == 1).all()):
             return grad
-        return grad * grad_loss.unsqueeze(cdim).to(grad.dtype)
+        factor = grad_loss.unsqueeze(cdim).to(grad.dtype)
+        if _is_plain(grad) and grad.device.type == "cpu" and grad.dim() >= 1:
+            # Keras and per-token weighting land here with every step's gradient: the
+            # product goes into a reused buffer (a fresh one page-faults its memory, as
+            # costly as the multiplication), on PyTorch's threads.
+            out = _staging_buffer(tuple(grad.shape), cdim, _numpy_dtype(grad.dtype))[0]
+            return torch.mul(grad, factor, out=out)
+        return grad * factor
     if _is_plain(grad_loss) and grad_loss.item() == 1.0:
         return grad
     return grad * grad_loss.to(grad.dtype)
