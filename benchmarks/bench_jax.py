@@ -20,7 +20,7 @@ logits, the part of a training step the loss owns -- for
 Each contender runs in its own fresh Python process (one at a time: thread pools left
 spinning by one library would slow the next), with every library's default threads.
 A process compiles and warms up each shape, then reports the median of its repeats
-(``xentfast._bench.time_callable``); contenders alternate over ``--rounds`` rounds in
+(``xentfast.__main__.time_call``); contenders alternate over ``--rounds`` rounds in
 rotated order and the table shows the median across rounds.  ``--only overhead``
 measures the fixed cost of a call at 64 x 10 in one process, the variants interleaved.
 
@@ -99,7 +99,9 @@ def _step(contender: str, x, y) -> Callable[[], object]:
 
 
 def _time_contender(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    from xentfast import _bench
+    import statistics
+
+    from xentfast.__main__ import time_call
 
     records = []
     for n, c in spec["shapes"]:
@@ -108,10 +110,10 @@ def _time_contender(spec: dict[str, Any]) -> list[dict[str, Any]]:
         start = time.perf_counter()
         step()  # compilation, Numba kernels, first page faults
         first = time.perf_counter() - start
-        timing = _bench.time_callable(step, warmup=True, min_repeats=3,
-                                      max_repeats=spec["repeats"], target_s=spec["target_s"])
+        times = time_call(step, repeats=3, max_repeats=spec["repeats"],
+                          target_s=spec["target_s"])
         records.append({"contender": spec["contender"], "n": n, "c": c,
-                        "median_s": timing.median, "times_s": timing.times,
+                        "median_s": statistics.median(times), "times_s": times,
                         "first_call_s": first})
         del x, y, step
     return records

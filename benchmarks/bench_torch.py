@@ -16,7 +16,7 @@ targets, ``reduction="mean"`` -- for
 Each contender runs in its own fresh Python process (one per dtype and round, one
 process at a time: thread pools left spinning by one library would slow the next), on
 all cores, with every library's default thread count.  A process warms up each shape,
-then reports the median of its repeats (``xentfast._bench.time_callable``); contenders
+then reports the median of its repeats (``xentfast.__main__.time_call``); contenders
 alternate over ``--rounds`` rounds in rotated order and the table shows the median
 across rounds.
 
@@ -101,9 +101,11 @@ def _step(contender: str, x, y) -> Callable[[], object]:
 
 
 def _time_contender(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    import statistics
+
     import torch
 
-    from xentfast import _bench
+    from xentfast.__main__ import time_call
 
     records = []
     for n, c in spec["shapes"]:
@@ -112,11 +114,11 @@ def _time_contender(spec: dict[str, Any]) -> list[dict[str, Any]]:
         start = time.perf_counter()
         step()  # warm-up: Numba/Inductor compilation, page faults, thread pools
         warm = time.perf_counter() - start
-        timing = _bench.time_callable(step, warmup=True, min_repeats=3,
-                                      max_repeats=spec["repeats"], target_s=spec["target_s"])
+        times = time_call(step, repeats=3, max_repeats=spec["repeats"],
+                          target_s=spec["target_s"])
         records.append({"contender": spec["contender"], "n": n, "c": c,
-                        "dtype": spec["dtype"], "median_s": timing.median,
-                        "times_s": timing.times, "first_call_s": warm,
+                        "dtype": spec["dtype"], "median_s": statistics.median(times),
+                        "times_s": times, "first_call_s": warm,
                         "threads": torch.get_num_threads()})
         del x, y, step
     return records

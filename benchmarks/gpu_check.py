@@ -33,12 +33,15 @@ What it does
       device arrays, allocation, label check and the reduction included;
     * ``torch eager``: ``F.cross_entropy`` forward (+ ``backward``);
     * ``torch.compile`` and Liger Kernel's cross entropy, where installed and working;
-    * ``copy``: a device-to-device copy of the logits (read + write of the same bytes).
+    * the yardsticks of ``benchmarks/harness`` (``copy-cuda``: a device-to-device copy
+      of the logits, read + write; ``read-cuda``: a grid-stride sum of their bytes).
 
-    GB/s counts the logits read plus the gradient written (loss+grad) or the logits
-    read (loss-only); "% copy" is that bandwidth over the copy's; "x torch" is the
+    GB/s is the harness's traffic model (``harness.traffic_bytes``: logits read + labels
+    read, + the gradient written for loss+grad); "% yardstick" is that bandwidth over the
+    copy's (loss+grad) or the read's (loss-only), same bytes, same run; "x torch" is the
     speed-up over PyTorch eager.  Targets on an H100: loss+grad >= 75 % of copy
-    bandwidth for C <= 32k and >= 55 % at 128k, and >= 2x PyTorch eager.
+    bandwidth for C <= 32k and >= 55 % at 128k, and >= 2x PyTorch eager.  (Tables before
+    2026-12 left the labels out of the bytes and put loss-only against the copy.)
 
 Peers that are absent (PyTorch, CuPy, Liger, a working ``torch.compile``) are skipped
 with the reason; nothing here needs them.
@@ -61,11 +64,14 @@ from typing import Callable
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the harness package
 try:
     import xentfast
 except ImportError:  # run from a source checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import xentfast
+
+import harness  # noqa: E402
 
 # A module global (the CUDA simulator swaps ``cuda`` in a kernel's globals); reading
 # NUMBA_ENABLE_CUDASIM happens here, so set it before running this script.
@@ -87,7 +93,7 @@ class Row:
     impl: str
     ms: float | None = None
     gbps: float | None = None
-    copy_pct: float | None = None
+    yardstick_pct: float | None = None
     vs_torch: float | None = None
     note: str = ""
 
@@ -100,32 +106,39 @@ class Report:
     skipped: dict = field(default_factory=dict)
 
 
-def traffic_bytes(n: int, c: int, itemsize: int, op: str) -> int:
-    """Logits read, plus the gradient written for loss+grad (labels, losses: ignored)."""
-    return n * c * itemsize * (2 if op == "loss+grad" else 1)
+#: gpu_check's row names of the harness's yardsticks (and back).
+YARDSTICKS = {"copy": "copy-cuda", "read": "read-cuda"}
+
+
+def row_bytes(r: Row) -> int:
+    """The harness's traffic model for a row: a yardstick moves the logits' bytes
+    (copy: twice), every other row its case's bytes (logits, labels, gradient)."""
+    case = harness.Case(*r.shape, op=r.op, dtype=r.dtype)
+    if r.impl in YARDSTICKS:
+        return harness.traffic_bytes(r.impl, case.logits_bytes)
+    return case.traffic_bytes()
 
 
 def fill_derived(rows: list[Row]) -> None:
-    """GB/s, % of the copy's bandwidth and the speed-up over PyTorch eager, in place."""
+    """GB/s, % of the op's yardstick (copy for loss+grad, read for loss-only) and the
+    speed-up over PyTorch eager, in place."""
     for r in rows:
-        if r.ms is not None and r.ms > 0 and r.impl != "copy":
-            r.gbps = traffic_bytes(*r.shape, np.dtype(r.dtype).itemsize, r.op) / (r.ms * 1e6)
-    for r in rows:
-        if r.impl == "copy" and r.ms:
-            r.gbps = 2 * r.shape[0] * r.shape[1] * np.dtype(r.dtype).itemsize / (r.ms * 1e6)
-    copy = {(r.shape, r.dtype): r.gbps for r in rows if r.impl == "copy" and r.gbps}
+        if r.ms is not None and r.ms > 0:
+            r.gbps = row_bytes(r) / (r.ms * 1e6)
+    yard = {(r.shape, r.dtype, r.impl): r.gbps for r in rows if r.impl in YARDSTICKS and r.gbps}
     torch = {(r.shape, r.dtype, r.op): r.ms for r in rows if r.impl == "torch eager" and r.ms}
     for r in rows:
-        if r.gbps and (r.shape, r.dtype) in copy and r.impl != "copy":
-            r.copy_pct = 100.0 * r.gbps / copy[(r.shape, r.dtype)]
+        base = yard.get((r.shape, r.dtype, harness.yardstick_for(r.op)))
+        if r.gbps and base and r.impl not in YARDSTICKS:
+            r.yardstick_pct = 100.0 * r.gbps / base
         t = torch.get((r.shape, r.dtype, r.op))
-        if t and r.ms and r.impl != "torch eager":
+        if t and r.ms and r.impl != "torch eager" and r.impl not in YARDSTICKS:
             r.vs_torch = t / r.ms
 
 
 def format_table(rows: list[Row]) -> str:
     """A Markdown table (missing numbers shown as '-')."""
-    head = ("shape", "dtype", "op", "impl", "ms", "GB/s", "% copy", "x torch", "note")
+    head = ("shape", "dtype", "op", "impl", "ms", "GB/s", "% yardstick", "x torch", "note")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def num(v, fmt):
@@ -134,7 +147,7 @@ def format_table(rows: list[Row]) -> str:
     for r in rows:
         lines.append("| " + " | ".join((
             f"{r.shape[0]}x{r.shape[1]}", r.dtype, r.op, r.impl, num(r.ms, ".3f"),
-            num(r.gbps, ".0f"), num(r.copy_pct, ".0f"), num(r.vs_torch, ".2f"), r.note,
+            num(r.gbps, ".0f"), num(r.yardstick_pct, ".0f"), num(r.vs_torch, ".2f"), r.note,
         )) + " |")
     return "\n".join(lines)
 
@@ -145,11 +158,11 @@ def verdicts(rows: list[Row]) -> list[str]:
     for r in rows:
         if r.op != "loss+grad" or not r.impl.startswith("xentfast"):
             continue
-        if r.copy_pct is not None:
+        if r.yardstick_pct is not None:
             need = 100 * (TARGETS["copy_fraction_small_c"] if r.shape[1] <= 32_768
                           else TARGETS["copy_fraction_128k"])
-            out.append(f"{'PASS' if r.copy_pct >= need else 'MISS'} {r.impl} {r.shape} {r.dtype}: "
-                       f"{r.copy_pct:.0f}% of copy bandwidth (target {need:.0f}%)")
+            out.append(f"{'PASS' if r.yardstick_pct >= need else 'MISS'} {r.impl} {r.shape} "
+                       f"{r.dtype}: {r.yardstick_pct:.0f}% of copy bandwidth (target {need:.0f}%)")
         if r.vs_torch is not None:
             out.append(f"{'PASS' if r.vs_torch >= TARGETS['vs_torch'] else 'MISS'} {r.impl} "
                        f"{r.shape} {r.dtype}: {r.vs_torch:.2f}x PyTorch eager (target "
@@ -533,10 +546,11 @@ def time_shape(n: int, c: int, dtype, warmup: int, reps: int, report: Report,
         except Exception as exc:  # a peer failing must not stop the run
             rows.append(Row((n, c), dt.name, op, impl, None, note=f"failed: {exc!r}"[:120]))
 
-    # copy roofline: the logits' bytes read and written once
-    dst = cuda.device_array((n, c), dt)
-    add("copy", "loss+grad", lambda: dst.copy_to_device(x), "device-to-device memcpy")
-    del dst
+    # the harness's yardsticks on the same bytes: copy (read + write), read
+    registry = harness.contenders()
+    for kind, op in (("copy", "loss+grad"), ("read", "loss")):
+        add(kind, op, harness.registry.cuda_yardstick(kind, x, sync=False),
+            registry[YARDSTICKS[kind]].summary)
 
     for op, target in (("loss+grad", grad), ("loss", None)):
         plan = B.plan(c, acc, False, itemsize=dt.itemsize, with_grad=target is not None)

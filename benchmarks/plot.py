@@ -3,7 +3,8 @@
 Reads ``benchmarks/compare.py --json`` output and/or pytest-benchmark JSON
 (``--benchmark-autosave`` files under ``.benchmarks/``, or ``--benchmark-json``), and
 draws one panel per operation (loss-only, loss+grad): a line per xentfast backend and
-peer, log x-axis, with ``np.copyto``'s bandwidth drawn as the roofline.
+peer, log x-axis, with the yardsticks dashed (the all-core copy for loss+grad, the
+all-core read for loss-only; ``np.copyto`` on one thread in records before 2026-12).
 
 Examples
 --------
@@ -31,7 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 PANELS: tuple[str, ...] = ("loss", "loss+grad")
-ROOFLINE_KINDS = ("roofline",)
+ROOFLINE_KINDS = ("roofline", "yardstick")  # "roofline": records before 2026-12
 
 
 def load_points(path: str) -> tuple[list[dict[str, Any]], str]:
@@ -88,7 +89,7 @@ def plot(points: Sequence[dict[str, Any]], out: str, *, title: str = "",
             cs = sorted(by_c)
             gbps = [sorted(by_c[c])[len(by_c[c]) // 2] for c in cs]  # median per C
             if kinds[name] in ROOFLINE_KINDS:
-                ax.plot(cs, gbps, "k--", lw=2, label=f"{name} (roofline)")
+                ax.plot(cs, gbps, "k--", lw=2, label=f"{name} (yardstick)")
                 ax.fill_between(cs, gbps, max(gbps) * 1.5, color="0.9", zorder=0)
             else:
                 style = "-o" if kinds[name] == "xentfast" else ":s"

@@ -12,10 +12,10 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from xentfast import _bench
+import harness
 
 
-@pytest.mark.parametrize("op", _bench.PRIMITIVE_OPS)
+@pytest.mark.parametrize("op", harness.PRIMITIVE_OPS)
 def test_primitive(measure: Callable, shape: tuple[int, int],
                    inputs: tuple[np.ndarray, np.ndarray], contender: str, op: str) -> None:
-    measure(contender, _bench.Case(*shape, op=op), inputs)
+    measure(contender, harness.Case(*shape, op=op), inputs)

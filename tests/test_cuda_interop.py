@@ -429,7 +429,9 @@ def test_gpu_check_table_and_arguments():
             gc.Row((4, 40), "float32", "loss+grad", "xentfast kernel", 2.0),
             gc.Row((4, 40), "float32", "loss", "liger", None, note="failed: x")]
     gc.fill_derived(rows)
-    assert rows[2].copy_pct == pytest.approx(50.0) and rows[2].vs_torch == pytest.approx(2.0)
+    logits = 4 * 40 * 4  # the harness's traffic: logits + labels + gradient, copy 2x logits
+    assert rows[2].yardstick_pct == pytest.approx(100 * (2 * logits + 4 * 8) / 2 / (2 * logits))
+    assert rows[2].vs_torch == pytest.approx(2.0)
     table = gc.format_table(rows)
     assert "| 4x40 | float32 | loss+grad | xentfast kernel | 2.000 |" in table
     assert any(line.startswith("MISS xentfast kernel") for line in gc.verdicts(rows))
