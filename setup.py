@@ -33,6 +33,29 @@ HEADERS = [
     os.path.join("xentfast", "backends", name)
     for name in ("_fastexp.h", "_xfrows.h", "_xfrows_tmpl.h")
 ]
+# Tempita templates (Cython.Tempita, as NumPy/SciPy/pandas): rendered next to themselves
+# without the ".in" before cythonize, on every build (sdist -> wheel included); the
+# rendered files are build outputs, never edited or committed.
+TEMPLATES = [os.path.join("xentfast", "backends", "_cython_kernels.pxi.in")]
+
+
+def _render_templates() -> None:
+    from Cython import Tempita
+
+    for src in TEMPLATES:
+        dst = src[: -len(".in")]
+        with open(src, encoding="utf-8") as f:
+            text = (
+                f"# GENERATED from {os.path.basename(src)} by setup.py (Cython.Tempita): "
+                "edit the template, not this file.\n" + Tempita.sub(f.read())
+            )
+        old = None
+        if os.path.exists(dst):
+            with open(dst, encoding="utf-8") as f:
+                old = f.read()
+        if text != old:  # rewrite only on change: cythonize goes by modification times
+            with open(dst, "w", encoding="utf-8") as f:
+                f.write(text)
 
 
 def _required() -> bool:
@@ -81,6 +104,7 @@ class OptionalBuildExt(build_ext):
             from Cython.Build import cythonize
         except ImportError as exc:
             raise RuntimeError("Cython>=3.0 is not installed") from exc
+        _render_templates()
         return cythonize(extensions, compiler_directives={"language_level": 3}, quiet=True)
 
     def build_extensions(self):
@@ -161,7 +185,7 @@ setup(
         Extension(
             EXT_NAME,
             sources=[PYX],
-            depends=HEADERS,
+            depends=HEADERS + TEMPLATES,
             include_dirs=[os.path.join("xentfast", "backends")],
         )
     ],

@@ -324,14 +324,16 @@ XF_INLINE void XF_FN(xfi_exp_store_tail_)(const XF_T *XF_RESTRICT x, XF_T *XF_RE
     }
 }
 
-/* The driver of the three pass-2 variants (mode: 0 sum only, 1 store e_j into e, 2 in
- * place, e == x; comp: the stored e_j by xf_exp*_diff, compensated for the rounding of
+/* The driver of the pass-2 variants (mode: 0 sum only, 1 store e_j into e, 2 in
+ * place, e == x, 3 in place prefetching two rows of 16-bit data, pf and pw, instead of
+ * one of XF_T (the 16-bit path: the next row of logits and this row's gradient); comp: the stored e_j by xf_exp*_diff, compensated for the rounding of
  * x_j - m; always inlined with constant mode and comp, so each variant is its own loop):
  * blocks of XF_BLK elements, the tail step into the last block; u returned (folded from
  * the double block totals, or from the lanes of a single block), t stored (the sum of
  * the integer lane counts). */
 XF_INLINE XF_T XF_FN(xfi_expsum_)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
-                                  const XF_T *pf, XF_T *t_out, int mode, int comp)
+                                  const XF_T *pf, XF_T *t_out, int mode, int comp,
+                                  const char *pw)
 {
     XF_ALIGNED XF_T au[XF_L] = {0};
     XF_ALIGNED XF_KEY at[XF_L] = {0};           /* tie counts: need no blocks */
@@ -339,14 +341,20 @@ XF_INLINE XF_T XF_FN(xfi_expsum_)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
     XF_ALIGNED XF_T buf[XF_L];
     XF_ALIGNED XF_T ebuf[XF_L];
     ptrdiff_t i, nv = n - n % XF_L;
-    if (mode == 2 && nv < n)                    /* the tail window, before it changes */
+    if (mode >= 2 && nv < n)                    /* the tail window, before it changes */
         for (int j = 0; j < XF_L; j++) buf[j] = (n >= XF_L) ? x[n - XF_L + j]
                                                            : ((j < n) ? x[j] : -INFINITY);
     pf = pf ? pf : x;
+    pw = pw ? pw : (const char *)pf;
     for (ptrdiff_t b = 0; b < nv; b += XF_BLK) {
         ptrdiff_t end = nv - b > XF_BLK ? b + XF_BLK : nv;
         for (i = b; i < end; i += XF_L) {
-            XF_PREFETCH(pf + i);
+            if (mode == 3) {            /* 2 bytes an element: each line asked twice */
+                XF_PREFETCH((const char *)pf + 2 * i);
+                XF_PREFETCH(pw + 2 * i);
+            } else {
+                XF_PREFETCH(pf + i);
+            }
             if (mode == 0) XF_FN(xfi_exp_step_)(x + i, m, au, at);
             else if (mode == 1) XF_FN(xfi_exp_store_step_)(x + i, e + i, m, au, at, comp);
             else XF_FN(xfi_exp_inplace_step_)(e + i, m, au, at, comp);
@@ -364,7 +372,7 @@ XF_INLINE XF_T XF_FN(xfi_expsum_)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
             XF_FN(xfi_exp_store_tail_)(x + n - XF_L, e + n - XF_L, m, au, at, first, comp);
         else XF_FN(xfi_exp_store_tail_)(buf, e + n - XF_L, m, au, at, first, comp);
     } else if (i < n) {
-        if (mode != 2)
+        if (mode < 2)
             for (int j = 0; j < XF_L; j++) buf[j] = (j < n) ? x[j] : -INFINITY;
         XF_FN(xfi_exp_store_step_)(buf, ebuf, m, au, at, comp);
         if (mode != 0)
@@ -865,18 +873,28 @@ XF_MV XF_T XF_FN(xf_rowmax)(const XF_T *x, ptrdiff_t n)
  * exp-bound while the memory bus idles: prefetching the next row during pass 2
  * overlaps the two (one prefetch per 64-byte step = one cache line per line done). */
 XF_MV XF_T XF_FN(xf_expsum)(const XF_T *x, ptrdiff_t n, XF_T m, const XF_T *pf, XF_T *t)
-{ return XF_FN(xfi_expsum_)(x, NULL, n, m, pf, t, 0, 0); }
+{ return XF_FN(xfi_expsum_)(x, NULL, n, m, pf, t, 0, 0, NULL); }
 /* e may be x itself (inplace=True) but must not overlap it otherwise; comp: store the
  * compensated exp(x_j - m) (xf_exp*_diff) */
 XF_MV XF_T XF_FN(xf_expsum_store)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
                                   const XF_T *pf, XF_T *t, int comp)
 {
     if (comp) {
-        if (e == x) return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 2, 1);
-        return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 1, 1);
+        if (e == x) return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 2, 1, NULL);
+        return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 1, 1, NULL);
     }
-    if (e == x) return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 2, 0);
-    return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 1, 0);
+    if (e == x) return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 2, 0, NULL);
+    return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 1, 0, NULL);
+}
+/* Pass 2 in place (e_j into x) for the 16-bit path, prefetching the 16-bit rows pf (the
+ * next row of logits) and pw (this row's gradient, written after pass 3), either NULL:
+ * the values of xf_expsum_store(x, x, ...). */
+XF_MV XF_T XF_FN(xf_expsum_inplace_h16)(XF_T *x, ptrdiff_t n, XF_T m, const uint16_t *pf,
+                                        const uint16_t *pw, XF_T *t, int comp)
+{
+    if (comp)
+        return XF_FN(xfi_expsum_)(x, x, n, m, (const XF_T *)pf, t, 3, 1, (const char *)pw);
+    return XF_FN(xfi_expsum_)(x, x, n, m, (const XF_T *)pf, t, 3, 0, (const char *)pw);
 }
 /* softmax pass 2: e (may be x itself) gets the compensated e_j; returns 1 / s */
 XF_MV XF_T XF_FN(xf_softmax_sum)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
@@ -904,3 +922,16 @@ XF_MV void XF_FN(xf_log_softmax_row)(const XF_T *x, XF_T *out, ptrdiff_t n, XF_T
 #undef XF_FN
 #undef XF_CAT
 #undef XF_CAT_
+/* the parameters of this instantiation (set by _xfrows.h) */
+#undef XF_T
+#undef XF_L
+#undef XF_SUF
+#undef XF_EXP
+#undef XF_EXP_Z
+#undef XF_EXP_DIFF
+#undef XF_LOG1P
+#undef XF_INV1P
+#undef XF_SEL
+#undef XF_KEY
+#undef XF_KEY_OF
+#undef XF_FROM_KEY

@@ -35,6 +35,11 @@ _forkguard.register(_ext.ran_parallel, _ext.disable_threads)
 
 NAME = "cython"
 NATIVE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: 16-bit logits that ``sparse`` and ``dense`` read natively (``half=`` names them for
+#: uint16 arrays of raw bits, e.g. PyTorch bfloat16 memory): float32 arithmetic, the
+#: gradient rounded once into the input's format -- bitwise the float32 kernel on the
+#: upcast logits (with NumPy's / ml_dtypes' casts), without an (n, c) float32 copy.
+NATIVE_HALF = ("float16", "bfloat16")
 
 #: True when the row passes were compiled as target_clones (SSE2 / AVX2+FMA / AVX-512).
 MULTIVERSIONED = _ext.MULTIVERSIONED
@@ -70,30 +75,67 @@ def _into(out: np.ndarray, compute) -> None:
         out[...] = tmp
 
 
+def _half_bits(a, name: str, what: str) -> np.ndarray:
+    """a (dtype `name`, or uint16 holding its bits) as a uint16 view; no copy."""
+    if a.dtype == np.uint16 or a.dtype.name == name:
+        return a.view(np.uint16)
+    raise TypeError(f"{what} must have the logits' 16-bit format {name} (or uint16 bits); "
+                    f"got {a.dtype}")
+
+
+def _half_args(logits, grad, labels, half):
+    """(logits, grad, labels, format code): the 16-bit operands as uint16 views and
+    the extension's code for their format; code 0 and the operands unchanged when the
+    logits are not 16-bit.  A bfloat16 dtype is recognised by its name (ml_dtypes is
+    never imported here)."""
+    if half is None:
+        name = logits.dtype.name
+        if name not in NATIVE_HALF:
+            return logits, grad, labels, 0
+    elif half in NATIVE_HALF:
+        name = half
+    else:
+        raise ValueError(f"half must be one of {NATIVE_HALF} or None; got {half!r}")
+    logits = _half_bits(logits, name, "logits")
+    if grad is not None:
+        grad = _half_bits(grad, name, "grad")
+    if labels is not None:
+        labels = _half_bits(labels, name, "dense labels")
+    return logits, grad, labels, _ext.HALF_CODES[name]
+
+
 def sparse(logits, labels, weight, ignore_index, label_smoothing, z_loss, grad_scale,
-           loss, lse, grad):
-    """Index labels: fill loss (n,), lse (n,) and, unless None, grad (n, c)."""
+           loss, lse, grad, *, half=None):
+    """Index labels: fill loss (n,), lse (n,) and, unless None, grad (n, c).
+
+    16-bit logits (float16, ml_dtypes bfloat16, or uint16 bits with ``half`` =
+    "float16" / "bfloat16"): grad in the same format, loss / lse / weight float32."""
+    logits, grad, _, code = _half_args(logits, grad, None, half)
     labels = np.asarray(labels, dtype=np.int64)
     if not (loss.flags.c_contiguous and lse.flags.c_contiguous):
         loss_c, lse_c = np.empty_like(loss), np.empty_like(lse)  # pragma: no cover
     else:
         loss_c, lse_c = loss, lse
     bad = _ext.sparse(logits, labels, _c1(weight), int(ignore_index), float(label_smoothing),
-                      float(z_loss), float(grad_scale), loss_c, lse_c, grad)
+                      float(z_loss), float(grad_scale), loss_c, lse_c, grad, code)
     if loss_c is not loss:  # pragma: no cover
         loss[...], lse[...] = loss_c, lse_c
     if bad:
         _raise_bad_labels(labels, logits.shape[1], int(ignore_index))
 
 
-def dense(logits, labels, weight, label_smoothing, z_loss, grad_scale, loss, lse, grad):
-    """Probability labels: fill loss (n,), lse (n,) and, unless None, grad (n, c)."""
+def dense(logits, labels, weight, label_smoothing, z_loss, grad_scale, loss, lse, grad, *,
+          half=None):
+    """Probability labels: fill loss (n,), lse (n,) and, unless None, grad (n, c).
+
+    16-bit logits as for ``sparse``; the labels then have the logits' 16-bit format."""
+    logits, grad, labels, code = _half_args(logits, grad, _c1(labels), half)
     if not (loss.flags.c_contiguous and lse.flags.c_contiguous):
         loss_c, lse_c = np.empty_like(loss), np.empty_like(lse)  # pragma: no cover
     else:
         loss_c, lse_c = loss, lse
-    _ext.dense(logits, _c1(labels), _c1(weight), float(label_smoothing), float(z_loss),
-               float(grad_scale), loss_c, lse_c, grad)
+    _ext.dense(logits, labels, _c1(weight), float(label_smoothing), float(z_loss),
+               float(grad_scale), loss_c, lse_c, grad, code)
     if loss_c is not loss:  # pragma: no cover
         loss[...], lse[...] = loss_c, lse_c
 
