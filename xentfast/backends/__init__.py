@@ -8,11 +8,19 @@ output and performs the final reductions; a kernel only fills the arrays it is g
 Arrays handed to a kernel
 -------------------------
 ``logits``   (n, c) C-contiguous, ``c >= 1``, ``n >= 1``; float32 or float64, plus
-             float16 where the backend lists it in ``NATIVE_DTYPES`` (the public layer
-             upcasts 16-bit input to float32 for the others and rounds results back).
+             float16 where the backend lists it in ``NATIVE_DTYPES`` (cuda), and for
+             ``sparse``/``dense`` the 16-bit formats named in ``NATIVE_HALF`` (cpu,
+             cython: ``("float16", "bfloat16")``), given as float16 arrays, arrays whose
+             dtype is named "bfloat16" (ml_dtypes), or uint16 bits with the keyword
+             ``half="float16"``/``"bfloat16"`` (PyTorch memory, no NumPy type needed).
+             16-bit logits are widened to float32 as they are loaded and the gradient
+             is rounded once, to nearest even, into the logits' format: the float32
+             kernel's result on the widened logits, rounded once, bit for bit.  For
+             every other case the public layer upcasts 16-bit input to float32 and
+             rounds the results back.
 ``labels``   sparse: (n,) int64, every value in ``[0, c)`` or equal to
              ``ignore_index`` (host backends may rely on it: the public layer checked);
-             dense: (n, c) probabilities, same dtype as ``logits``.
+             dense: (n, c) probabilities, same dtype (or 16-bit format) as ``logits``.
 ``weight``   (c,) class weights in the accumulation dtype, or shape (0,) for none.
 ``loss``     (n,) out, accumulation dtype: the per-row loss, 0 for ignored rows.
 ``lse``      (n,) out, accumulation dtype: the per-row log-sum-exp (ignored rows too).
@@ -30,9 +38,9 @@ Scalars: ``ignore_index`` (int), ``label_smoothing`` eps in [0, 1], ``z_loss`` z
 Kernels
 -------
 ``sparse(logits, labels, weight, ignore_index, label_smoothing, z_loss, grad_scale,
-loss, lse, grad)`` -- index labels.
-``dense(logits, labels, weight, label_smoothing, z_loss, grad_scale, loss, lse, grad)``
--- probability labels.
+loss, lse, grad[, *, half])`` -- index labels.
+``dense(logits, labels, weight, label_smoothing, z_loss, grad_scale, loss, lse, grad[,
+*, half])`` -- probability labels.  (``half`` only on backends with ``NATIVE_HALF``.)
 ``logsumexp(x, out)`` -- out (n,) accumulation dtype.
 ``log_softmax(x, out)``, ``softmax(x, out)`` -- out (n, c) in x's dtype.
 
