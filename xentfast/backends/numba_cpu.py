@@ -7,7 +7,7 @@ in a few passes over memory and with no (n, c) temporary:
     pass A   m = max_j x_j                                         (read x)
     pass B   e_j = exp(x_j - m);  u = sum of e_j off the max, t = ties at the max
              (+ weighted sums)                                     (read x; with a
-             gradient, write e_j into grad: exp is computed once per element)
+             float gradient, write e_j into grad: exp is computed once per element)
              r = u + (t - 1), log s = log1p(r), lse = m + log s; the loss (rowmath)
     pass C   grad_j = e_j * a - b_j                                (read/write grad while
                                                                     the row is in cache)
@@ -15,8 +15,8 @@ in a few passes over memory and with no (n, c) temporary:
 Paths (``plan()``: from the shape and the options only, never from the thread count;
 ``tuning()`` forces any part of the choice):
 
-* serial   -- n*c <= SERIAL_MAX_ELEMS: the row-range body is called directly (a parallel
-              launch costs more than it saves on tiny inputs).
+* serial   -- n*c <= SERIAL_MAX_ELEMS: the driver runs as one chunk on the calling
+              thread (its twin compiled without ``parallel``; no launch).
 * rows     -- c > SMALL_C_MAX: ``prange`` over chunks of rows, one row per pass A/B/C
               sequence, SIMD along the row.  Loss-only, logsumexp and sparse
               loss+grad rows (not in place, no label smoothing) of at least WIDE_MIN_C
@@ -30,33 +30,67 @@ Paths (``plan()``: from the shape and the options only, never from the thread co
               Used for logsumexp, log_softmax, softmax and sparse without smoothing;
               the rarer dense / label-smoothing cases use the row path there.
 
-Layout of this module
----------------------
-1. Numba options, all in one place (``_JIT``, ``_PJIT``, ``_EXP_JIT``), the choice of a
-   thread-safe threading layer, and the dispatch tunables.
-2. LLVM intrinsics (bit-casts, ``llvm.maxnum``, ``llvm.prefetch``, the 512-bit vector
-   preference of a function), the vectorisable exponential ``_exp`` and logarithm
-   ``_log`` with their error analysis.
-3. Row passes (``_row_*``): the inner loops, written so that LLVM vectorises them.
-4. Row-range bodies (``_*_rows(r0, r1, ...)``): everything one row needs, for rows
-   [r0, r1); and 5. their parallel drivers (``_*_par``).
-6. Small-C bodies and drivers.
-7. Split-row kernels.
-8. ``plan``, ``tuning`` and the public kernel functions (plain Python): plan the path
-   and call it.
+One template, many kernels
+--------------------------
+Every family is written once and specialised at compile time.  The variant flags (``OP``,
+the label kind ``LAB``, the gradient mode ``GRAD``, the pass-B store mode ``STORE``, the
+pass-C kind) are passed between jitted functions as constants, which Numba types as
+literals: each combination is compiled as a function of its own with the dead branches
+pruned, so the inner loops are exactly the hand-written variants' (same instructions,
+same bits).  The chunk drivers -- the only functions called from Python -- are made by
+``_driver(path, op, grad, parallel)``, a factory whose closure holds only those plain
+constants (Numba's cache keys a closure by its constants, so drivers load from the
+cache like any function; a driver never closes over a jitted function, which would
+not).  The element type is a template parameter too: ``_ld``/``_st`` read and write an
+element of a float array as it is, and of a 16-bit array as its bits (below).
+
+Native 16-bit (``NATIVE_HALF``)
+-------------------------------
+``sparse`` and ``dense`` read float16 and bfloat16 logits (and probability labels) as
+their bits -- float16 travels as an int16 view, bfloat16 as a uint16 view, so that the
+element type selects the conversion -- converted to float32 in registers as they are
+loaded (``_ld``); the arithmetic is float32 (loss, lse and weights are float32), and the
+gradient is written in the input's format, rounded once, to nearest even (``_st``).  A
+16-bit gradient cannot hold e_j between passes B and C without a second rounding, so
+pass B stores e_j into a float32 scratch row (c floats per thread, allocated once per
+chunk) and pass C reads it there and writes the 16-bit gradient; the split path (at most
+SPLIT_MAX_ROWS very long rows, where the scratch would be (n, c)) computes e_j again
+from x in its pass C.  Either way the same float32 values in the same order: bitwise
+the float32 kernel's results on the upcast logits, rounded once.  No (n, c) float32
+temporary is made.
+
+Threading layer
+---------------
+This module leaves ``numba.config.THREADING_LAYER`` alone (the process's choice).  Numba's
+default layer, "workqueue", is not thread-safe: two Python threads launching parallel
+kernels at once abort the process ("Concurrent access has been detected").  So every
+parallel launch of this module checks the layer Numba resolved (``numba.threading_layer()``
+after the first launch, before it the configured one, where "default" may resolve to
+workqueue): under workqueue the launches are serialised by a module lock; under "omp"
+or "tbb" they run concurrently.  Set ``NUMBA_THREADING_LAYER=omp`` (or ``tbb``, or
+``threadsafe``) before the first parallel Numba call to let threads run kernels
+concurrently.
+
+Layout
+------
+``_numba_math``: the Numba options (the one place they are set), the intrinsics, 16-bit
+element access, the vectorisable exp and log; ``_numba_plan``: the tunables, ``plan`` and
+``tuning`` (re-exported here).  ``_numba_passes``: the row passes A, B, C and the template
+machinery.  This module: 1. parallel launches; 2. the row body ``_rows``; 3. the small-C
+body ``_small`` and the driver factory ``_driver``; 4. split rows; 5. the public
+kernels; 6. row statistics.
 
 Precision rule
 --------------
-Arithmetic happens in the accumulation dtype: float32 for float32 logits, float64 for
-float64 logits (this backend has no native float16; the public layer upcasts).  Outputs
-have the same dtype, so each per-element value is rounded once.  The per-row scalars
-come from ``rowmath`` in its non-cancelling forms -- (m - x_y) + log1p(r), the
-true-class gradient -((1 - e_y) + r)/s instead of p_y - 1, W log s + wd instead of
-W lse - sum w x -- compiled with no fastmath flag at all, so that LLVM cannot
-reassociate them back (``_STRICT_JIT``).  Row sums are accumulated in blocks of 1024
-terms (SIMD partial sums inside a block in the row's dtype, block totals in float64),
-so the rounding error of a float32 row does not grow with its length.  softmax's e_j
-(and float64 gradients' e_j) are compensated for the rounding of x_j - m.
+Arithmetic happens in the accumulation dtype: float32 for float32 and 16-bit logits,
+float64 for float64 logits.  Outputs have the logits' dtype, so each per-element value
+is rounded once.  The per-row scalars come from ``rowmath`` in its non-cancelling forms
+-- (m - x_y) + log1p(r), the true-class gradient -((1 - e_y) + r)/s instead of p_y - 1,
+W log s + wd instead of W lse - sum w x -- compiled with no fastmath flag at all, so
+that LLVM cannot reassociate them back (``_STRICT_JIT``).  Row sums are accumulated in
+blocks of 1024 terms (SIMD partial sums inside a block in the row's dtype, block totals
+in float64), so the rounding error of a float32 row does not grow with its length.
+softmax's e_j (and float64 gradients' e_j) are compensated for the rounding of x_j - m.
 
 Determinism
 -----------
@@ -69,1358 +103,251 @@ depends only on the shape and the options.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
-import os
-from collections.abc import Iterator
-from typing import Literal
+import threading
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba import njit, prange
 
 from .. import _forkguard
-from . import rowmath
+from ._numba_plan import (CHUNK_ELEMS, OPS, PATHS, PREFETCH_MAX_GRAD_ROW_BYTES,  # noqa: F401
+                          PREFETCH_MAX_ROW_BYTES, SERIAL_MAX_ELEMS, SMALL_C_BLOCK,
+                          SMALL_C_CHUNK_ELEMS, SMALL_C_MAX, SPLIT_MAX_ROWS, SPLIT_MIN_C,
+                          SPLIT_SEGMENTS, WIDE_MIN_C, Path, Plan, Tuning, _chunking,
+                          _split_geometry, _tuning, can_split, has_wide_passes, plan,
+                          tuning)
+from ._numba_passes import (DENSE, E_SCRATCH, G_HALF, G_HALF_INPLACE, G_INPLACE, G_NONE, G_STORE,  # noqa: F401
+                            LOGSM, LSE, SMOOTH, SOFTMAX, SPARSE, STATS0, _KIND, _LAB,
+                            _STORE, _literals, _pass_ab, _pass_b, _pass_c, _row_fill,
+                            _row_logsm, _row_max, _row_max_sumexp_wide, _row_scalars,
+                            _row_softmax_exp, _template)
+from ._numba_math import (_JIT, _PJIT, _acc, _dense_coef, _dense_grad, _dense_loss, _exp,  # noqa: F401
+                          _exp_diff, _exp_grad, _grad_over_sum, _ld, _log1p, _log_sum_exp,
+                          _maxnum, _rest_mass, _smoothed_weight, _softmax, _sparse_loss,
+                          _sparse_scale, _sparse_true_grad, _st, _stub, bits_view,
+                          exp_array, log1p_array, log_array)
 
 NAME = "cpu"
 NATIVE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+NATIVE_HALF = ("float16", "bfloat16")
 
 # ---------------------------------------------------------------------------------------
-# 1. Numba options (the only place they are set), threading layer, tunables
+# 1. Parallel launches (see "Threading layer" above)
 # ---------------------------------------------------------------------------------------
-# fastmath WITHOUT "nnan"/"ninf": NaN and -inf are data here (a NaN row must give NaN, a
-# -inf logit is a mask), and with those flags LLVM may fold x != x or x == -inf away.
-#   reassoc  lets LLVM vectorise the sum reductions (several partial sums, in an order
-#            fixed at compile time, so still deterministic);
-#   contract fuses a*b + c into FMA;  nsz, arcp, afn are harmless here.
-_FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
-# The exponential and logarithm get no "reassoc": with it LLVM may rewrite the Cody-Waite
-# reduction (x - k*LN2_HI) - k*LN2_LO as x - k*(LN2_HI + LN2_LO), losing the extra bits.
-# (Numba applies fastmath flags per compiled function, and they stay on the instructions
-# when LLVM inlines the function into a kernel.)
-_EXP_FASTMATH = frozenset({"nsz", "arcp", "contract"})
+_launch_lock = threading.Lock()
 
-_JIT = dict(
-    fastmath=set(_FASTMATH),
-    cache=True,           # compiled code is stored next to this file (or NUMBA_CACHE_DIR)
-    nogil=True,           # several Python threads may run kernels at once
-    error_model="numpy",  # no ZeroDivisionError checks inside the loops (they block SIMD)
-    boundscheck=False,
-)
-_PJIT = dict(_JIT, parallel=True)
-_EXP_JIT = dict(_JIT, fastmath=set(_EXP_FASTMATH))
-# The per-row scalar maths (rowmath) gets no fastmath flag at all: "reassoc" and "nsz"
-# together let LLVM rewrite (m - x_y) + log s into lse - x_y, or (1 - e_y) + r into
-# s - e_y, undoing the forms that keep confident rows exact.  "Reassoc" is for the SIMD
-# reductions over a row, nothing else.
-_STRICT_JIT = dict(_JIT, fastmath=False)
 
-# Numba's default threading layer, "workqueue", is not thread-safe: two Python threads
-# launching parallel kernels at the same time abort the whole process ("Numba workqueue
-# threading layer is terminating: Concurrent access has been detected." -- reproduced
-# with 4 threads calling `sparse`).  The public API promises that calls are
-# thread-safe, so unless the user chose a layer with NUMBA_THREADING_LAYER we ask Numba
-# for a thread-safe one: "threadsafe" = OpenMP if available, else TBB.  Numba fixes the
-# layer when the first parallel kernel of the process runs; nothing here runs at import,
-# so this holds unless other code already ran a parallel Numba kernel (then that code
-# chose the layer).
-if not os.environ.get("NUMBA_THREADING_LAYER"):
-    numba.config.THREADING_LAYER = "threadsafe"
+def _launch(fn, *args):
+    """Run a parallel kernel.  Under Numba's "workqueue" layer (not thread-safe: two
+    threads in it at once abort the process) launches are serialised by a lock; the
+    layer is the one Numba resolved, or before the first launch the configured one
+    ("default" may resolve to workqueue, so it locks too)."""
+    _forkguard.note_parallel()
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel region has run yet in this process
+        layer = str(numba.config.THREADING_LAYER)
+        layer = "workqueue" if layer in ("default", "workqueue") else layer
+    if layer == "workqueue":
+        with _launch_lock:
+            return fn(*args)
+    return fn(*args)
 
-# Tunables of the Python-level dispatch (kernels receive them as arguments; none of them
-# changes results, only which rows run where -- except the path choice itself, which
-# depends on the shape alone).  Measured on a 2-core AVX-512 VM: see
-# benchmarks/NOTES_cpu_kernels.md.
-SERIAL_MAX_ELEMS = 1 << 14      # n*c at most this: serial path (no parallel launch)
-CHUNK_ELEMS = 1 << 14           # row path: rows per parallel chunk ~ CHUNK_ELEMS / c
-SMALL_C_MAX = 48                # c at most this: small-C path
-SMALL_C_BLOCK = 64              # small-C path: rows per transposed block
-SMALL_C_CHUNK_ELEMS = 1 << 14   # small-C path: elements per parallel chunk (>= 1 block)
-SPLIT_MIN_C = 1 << 15           # split path: c at least this ...
-SPLIT_MAX_ROWS = 4              # ... and n at most this
-SPLIT_SEGMENTS = 16             # split path: segments per row (a constant, NOT the
-                                # thread count, so results do not depend on it)
-WIDE_MIN_C = 320                # loss-only, logsumexp and sparse loss+grad rows of at
-                                # least this many classes: the 512-bit passes A+B (+C)
-PREFETCH_MAX_ROW_BYTES = 1 << 20  # ... prefetching the next row if a row is at most this
-PREFETCH_MAX_GRAD_ROW_BYTES = 1 << 18  # (with a gradient: x, grad and the next row share L2)
+
+
+
 
 # ---------------------------------------------------------------------------------------
-# 2. Intrinsics, the exponential and the logarithm
+# 2. The row body: rows [r0, r1) of one op, SIMD along each row.  The formulas are
+#    rowmath's (see its docstring).  Every body and driver takes the same arguments,
+#    the "frame" (``_frame`` fills the ones an op does not use with placeholders):
+#      x (n, c) logits (16-bit: bits); t (n, c) probability labels; labels (n,) int64;
+#      w (c,) class weights (empty: none); bvec (c,) = (eps/C) w_j gs; ii ignore_index;
+#      one_m_eps, eps_c = 1 - eps, eps/C; w_sum = sum_j w_j; z z-loss; gs grad_scale;
+#      loss, lse (n,); g (n, c) the gradient, or log_softmax's / softmax's output;
+#      aux (4, n) float64, row_stats' u, t, coef_sum, dist (loss holds its m);
+#      wide, prefetch (plan); blk (small-C block rows).
 # ---------------------------------------------------------------------------------------
 
+_rows = _stub("_rows", "Rows [r0, r1) of one op; see the template.")
 
-@intrinsic
-def _bits_to_float(typingctx, bits):
-    """Reinterpret int32 bits as float32 (int64 as float64): 2**k from its exponent."""
-    if bits == types.int32:
-        sig, lltype = types.float32(bits), ir.FloatType()
-    elif bits == types.int64:
-        sig, lltype = types.float64(bits), ir.DoubleType()
-    else:
+
+@_template(_rows)
+def _rows_t(r0, r1, op, grad, x, t, labels, w, bvec, ii, one_m_eps, eps_c, w_sum, z, gs,
+            loss, lse, g, aux, wide, prefetch, blk):
+    """Index labels (SPARSE, SMOOTH: rowmath's loss with or without smoothing; with a
+    gradient, pass B stores e_j, pass C scales them by a = A gs / s (minus b_j =
+    (eps/C) w_j gs), then the true class gets rowmath.sparse_true_grad from e_y, read
+    before pass C; ignored rows: loss 0, grad 0, lse still computed); probability labels
+    (DENSE: loss = T log s + wd + z lse^2, g_j = ((e_j A - wt_j) - wt_j r) gs / s,
+    A = T + 2 z lse); LSE, LOGSM, SOFTMAX (e_j stored in pass B, scaled by 1/s in pass C
+    while in cache); STATS0-2 (row_stats: passes A and B only)."""
+    if (k := _literals(op, grad)) is None:
         return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], lltype)
-
-    return sig, codegen
-
-
-@intrinsic
-def _maxnum(typingctx, a, b):
-    """``llvm.maxnum``: max ignoring a NaN operand.  Unlike ``a if a > b else b`` it is
-    exactly associative, so LLVM vectorises the row-max reduction without ``nnan``.
-    (Ignoring NaN is fine: a NaN in the row still poisons the sum in pass B.)"""
-    if isinstance(a, types.Float) and a == b:
-        def codegen(context, builder, signature, args):
-            lt = args[0].type
-            fn = builder.module.declare_intrinsic(
-                "llvm.maxnum", [lt], ir.FunctionType(lt, [lt, lt]))
-            return builder.call(fn, args)
-
-        return a(a, b), codegen
-    return None
-
-
-@intrinsic
-def _prefetch(typingctx, arr, index):
-    """``llvm.prefetch`` of the cache line holding ``arr[index]`` (read, into L2:
-    locality 2).  A hint: it never faults, even past the end of the array."""
-    if not (isinstance(arr, types.Array) and arr.ndim == 1
-            and isinstance(index, types.Integer)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        aryty = signature.args[0]
-        ary = context.make_array(aryty)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]],
-                                       wraparound=False)
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [ptr, i32(0), i32(2), i32(1)])  # read, locality 2, data
-        return context.get_dummy_value()
-
-    return types.void(arr, index), codegen
-
-
-@intrinsic
-def _prefer_wide_vectors(typingctx):
-    """Compile the calling function for 512-bit vectors, as a function of its own.
-
-    LLVM's x86 tuning for AVX-512 CPUs prefers 256-bit vectors (``prefer-vector-width``
-    = 256: wide instructions can lower the clock on older parts), and Numba offers no
-    option to change it.  For the exp pass that halves the work per instruction: on the
-    project machine the loss-only row passes run 1.3-1.5x faster with 16 float lanes.
-    The attribute is per function, and the instruction selector honours the function
-    the code ends up in, so the caller must not inline it: ``noinline`` (one call per
-    row, which is why only long rows take this path).  On a CPU without AVX-512 the
-    attribute changes nothing."""
-    def codegen(context, builder, signature, args):
-        attributes = builder.function.attributes
-        # llvmlite only accepts the attribute names it knows; a string attribute is
-        # printed as given ("name"="value" is valid LLVM IR in that position).
-        set.add(attributes, '"prefer-vector-width"="512"')
-        attributes.add("noinline")
-        return context.get_dummy_value()
-
-    return types.void(), codegen
-
-
-def _exp(x):  # pragma: no cover - replaced by the overload below inside jitted code
-    """exp(x) for x <= 0 (or NaN), vectorisable; see the overload."""
-    raise NotImplementedError
-
-
-# The exponential, for arguments x = x_j - m <= 0 (and NaN, -inf):
-#
-#   1. Clamp: x <- max(x, X_MIN) written as ``X_MIN if x < X_MIN else x`` so that a NaN
-#      passes through (the comparison is false) and -inf becomes X_MIN (whose exp is
-#      flushed to 0 in step 4).
-#   2. Range reduction: k = rint(x * log2(e)),  r = x - k ln2 with |r| <= ln2/2 + tiny.
-#      Cody-Waite: ln2 = LN2_HI + LN2_LO where LN2_HI has trailing zero bits, so k*LN2_HI
-#      is exact for the |k| that occur and r = (x - k*LN2_HI) - k*LN2_LO loses nothing.
-#   3. exp(r) ~ P(r) = 1 + c1 r + ... + cd r^d, Horner with FMA.  The coefficients are
-#      the minimax (Remez, relative error, c0 fixed to 1 so exp(0) == 1 exactly) fit
-#      on [-ln2/2, ln2/2] computed with mpmath at 50 digits:
-#        float32, d = 6: max |P/exp - 1| = 1.98e-9 (0.017 ulp)
-#        float64, d = 11: max |P/exp - 1| = 3.4e-18 (0.03 ulp)
-#      Measured end to end (approximation + float rounding of the evaluation):
-#        float32: exhaustively over every float32 x in [-87, 0]: max error 1.05 ulp
-#                 (a degree-5 polynomial measures 2.01 ulp; see benchmarks/NOTES).
-#        float64: max error 0.91 ulp over 2.5e7 samples in [-708, 0] (vs long double).
-#   4. 2**k: build the float with biased exponent k + BIAS directly ((k + 127) << 23 for
-#      float32, (k + 1023) << 52 for float64) and bit-cast.  k is first clamped to
-#      K_MIN - 1 below K_MIN, giving exponent field 0, i.e. 2**k == +0.0: results that
-#      would be below ~2**(K_MIN - 0.5) are flushed to exactly 0 (they are < 2e-38 for
-#      float32, < 4e-308 for float64: invisible next to the sum s >= 1, and it keeps
-#      subnormals, which are slow on x86, out of the loops).  The clamp
-#      ``k if k > K_MIN - 1 else K_MIN - 1`` also maps NaN k to a number, so the float ->
-#      int conversion never sees NaN; the NaN still propagates through r and P(r), and
-#      NaN * 0 = NaN.
-#   Result: P(r) * 2**k.   exp(-inf) = 0 exactly, exp(NaN) = NaN, exp(0) = 1 exactly.
-
-
-@overload(_exp, jit_options=_EXP_JIT)
-def _exp_impl(x):
-    if x == types.float32:
-        f = np.float32
-        X_MIN = f(-104.0)
-        LOG2E = f(1.4426950408889634)
-        LN2_HI = f(0.693359375)             # 0x3f318000: 9 significant bits
-        LN2_LO = f(-2.12194440e-4)          # ln2 - LN2_HI
-        C1 = f(1.0000000321837212264)
-        C2 = f(0.49999994205572518698)
-        C3 = f(0.16666431170308225796)
-        C4 = f(0.041668002573200951491)
-        C5 = f(0.0083741633659085793689)
-        C6 = f(0.0013843644148874706763)
-        ONE = f(1.0)
-        K_LOW = f(-126.0)                   # k must be > K_LOW, i.e. k >= -125
-        K_ZERO = f(-127.0)                  # exponent field 0: 2**k -> +0.0
-
-        def impl(x):
-            x = X_MIN if x < X_MIN else x
-            k = np.rint(x * LOG2E)
-            r = x - k * LN2_HI
-            r = r - k * LN2_LO
-            p = C6 * r + C5
-            p = p * r + C4
-            p = p * r + C3
-            p = p * r + C2
-            p = p * r + C1
-            p = p * r + ONE
-            kk = k if k > K_LOW else K_ZERO
-            scale = _bits_to_float(np.int32((np.int32(kk) + 127) << 23))
-            return p * scale
-
-        return impl
-    if x == types.float64:
-        f = np.float64
-        X_MIN = f(-1000.0)
-        LOG2E = f(1.4426950408889634)
-        LN2_HI = f(6.93147180369123816490e-01)   # 0x3fe62e42fee00000: 32 low bits zero
-        LN2_LO = f(1.90821492927058770002e-10)   # ln2 - LN2_HI
-        C2 = f(0.5000000000000012)
-        C3 = f(0.16666666666666216)
-        C4 = f(0.04166666666651771)
-        C5 = f(0.008333333333549863)
-        C6 = f(0.0013888888946386997)
-        C7 = f(0.00019841269436554447)
-        C8 = f(2.4801490598024487e-05)
-        C9 = f(2.755762682108275e-06)
-        C10 = f(2.763104871737513e-07)
-        C11 = f(2.499142007903852e-08)
-        ONE = f(1.0)                             # c0 and c1 (c1 = 1 + 2.4e-17 rounds to 1)
-        K_LOW = f(-1022.0)
-        K_ZERO = f(-1023.0)
-
-        def impl(x):
-            x = X_MIN if x < X_MIN else x
-            k = np.rint(x * LOG2E)
-            r = x - k * LN2_HI
-            r = r - k * LN2_LO
-            p = C11 * r + C10
-            p = p * r + C9
-            p = p * r + C8
-            p = p * r + C7
-            p = p * r + C6
-            p = p * r + C5
-            p = p * r + C4
-            p = p * r + C3
-            p = p * r + C2
-            p = p * r + ONE
-            p = p * r + ONE
-            kk = k if k > K_LOW else K_ZERO
-            scale = _bits_to_float((np.int64(kk) + 1023) << 52)
-            return p * scale
-
-        return impl
-    return None
-
-
-def _exp_diff(x, m):  # pragma: no cover - replaced by the overload below
-    """exp(x - m) without the rounding of x - m; see the overload."""
-    raise NotImplementedError
-
-
-def _exp_grad(x, m):  # pragma: no cover - replaced by the overload below
-    """e_j = exp(x - m) as the gradient passes store it; see the overload."""
-    raise NotImplementedError
-
-
-# exp(x - m) for x <= m, compensated for the rounding of the difference:
-#   d = x - m rounds; its error err = (x - m) - d is exact in floating point (TwoSum:
-#   bb = d - x, err = (x - (d - bb)) + (-m - bb)), and exp(x - m) = exp(d) exp(err)
-#   = exp(d) (1 + err) to within err^2 < 2**-48.  Without it the relative error of e_j
-#   is up to |x - m| / 2 ulps (the rounding of d, amplified by exp): 4 ulps at a spread
-#   of 8, 44 at float32's 87, 350 at float64's 700.
-#   A masked x = -inf gives d = -inf and err = NaN: then e = exp(d) = 0 as it is.
-#   Compiled without reassoc (which would fold err to 0).
-# Used for softmax (4 ulps, DESIGN.md) on every dtype; and, through _exp_grad, for the
-# stored e_j of float64 gradients (64 ulps at any spread).  float32 gradients keep the
-# plain exp (<= 44 + 2 ulps within the 64), and loss-only passes too (the loss is a sum).
-
-
-@overload(_exp_diff, jit_options=_EXP_JIT)
-def _exp_diff_impl(x, m):
-    if isinstance(x, types.Float) and x == m:
-        def impl(x, m):
-            d = x - m
-            bb = d - x
-            err = (x - (d - bb)) + (-m - bb)
-            e = _exp(d)
-            return e + e * err if err == err else e
-
-        return impl
-    return None
-
-
-@overload(_exp_grad, jit_options=_EXP_JIT)
-def _exp_grad_impl(x, m):
-    if x == types.float64 and m == types.float64:
-        return lambda x, m: _exp_diff(x, m)
-    if isinstance(x, types.Float) and x == m:
-        return lambda x, m: _exp(x - m)
-    return None
-
-
-@intrinsic
-def _float_to_bits(typingctx, x):
-    """Reinterpret float32 as int32 (float64 as int64)."""
-    if x == types.float32:
-        sig, lltype = types.int32(x), ir.IntType(32)
-    elif x == types.float64:
-        sig, lltype = types.int64(x), ir.IntType(64)
-    else:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], lltype)
-
-    return sig, codegen
-
-
-def _log(x):  # pragma: no cover - replaced by the overload below inside jitted code
-    """log(x) for positive normal x (or NaN), vectorisable; see the overload."""
-    raise NotImplementedError
-
-
-# The logarithm, for s = sum_j exp(x_j - m) in [1, C] (or NaN) -- vectorisable, used by
-# the small-C path for a whole block of rows at once (np.log is a scalar libm call):
-#   1. x = 2**e * f with f in [sqrt(1/2), sqrt(2)): subtract the bits of sqrt(1/2) from the
-#      bits of x, e = (difference >> mantissa bits), f = bits of (difference's mantissa +
-#      bits of sqrt(1/2)).  Exact.
-#   2. log f = 2 atanh(u),  u = (f - 1) / (f + 1),  |u| <= (sqrt2 - 1)/(sqrt2 + 1) = 0.1716;
-#      2 atanh(u) = 2u + u^3 (2/3 + u^2 (2/5 + ...)), the Taylor series truncated after
-#      u^9 (float32: next term / log f <= 2.0e-9) or u^19 (float64: <= 2.3e-17).
-#      f - 1 is exact (Sterbenz); the division and f + 1 add ~1 ulp.
-#   3. log x = e*LN2_HI + (e*LN2_LO + log f)  (Cody-Waite split again: e*LN2_HI exact).
-#   4. NaN in -> NaN out (explicit select: the bit tricks would make a number of it).
-#   Measured: float32 max error 1.91 ulp (every 37th float in [1, 2**20)); float64 max
-#   1.91 ulp (2e6 samples in [1, 2**20]).  lse = m + log s, so this is an absolute
-#   error of ~2 ulp(log c) in lse: far below the rounding of lse itself when |m| > c.
-
-
-@overload(_log, jit_options=_EXP_JIT)
-def _log_impl(x):
-    if x == types.float32:
-        f = np.float32
-        SQRTH = np.int32(0x3F3504F3)        # bits of sqrt(1/2)
-        MANT = np.int32(0x007FFFFF)
-        LN2_HI = f(0.693359375)
-        LN2_LO = f(-2.12194440e-4)
-        ONE = f(1.0)
-        TWO = f(2.0)
-        A1 = f(2.0 / 3.0)
-        A2 = f(2.0 / 5.0)
-        A3 = f(2.0 / 7.0)
-        A4 = f(2.0 / 9.0)
-
-        def impl(x):
-            ix = _float_to_bits(x) - SQRTH
-            e = f(np.int32(ix >> 23))
-            fm = _bits_to_float(np.int32((ix & MANT) + SQRTH))
-            u = (fm - ONE) / (fm + ONE)
-            u2 = u * u
-            q = A4 * u2 + A3
-            q = q * u2 + A2
-            q = q * u2 + A1
-            logf = TWO * u + (u * u2) * q
-            r = e * LN2_HI + (e * LN2_LO + logf)
-            return x if x != x else r
-
-        return impl
-    if x == types.float64:
-        f = np.float64
-        SQRTH = np.int64(0x3FE6A09E667F3BCD)
-        MANT = np.int64(0x000FFFFFFFFFFFFF)
-        LN2_HI = f(6.93147180369123816490e-01)
-        LN2_LO = f(1.90821492927058770002e-10)
-        ONE = f(1.0)
-        TWO = f(2.0)
-        A1 = f(2.0 / 3.0)
-        A2 = f(2.0 / 5.0)
-        A3 = f(2.0 / 7.0)
-        A4 = f(2.0 / 9.0)
-        A5 = f(2.0 / 11.0)
-        A6 = f(2.0 / 13.0)
-        A7 = f(2.0 / 15.0)
-        A8 = f(2.0 / 17.0)
-        A9 = f(2.0 / 19.0)
-
-        def impl(x):
-            ix = _float_to_bits(x) - SQRTH
-            e = f(ix >> 52)
-            fm = _bits_to_float((ix & MANT) + SQRTH)
-            u = (fm - ONE) / (fm + ONE)
-            u2 = u * u
-            q = A9 * u2 + A8
-            q = q * u2 + A7
-            q = q * u2 + A6
-            q = q * u2 + A5
-            q = q * u2 + A4
-            q = q * u2 + A3
-            q = q * u2 + A2
-            q = q * u2 + A1
-            logf = TWO * u + (u * u2) * q
-            r = e * LN2_HI + (e * LN2_LO + logf)
-            return x if x != x else r
-
-        return impl
-    return None
-
-
-@njit(**_JIT)
-def log_array(x, out):
-    """out[i] = _log(x[i]) for a 1-D array (a test hook for the logarithm)."""
-    for i in range(x.shape[0]):
-        out[i] = _log(x[i])
-
-
-@njit(**_JIT)
-def exp_array(x, out):
-    """out[i] = _exp(x[i]) for a 1-D array (a test hook for the exponential)."""
-    for i in range(x.shape[0]):
-        out[i] = _exp(x[i])
-
-
-def _log1p(x):  # pragma: no cover - replaced by the overload below inside jitted code
-    """log1p(r) for r >= 0 (or NaN), vectorisable; see the overload."""
-    raise NotImplementedError
-
-
-# log1p(r) = log s for s = 1 + r, r >= 0 the rest mass of rowmath (the small-C path does
-# a block of rows at once; the row paths call libm's log1p once per row):
-#   u = 1 + r rounds r; log1p(r) = log(u) + (r - (u - 1)) / u  recovers the lost part to
-#   first order (u - 1 is exact by Sterbenz, r - (u - 1) is exactly the rounding error of
-#   u, and d log u = du / u).  Error: _log's 1.91 ulp of log u plus ~1 ulp, relative to
-#   log1p(r) also for r far below the unit roundoff (then log u = 0 and the correction
-#   is r itself).  Compiled without reassoc: with it LLVM would fold (u - 1) - r to 0.
-
-
-@overload(_log1p, jit_options=_EXP_JIT)
-def _log1p_impl(x):
-    if x in (types.float32, types.float64):
-        ONE = np.float32(1.0) if x == types.float32 else np.float64(1.0)
-
-        def impl(x):
-            u = ONE + x
-            return _log(u) + (x - (u - ONE)) / u
-
-        return impl
-    return None
-
-
-@njit(**_JIT)
-def log1p_array(x, out):
-    """out[i] = _log1p(x[i]) for a 1-D array (a test hook)."""
-    for i in range(x.shape[0]):
-        out[i] = _log1p(x[i])
-
-
-# The per-row maths of rowmath, compiled with strict IEEE semantics (no fastmath at all:
-# see rowmath's docstring) and inlined by LLVM into the kernels that call them; the
-# flags stay on the inlined instructions, so the kernels' "reassoc" cannot reach them.
-_rest_mass = njit(**_STRICT_JIT)(rowmath.rest_mass)
-_log_sum_exp = njit(**_STRICT_JIT)(rowmath.log_sum_exp)
-
-_sparse_loss = njit(**_STRICT_JIT)(rowmath.sparse_loss)
-_dense_loss = njit(**_STRICT_JIT)(rowmath.dense_loss)
-_sparse_scale = njit(**_STRICT_JIT)(rowmath.sparse_scale)
-_sparse_true_grad = njit(**_STRICT_JIT)(rowmath.sparse_true_grad)
-_smoothed_weight = njit(**_STRICT_JIT)(rowmath.smoothed_weight)
-_dense_coef = njit(**_STRICT_JIT)(rowmath.dense_coef)
-_grad_over_sum = njit(**_STRICT_JIT)(rowmath.grad_over_sum)
-_dense_grad = njit(**_STRICT_JIT)(rowmath.dense_grad)
-_log_softmax = njit(**_STRICT_JIT)(rowmath.log_softmax)
-_softmax = njit(**_STRICT_JIT)(rowmath.softmax)
-
-
-@njit(**_STRICT_JIT)
-def _two_sum_add(hi, lo, v):
-    """(hi, lo) + v with the rounding error of hi + v kept in lo (TwoSum; strict flags,
-    so reassociation cannot fold the error term away)."""
-    s = hi + v
-    bb = s - hi
-    return s, lo + ((hi - (s - bb)) + (v - bb))
+    OP, GRAD = k
+    LAB, STORE, KIND = _LAB[OP], _STORE[GRAD], _KIND.get(OP, 0)
+    SCRATCH = int(GRAD in (G_HALF, G_HALF_INPLACE))  # 16-bit gradient: e_j in a float32 row
+    GRAD_C = E_SCRATCH if SCRATCH else GRAD
+    ROW_OUT = int(GRAD != G_NONE or OP in (LOGSM, SOFTMAX))  # g[i] is an output row
+    IDX = int(OP in (SPARSE, SMOOTH))                         # index labels
+
+    def impl(r0, r1, op, grad, x, t, labels, w, bvec, ii, one_m_eps, eps_c, w_sum, z, gs,
+             loss, lse, g, aux, wide, prefetch, blk):
+        T = _acc(x)
+        zero = T(0)
+        one = T(1)
+        has_w = w.shape[0] != 0
+        eb = np.empty(x.shape[1] * SCRATCH, T)
+        for i in range(r0, r1):
+            xr = x[i]
+            gr = g[i] if ROW_OUT == 1 else g[0]
+            if SCRATCH == 1:
+                er = eb                        # pass B's e_j (gr itself for floats)
+            else:
+                er = gr
+            tr = t[i] if LAB == 2 else t[0]
+            if OP == SOFTMAX:
+                m = _row_max(xr)
+                u, tt = _row_softmax_exp(xr, m, gr)
+                _pass_c(xr, gr, m, one, bvec, tr, w, one_m_eps, eps_c,
+                        _row_scalars(x, m, u, tt)[0], one, one, KIND, G_STORE, False)
+                continue
+            if OP == LOGSM:
+                m = _row_max(xr)
+                u, tt, _, _ = _pass_b(xr, m, tr, w, one_m_eps, eps_c, gr, 0, 0)
+                _row_logsm(xr, m, _row_scalars(x, m, u, tt)[1], gr)
+                continue
+            if IDX == 1:
+                y = labels[i]
+                if y == ii:
+                    m, u, tt, _, _ = _pass_ab(x, i, r1, wide, prefetch, tr, w, one_m_eps,
+                                              eps_c, er, LAB, 0)
+                    lse[i] = _row_scalars(x, m, u, tt)[2]
+                    loss[i] = zero
+                    if GRAD != G_NONE:
+                        _row_fill(gr, zero)
+                    continue
+                xy = _ld(xr, y)               # read before pass B overwrites it (in place)
+            m, u, tt, coef_sum, dist = _pass_ab(x, i, r1, wide, prefetch, tr, w, one_m_eps,
+                                                eps_c, er, LAB, STORE)
+            if OP >= STATS0:
+                loss[i] = m
+                aux[0, i] = u
+                aux[1, i] = tt
+                aux[2, i] = coef_sum
+                aux[3, i] = dist
+                continue
+            r, log_s, ls = _row_scalars(x, m, u, tt)
+            lse[i] = ls
+            if OP == DENSE:
+                loss[i] = _dense_loss(m, log_s, T(coef_sum), T(dist), z)
+                if GRAD != G_NONE:
+                    _pass_c(er, gr, m, one, bvec, tr, w, one_m_eps, eps_c, r,
+                            _dense_coef(ls, T(coef_sum), z), _grad_over_sum(one, r, gs),
+                            KIND, GRAD_C, False)
+            if IDX == 1:
+                wy = w[y] if has_w else one
+                loss[i] = _sparse_loss(m, log_s, xy, wy, one_m_eps, eps_c, w_sum, T(dist), z)
+                if GRAD != G_NONE:
+                    ey = er[y]
+                    a = _sparse_scale(one, r, ls, wy, one_m_eps, eps_c, w_sum, z, gs)
+                    if wide:
+                        _pass_c(er, gr, m, a, bvec, tr, w, one_m_eps, eps_c, r, one, one,
+                                KIND, GRAD_C, True)
+                    else:
+                        _pass_c(er, gr, m, a, bvec, tr, w, one_m_eps, eps_c, r, one, one,
+                                KIND, GRAD_C, False)
+                    _st(gr, y, _sparse_true_grad(one, ey, r, ls, wy, one_m_eps, eps_c,
+                                                 w_sum, z, gs))
+
+    return impl
 
 
 # ---------------------------------------------------------------------------------------
-# 3. Row passes.  ``xr``, ``gr`` ... are 1-D contiguous views of one row (or segment).
-#    Pass B returns rowmath's (u, t): u = sum_{x_j < m} e_j, t = the sum of the other
-#    e_j (the ties at the max, 1 each; NaN for a NaN or +inf in the row), in two lane
-#    accumulators, so that r = u + (t - 1) keeps the mass of a confident row's other
-#    classes instead of rounding it into s = 1 + r.
-#    Sums run over blocks of 1024 elements (``xr[j0:j0 + 1024]``: a view with a plain
-#    0-based index, which LLVM vectorises; an index like range(j0, j1) it could not prove
-#    non-negative and turned into gathers).  Inside a block the SIMD lanes add in the
-#    row's dtype; the block totals are added in float64, so a float32 row of any length
-#    drifts no more than one block does (~1024/lanes ulp worst case, a few in practice).
-#    The block size is a literal, not a tunable: it is part of the fixed summation order.
-#    The *_ip variants are the in-place versions (grad is logits): they take the one
-#    array, so LLVM sees a single pointer.  Given two arguments that happen to be the
-#    same array, the vectoriser's run-time overlap check fails and the scalar loop runs
-#    (measured 3-4x slower).
-# ---------------------------------------------------------------------------------------
-
-
-@njit(**_JIT)
-def _row_max(xr):
-    """Pass A: m = max_j x_j (NaN ignored; -inf for an all-(-inf)/NaN row)."""
-    m = xr.dtype.type(-np.inf)
-    for j in range(xr.shape[0]):
-        m = _maxnum(m, xr[j])
-    return m
-
-
-@njit(**_JIT)
-def _row_scalars(xr, m, u, t):
-    """(r, log s, lse) of a row in its dtype, from pass A's m and pass B's float64 (u, t):
-    r = u + (t - 1), log s = log1p(r), lse = m + log s."""
-    T = xr.dtype.type
-    r = T(_rest_mass(u, t, 1.0))
-    log_s = T(np.log1p(r))
-    return r, log_s, _log_sum_exp(m, log_s)
-
-
-@njit(**_JIT)
-def _row_sumexp(xr, m):
-    """Pass B, loss only: (u, t)."""
-    T = xr.dtype.type
-    zero = T(0)
-    one = T(1)
-    u = 0.0
-    t = 0.0
-    for j0 in range(0, xr.shape[0], 1024):
-        xb = xr[j0:j0 + 1024]
-        bu = zero
-        bt = zero
-        for j in range(xb.shape[0]):
-            xj = xb[j]
-            e = _exp(xj - m)
-            d = xj - m
-            eu = zero if d == zero else e
-            tie = one if d == zero else zero
-            bu += eu
-            bt += tie
-        u += bu
-        t += bt
-    return u, t
-
-
-@njit(**_JIT)
-def _row_max_sumexp_wide(xr, xnext, prefetch, gr, store):
-    """Passes A and B of a row of at least 64 classes, on 512-bit vectors (see
-    ``_prefer_wide_vectors``); returns (m, u, t), and with ``store`` writes e_j into
-    ``gr`` (which must not be ``xr``: in place has its own pass).  With ``prefetch``, the
-    next row ``xnext`` is requested into L2 during pass B, so that its pass A, which would
-    otherwise wait on memory with the core idle, reads from cache.
-
-    Tails: LLVM runs 4 x 16 lanes per iteration, and a remainder of up to 63 scalar exps
-    costs as much as a thousand vector ones.  So the loops run over the first
-    ``body = c - c % 64`` elements, and the rest is one more full 64-element window
-    ``x[c-64:c)``: for the max, overlapping is harmless; for the sums, the lanes already
-    counted contribute 0 (a select on the index, so the window vectorises); the stores
-    of the overlap write again the values already there (same x, same m, same exp)."""
-    _prefer_wide_vectors()
-    T = xr.dtype.type
-    zero = T(0)
-    one = T(1)
-    n = xr.shape[0]
-    body = n - n % 64
-    window = xr[n - 64:]
-    m = T(-np.inf)
-    xb = xr[:body]
-    for j in range(xb.shape[0]):
-        m = _maxnum(m, xb[j])
-    for j in range(64):
-        m = _maxnum(m, window[j])
-    line = 64 // xr.itemsize  # elements per cache line
-    u = 0.0
-    t = 0.0
-    for j0 in range(0, body, 1024):
-        if prefetch:
-            for k in range(j0, min(j0 + 1024, n), line):
-                _prefetch(xnext, k)
-        xb = xr[j0:min(j0 + 1024, body)]
-        bu = zero
-        bt = zero
-        if store:
-            gb = gr[j0:min(j0 + 1024, body)]
-            for j in range(xb.shape[0]):
-                xj = xb[j]
-                e = _exp_grad(xj, m)
-                gb[j] = e
-                d = xj - m
-                eu = zero if d == zero else e
-                tie = one if d == zero else zero
-                bu += eu
-                bt += tie
-        else:
-            for j in range(xb.shape[0]):
-                xj = xb[j]
-                e = _exp(xj - m)
-                d = xj - m
-                eu = zero if d == zero else e
-                tie = one if d == zero else zero
-                bu += eu
-                bt += tie
-        u += bu
-        t += bt
-    if body < n:
-        if prefetch:
-            _prefetch(xnext, n - 1)
-        counted = body - (n - 64)  # window lanes [0, counted) are in the blocks above
-        gw = gr[n - 64:]
-        bu = zero
-        bt = zero
-        for j in range(64):
-            xj = window[j]
-            e = _exp_grad(xj, m)
-            if store:
-                gw[j] = e
-            fresh = j >= counted               # lanes [0, counted) were summed above:
-            d = xj - m if fresh else one       # such a lane is no tie ...
-            eu = zero if (d == zero or not fresh) else e   # ... and adds no term
-            tie = one if d == zero else zero
-            bu += eu
-            bt += tie
-        u += bu
-        t += bt
-    return m, u, t
-
-
-@njit(**_JIT)
-def _row_scale_wide(gr, a):
-    """Pass C (``_row_scale``) on 512-bit vectors, for the rows that took the wide
-    pass B."""
-    _prefer_wide_vectors()
-    for j in range(gr.shape[0]):
-        gr[j] = gr[j] * a
-
-
-@njit(**_JIT)
-def _row_max_sumexp(x, i, r1, wide, prefetch, gr, store):
-    """(m, u, t) of row i of x, and with ``store`` e_j written into ``gr`` (not x: in
-    place has its own pass): the wide passes for long rows (``wide``), prefetching row
-    i + 1 when it is in [r0, r1) of this thread; else passes A, B.  Without ``store``,
-    ``gr`` is any writeable 1-D array (never written; x itself may be read-only)."""
-    if wide:
-        following = i + 1 < r1
-        return _row_max_sumexp_wide(x[i], x[i + 1] if following else x[i],
-                                    prefetch and following, gr, store)
-    m = _row_max(x[i])
-    if store:
-        u, t = _row_sumexp_store(x[i], m, gr)
-    else:
-        u, t = _row_sumexp(x[i], m)
-    return m, u, t
-
-
-@njit(**_JIT)
-def _row_sumexp_store(xr, m, gr):
-    """Pass B with gradient: gr_j = e_j = exp(x_j - m); returns (u, t)."""
-    T = xr.dtype.type
-    zero = T(0)
-    one = T(1)
-    u = 0.0
-    t = 0.0
-    for j0 in range(0, xr.shape[0], 1024):
-        xb = xr[j0:j0 + 1024]
-        gb = gr[j0:j0 + 1024]
-        bu = zero
-        bt = zero
-        for j in range(xb.shape[0]):
-            xj = xb[j]
-            e = _exp_grad(xj, m)
-            gb[j] = e
-            d = xj - m
-            eu = zero if d == zero else e
-            tie = one if d == zero else zero
-            bu += eu
-            bt += tie
-        u += bu
-        t += bt
-    return u, t
-
-
-@njit(**_JIT)
-def _row_softmax_exp(xr, m, out):
-    """Pass B of softmax: out_j = e_j = exp(x_j - m) compensated for the rounding of
-    x_j - m (_exp_diff); returns (u, t).  The sum is kept tighter than the loss passes'
-    (softmax's bound is 4 ulps): the lanes add in float64 (float32 terms exactly) over
-    blocks of 256, and the block totals are added with their rounding errors kept."""
-    T = xr.dtype.type
-    zero = T(0)
-    one = T(1)
-    hi = 0.0
-    lo = 0.0
-    t = 0.0
-    for j0 in range(0, xr.shape[0], 256):
-        xb = xr[j0:j0 + 256]
-        ob = out[j0:j0 + 256]
-        bu = 0.0
-        bt = zero
-        for j in range(xb.shape[0]):
-            xj = xb[j]
-            e = _exp_diff(xj, m)
-            ob[j] = e
-            d = xj - m
-            eu = zero if d == zero else e
-            tie = one if d == zero else zero
-            bu += eu
-            bt += tie
-        hi, lo = _two_sum_add(hi, lo, bu)
-        t += bt
-    return hi + lo, t
-
-
-@njit(**_JIT)
-def _row_sumexp_store_ip(gr, m):
-    """_row_sumexp_store in place: gr_j <- exp(gr_j - m) (x_j read before written)."""
-    T = gr.dtype.type
-    zero = T(0)
-    one = T(1)
-    u = 0.0
-    t = 0.0
-    for j0 in range(0, gr.shape[0], 1024):
-        gb = gr[j0:j0 + 1024]
-        bu = zero
-        bt = zero
-        for j in range(gb.shape[0]):
-            xj = gb[j]
-            e = _exp_grad(xj, m)
-            gb[j] = e
-            d = xj - m
-            eu = zero if d == zero else e
-            tie = one if d == zero else zero
-            bu += eu
-            bt += tie
-        u += bu
-        t += bt
-    return u, t
-
-
-@njit(**_JIT)
-def _row_sumexp_wsum(xr, m, w):
-    """Pass B, sparse + label smoothing, loss only: returns (u, t, wd) with
-    wd = sum_{w_j != 0} w_j (m - x_j)  (m - x_j >= 0: a zero weight skips even x_j = -inf)."""
-    T = xr.dtype.type
-    zero = T(0)
-    one = T(1)
-    u = 0.0
-    t = 0.0
-    wd = 0.0
-    for j0 in range(0, xr.shape[0], 1024):
-        xb = xr[j0:j0 + 1024]
-        wb = w[j0:j0 + 1024]
-        bu = zero
-        bt = zero
-        bm = zero
-        for j in range(xb.shape[0]):
-            xj = xb[j]
-            e = _exp(xj - m)
-            d = xj - m
-            eu = zero if d == zero else e
-            tie = one if d == zero else zero
-            bu += eu
-            bt += tie
-            wj = wb[j]
-            bm += wj * (m - xj) if wj != zero else zero
-        u += bu
-        t += bt
-        wd += bm
-    return u, t, wd
-
-
-@njit(**_JIT)
-def _row_sumexp_wsum_store(xr, m, w, gr):
-    """_row_sumexp_wsum, also storing e_j into gr."""
-    T = xr.dtype.type
-    zero = T(0)
-    one = T(1)
-    u = 0.0
-    t = 0.0
-    wd = 0.0
-    for j0 in range(0, xr.shape[0], 1024):
-        xb = xr[j0:j0 + 1024]
-        wb = w[j0:j0 + 1024]
-        gb = gr[j0:j0 + 1024]
-        bu = zero
-        bt = zero
-        bm = zero
-        for j in range(xb.shape[0]):
-            xj = xb[j]
-            e = _exp_grad(xj, m)
-            gb[j] = e
-            d = xj - m
-            eu = zero if d == zero else e
-            tie = one if d == zero else zero
-            bu += eu
-            bt += tie
-            wj = wb[j]
-            bm += wj * (m - xj) if wj != zero else zero
-        u += bu
-        t += bt
-        wd += bm
-    return u, t, wd
-
-
-@njit(**_JIT)
-def _row_sumexp_wsum_store_ip(gr, m, w):
-    """_row_sumexp_wsum_store in place."""
-    T = gr.dtype.type
-    zero = T(0)
-    one = T(1)
-    u = 0.0
-    t = 0.0
-    wd = 0.0
-    for j0 in range(0, gr.shape[0], 1024):
-        gb = gr[j0:j0 + 1024]
-        wb = w[j0:j0 + 1024]
-        bu = zero
-        bt = zero
-        bm = zero
-        for j in range(gb.shape[0]):
-            xj = gb[j]
-            e = _exp_grad(xj, m)
-            gb[j] = e
-            d = xj - m
-            eu = zero if d == zero else e
-            tie = one if d == zero else zero
-            bu += eu
-            bt += tie
-            wj = wb[j]
-            bm += wj * (m - xj) if wj != zero else zero
-        u += bu
-        t += bt
-        wd += bm
-    return u, t, wd
-
-
-@njit(**_JIT)
-def _row_sumexp_dense(xr, tr, w, one_m_eps, eps_c, m):
-    """Pass B, probability labels, loss only: returns (u, t, t_sum, wd) with
-    wt_j = w_j ((1 - eps) t_j + eps/C),  t_sum = sum_j wt_j,
-    wd = sum_{wt_j != 0} wt_j (m - x_j)   (a class with wt_j == 0 adds nothing, even
-    where x_j = -inf)."""
-    T = xr.dtype.type
-    zero = T(0)
-    one = T(1)
-    u = 0.0
-    t = 0.0
-    tw = 0.0
-    wd = 0.0
-    for j0 in range(0, xr.shape[0], 1024):
-        xb = xr[j0:j0 + 1024]
-        tb = tr[j0:j0 + 1024]
-        wb = w[j0:j0 + 1024]
-        bu = zero
-        bt = zero
-        btw = zero
-        bm = zero
-        for j in range(xb.shape[0]):
-            xj = xb[j]
-            e = _exp(xj - m)
-            d = xj - m
-            eu = zero if d == zero else e
-            tie = one if d == zero else zero
-            bu += eu
-            bt += tie
-            wt = _smoothed_weight(wb[j], tb[j], one_m_eps, eps_c)
-            btw += wt
-            bm += wt * (m - xj) if wt != zero else zero
-        u += bu
-        t += bt
-        tw += btw
-        wd += bm
-    return u, t, tw, wd
-
-
-@njit(**_JIT)
-def _row_sumexp_dense_store(xr, tr, w, one_m_eps, eps_c, m, gr):
-    """_row_sumexp_dense, also storing e_j into gr."""
-    T = xr.dtype.type
-    zero = T(0)
-    one = T(1)
-    u = 0.0
-    t = 0.0
-    tw = 0.0
-    wd = 0.0
-    for j0 in range(0, xr.shape[0], 1024):
-        xb = xr[j0:j0 + 1024]
-        tb = tr[j0:j0 + 1024]
-        wb = w[j0:j0 + 1024]
-        gb = gr[j0:j0 + 1024]
-        bu = zero
-        bt = zero
-        btw = zero
-        bm = zero
-        for j in range(xb.shape[0]):
-            xj = xb[j]
-            e = _exp_grad(xj, m)
-            gb[j] = e
-            d = xj - m
-            eu = zero if d == zero else e
-            tie = one if d == zero else zero
-            bu += eu
-            bt += tie
-            wt = _smoothed_weight(wb[j], tb[j], one_m_eps, eps_c)
-            btw += wt
-            bm += wt * (m - xj) if wt != zero else zero
-        u += bu
-        t += bt
-        tw += btw
-        wd += bm
-    return u, t, tw, wd
-
-
-@njit(**_JIT)
-def _row_sumexp_dense_store_ip(gr, tr, w, one_m_eps, eps_c, m):
-    """_row_sumexp_dense_store in place."""
-    T = gr.dtype.type
-    zero = T(0)
-    one = T(1)
-    u = 0.0
-    t = 0.0
-    tw = 0.0
-    wd = 0.0
-    for j0 in range(0, gr.shape[0], 1024):
-        gb = gr[j0:j0 + 1024]
-        tb = tr[j0:j0 + 1024]
-        wb = w[j0:j0 + 1024]
-        bu = zero
-        bt = zero
-        btw = zero
-        bm = zero
-        for j in range(gb.shape[0]):
-            xj = gb[j]
-            e = _exp_grad(xj, m)
-            gb[j] = e
-            d = xj - m
-            eu = zero if d == zero else e
-            tie = one if d == zero else zero
-            bu += eu
-            bt += tie
-            wt = _smoothed_weight(wb[j], tb[j], one_m_eps, eps_c)
-            btw += wt
-            bm += wt * (m - xj) if wt != zero else zero
-        u += bu
-        t += bt
-        tw += btw
-        wd += bm
-    return u, t, tw, wd
-
-
-@njit(**_JIT)
-def _row_scale(gr, a):
-    """Pass C: gr_j <- gr_j * a."""
-    for j in range(gr.shape[0]):
-        gr[j] = gr[j] * a
-
-
-@njit(**_JIT)
-def _row_scale_sub(gr, a, bvec):
-    """Pass C: gr_j <- gr_j * a - bvec_j."""
-    for j in range(gr.shape[0]):
-        gr[j] = gr[j] * a - bvec[j]
-
-
-@njit(**_JIT)
-def _row_dense_grad(gr, tr, w, one_m_eps, eps_c, r, coef, gs_over_s):
-    """Pass C, probability labels: gr_j <- rowmath.dense_grad(e_j, wt_j, ...)."""
-    for j in range(gr.shape[0]):
-        wt = _smoothed_weight(w[j], tr[j], one_m_eps, eps_c)
-        gr[j] = _dense_grad(gr[j], wt, r, coef, gs_over_s)
-
-
-@njit(**_JIT)
-def _row_softmax(orow, one, r):
-    """Pass C of softmax: p_j = e_j / s (rowmath.softmax)."""
-    for j in range(orow.shape[0]):
-        orow[j] = _softmax(orow[j], one, r)
-
-
-@njit(**_JIT)
-def _row_fill(gr, v):
-    for j in range(gr.shape[0]):
-        gr[j] = v
-
-
-@njit(**_JIT)
-def _row_logsm(xr, m, log_s, out):
-    """out_j = (x_j - m) - log s  (rowmath.log_softmax)."""
-    for j in range(xr.shape[0]):
-        out[j] = _log_softmax(xr[j], m, log_s)
-
-
-# ---------------------------------------------------------------------------------------
-# 4. Row-range bodies: rows [r0, r1).  The formulas are rowmath's (see its docstring).
-# ---------------------------------------------------------------------------------------
-
-
-@njit(**_JIT)
-def _lse_rows(r0, r1, x, out, wide, prefetch):
-    unused = np.empty(0, x.dtype)
-    for i in range(r0, r1):
-        m, u, t = _row_max_sumexp(x, i, r1, wide, prefetch, unused, False)
-        out[i] = _row_scalars(x[i], m, u, t)[2]
-
-
-@njit(**_JIT)
-def _log_softmax_rows(r0, r1, x, out):
-    for i in range(r0, r1):
-        xr = x[i]
-        m = _row_max(xr)
-        u, t = _row_sumexp(xr, m)
-        _row_logsm(xr, m, _row_scalars(xr, m, u, t)[1], out[i])
-
-
-@njit(**_JIT)
-def _softmax_rows(r0, r1, x, out):
-    # p_j = e_j / s: e_j stored in pass B, scaled by 1/s in pass C while in cache.
-    one = x.dtype.type(1)
-    for i in range(r0, r1):
-        orow = out[i]
-        m = _row_max(x[i])
-        u, t = _row_softmax_exp(x[i], m, orow)
-        _row_softmax(orow, one, _row_scalars(x[i], m, u, t)[0])
-
-
-@njit(**_JIT)
-def _sparse_loss_rows(r0, r1, x, labels, w, ignore_index, z, loss, lse, wide, prefetch):
-    # No smoothing: loss = w_y ((m - x_y) + log s) + z lse^2.  Ignored rows: loss 0, lse
-    # still computed.
-    T = x.dtype.type
-    zero = T(0)
-    one = T(1)
-    has_w = w.shape[0] != 0
-    unused = np.empty(0, x.dtype)
-    for i in range(r0, r1):
-        m, u, t = _row_max_sumexp(x, i, r1, wide, prefetch, unused, False)
-        _, log_s, ls = _row_scalars(x[i], m, u, t)
-        lse[i] = ls
-        y = labels[i]
-        if y == ignore_index:
-            loss[i] = zero
-        else:
-            wy = w[y] if has_w else one
-            loss[i] = _sparse_loss(m, log_s, x[i, y], wy, one, zero, zero, zero, z)
-
-
-@njit(**_JIT)
-def _sparse_grad_rows(r0, r1, x, labels, w, ignore_index, z, gs, loss, lse, g, inplace,
-                      wide, prefetch):
-    # No smoothing, with the gradient (x is g when inplace): pass B stores e_j in g;
-    # pass C multiplies by a = (w_y + 2 z lse) gs / s; then the true class gets
-    # rowmath.sparse_true_grad from e_y (read before pass C).
-    # Rows of at least WIDE_MIN_C classes (``wide``, not in place) take the 512-bit
-    # passes A+B and C, prefetching the next row during pass B (``prefetch``).
-    T = x.dtype.type
-    zero = T(0)
-    one = T(1)
-    has_w = w.shape[0] != 0
-    wide_b = wide and not inplace
-    for i in range(r0, r1):
-        gr = g[i]
-        y = labels[i]
-        if y == ignore_index:
-            m, u, t = _row_max_sumexp(x, i, r1, wide, prefetch, gr, False)
-            lse[i] = _row_scalars(gr, m, u, t)[2]
-            loss[i] = zero
-            _row_fill(gr, zero)
-            continue
-        xy = x[i, y]                      # read before pass B overwrites it (in place)
-        if inplace:
-            m = _row_max(x[i])
-            u, t = _row_sumexp_store_ip(gr, m)
-        else:
-            m, u, t = _row_max_sumexp(x, i, r1, wide, prefetch, gr, True)
-        r, log_s, ls = _row_scalars(gr, m, u, t)
-        lse[i] = ls
-        wy = w[y] if has_w else one
-        loss[i] = _sparse_loss(m, log_s, xy, wy, one, zero, zero, zero, z)
-        ey = gr[y]
-        a = _sparse_scale(one, r, ls, wy, one, zero, zero, z, gs)
-        if wide_b:
-            _row_scale_wide(gr, a)
-        else:
-            _row_scale(gr, a)
-        gr[y] = _sparse_true_grad(one, ey, r, ls, wy, one, zero, zero, z, gs)
-
-
-@njit(**_JIT)
-def _sparse_smooth_loss_rows(r0, r1, x, labels, w, ignore_index, one_m_eps, eps_c,
-                             w_sum, z, loss, lse):
-    # With smoothing (w = class weights, ones when the user gave none):
-    #   loss = (1 - eps) w_y ((m - x_y) + log s) + (eps/C) (W log s + wd) + z lse^2.
-    T = x.dtype.type
-    for i in range(r0, r1):
-        xr = x[i]
-        m = _row_max(xr)
-        u, t, wd = _row_sumexp_wsum(xr, m, w)
-        _, log_s, ls = _row_scalars(xr, m, u, t)
-        lse[i] = ls
-        y = labels[i]
-        if y == ignore_index:
-            loss[i] = T(0)
-            continue
-        loss[i] = _sparse_loss(m, log_s, xr[y], w[y], one_m_eps, eps_c, w_sum, T(wd), z)
-
-
-@njit(**_JIT)
-def _sparse_smooth_grad_rows(r0, r1, x, labels, w, bvec, ignore_index, one_m_eps, eps_c,
-                             w_sum, z, gs, loss, lse, g, inplace):
-    #   g_j = e_j a - b_j,  a = A gs / s,  bvec_j = (eps/C) w_j gs;  g_y from
-    #   rowmath.sparse_true_grad (which includes its own b_y).
-    T = x.dtype.type
-    one = T(1)
-    for i in range(r0, r1):
-        gr = g[i]
-        y = labels[i]
-        m = _row_max(x[i])
-        if y == ignore_index:
-            u, t, wd = _row_sumexp_wsum(x[i], m, w)
-            lse[i] = _row_scalars(gr, m, u, t)[2]
-            loss[i] = T(0)
-            _row_fill(gr, T(0))
-            continue
-        xy = x[i, y]
-        if inplace:
-            u, t, wd = _row_sumexp_wsum_store_ip(gr, m, w)
-        else:
-            u, t, wd = _row_sumexp_wsum_store(x[i], m, w, gr)
-        r, log_s, ls = _row_scalars(gr, m, u, t)
-        lse[i] = ls
-        wy = w[y]
-        loss[i] = _sparse_loss(m, log_s, xy, wy, one_m_eps, eps_c, w_sum, T(wd), z)
-        ey = gr[y]
-        _row_scale_sub(gr, _sparse_scale(one, r, ls, wy, one_m_eps, eps_c, w_sum, z, gs),
-                       bvec)
-        gr[y] = _sparse_true_grad(one, ey, r, ls, wy, one_m_eps, eps_c, w_sum, z, gs)
-
-
-@njit(**_JIT)
-def _dense_loss_rows(r0, r1, x, t, w, one_m_eps, eps_c, z, loss, lse):
-    # loss = T log s + wd + z lse^2,  T = sum wt_c, wd = sum wt_c (m - x_c).
-    T = x.dtype.type
-    for i in range(r0, r1):
-        xr = x[i]
-        m = _row_max(xr)
-        u, tt, tw, wd = _row_sumexp_dense(xr, t[i], w, one_m_eps, eps_c, m)
-        _, log_s, ls = _row_scalars(xr, m, u, tt)
-        lse[i] = ls
-        loss[i] = _dense_loss(m, log_s, T(tw), T(wd), z)
-
-
-@njit(**_JIT)
-def _dense_grad_rows(r0, r1, x, t, w, one_m_eps, eps_c, z, gs, loss, lse, g, inplace):
-    #   g_j = ((e_j A - wt_j) - wt_j r) gs / s,  A = T + 2 z lse.
-    T = x.dtype.type
-    one = T(1)
-    for i in range(r0, r1):
-        tr = t[i]
-        gr = g[i]
-        m = _row_max(x[i])
-        if inplace:
-            u, tt, tw, wd = _row_sumexp_dense_store_ip(gr, tr, w, one_m_eps, eps_c, m)
-        else:
-            u, tt, tw, wd = _row_sumexp_dense_store(x[i], tr, w, one_m_eps, eps_c, m, gr)
-        r, log_s, ls = _row_scalars(gr, m, u, tt)
-        lse[i] = ls
-        loss[i] = _dense_loss(m, log_s, T(tw), T(wd), z)
-        _row_dense_grad(gr, tr, w, one_m_eps, eps_c, r, _dense_coef(ls, T(tw), z),
-                        _grad_over_sum(one, r, gs))
-
-
-# ---------------------------------------------------------------------------------------
-# 5. Parallel drivers: prange over `nchunks` chunks of `chunk` consecutive rows.  Numba
-#    splits the chunk range statically among its threads; a row is always done whole by
-#    one thread, so the result does not depend on the thread count.
-# ---------------------------------------------------------------------------------------
-
-
-@njit(**_PJIT)
-def _lse_par(nchunks, chunk, x, out, wide, prefetch):
-    n = x.shape[0]
-    for k in prange(nchunks):
-        _lse_rows(k * chunk, min(n, (k + 1) * chunk), x, out, wide, prefetch)
-
-
-@njit(**_PJIT)
-def _log_softmax_par(nchunks, chunk, x, out):
-    n = x.shape[0]
-    for k in prange(nchunks):
-        _log_softmax_rows(k * chunk, min(n, (k + 1) * chunk), x, out)
-
-
-@njit(**_PJIT)
-def _softmax_par(nchunks, chunk, x, out):
-    n = x.shape[0]
-    for k in prange(nchunks):
-        _softmax_rows(k * chunk, min(n, (k + 1) * chunk), x, out)
-
-
-@njit(**_PJIT)
-def _sparse_loss_par(nchunks, chunk, x, labels, w, ignore_index, z, loss, lse, wide,
-                     prefetch):
-    n = x.shape[0]
-    for k in prange(nchunks):
-        _sparse_loss_rows(k * chunk, min(n, (k + 1) * chunk), x, labels, w, ignore_index,
-                          z, loss, lse, wide, prefetch)
-
-
-@njit(**_PJIT)
-def _sparse_grad_par(nchunks, chunk, x, labels, w, ignore_index, z, gs, loss, lse, g,
-                     inplace, wide, prefetch):
-    n = x.shape[0]
-    for k in prange(nchunks):
-        _sparse_grad_rows(k * chunk, min(n, (k + 1) * chunk), x, labels, w, ignore_index,
-                          z, gs, loss, lse, g, inplace, wide, prefetch)
-
-
-@njit(**_PJIT)
-def _sparse_smooth_loss_par(nchunks, chunk, x, labels, w, ignore_index, one_m_eps, eps_c,
-                            w_sum,  z, loss, lse):
-    n = x.shape[0]
-    for k in prange(nchunks):
-        _sparse_smooth_loss_rows(k * chunk, min(n, (k + 1) * chunk), x, labels, w,
-                                 ignore_index, one_m_eps, eps_c, w_sum,  z, loss, lse)
-
-
-@njit(**_PJIT)
-def _sparse_smooth_grad_par(nchunks, chunk, x, labels, w, bvec, ignore_index, one_m_eps,
-                            eps_c, w_sum,  z, gs, loss, lse, g, inplace):
-    n = x.shape[0]
-    for k in prange(nchunks):
-        _sparse_smooth_grad_rows(k * chunk, min(n, (k + 1) * chunk), x, labels, w, bvec,
-                                 ignore_index, one_m_eps, eps_c, w_sum,  z, gs,
-                                 loss, lse, g, inplace)
-
-
-@njit(**_PJIT)
-def _dense_loss_par(nchunks, chunk, x, t, w, one_m_eps, eps_c, z, loss, lse):
-    n = x.shape[0]
-    for k in prange(nchunks):
-        _dense_loss_rows(k * chunk, min(n, (k + 1) * chunk), x, t, w, one_m_eps, eps_c, z,
-                         loss, lse)
-
-
-@njit(**_PJIT)
-def _dense_grad_par(nchunks, chunk, x, t, w, one_m_eps, eps_c, z, gs, loss, lse, g,
-                    inplace):
-    n = x.shape[0]
-    for k in prange(nchunks):
-        _dense_grad_rows(k * chunk, min(n, (k + 1) * chunk), x, t, w, one_m_eps, eps_c, z,
-                         gs, loss, lse, g, inplace)
-
-
-# ---------------------------------------------------------------------------------------
-# 6. Small C (c <= SMALL_C_MAX): a row is shorter than a few SIMD registers, so vectorising
+# 3. Small C (c <= SMALL_C_MAX): a row is shorter than a few SIMD registers, so vectorising
 #    along it wastes lanes on remainders, and the per-row overhead (loop set-up, a libm
 #    log call) dominates.  Instead a block of `blk` rows is transposed into a class-major
 #    scratch buffer buf[j, b] = x[b0 + b, j], and every pass runs over b (rows) in SIMD:
 #      max:  m_b = max_j buf[j, b]  (fused with the transpose)
 #      exp:  buf[j, b] = e_jb,  u_b, t_b += e_jb;  r_b and log1p r_b with the vectorised
 #            _log1p
-#      scale (gradient): g[b0 + b, j] = buf[j, b] * a_b  (fused with the transpose back)
+#      scale (gradient): g[b0 + b, j] = buf[j, b] * a_b, one grad row at a time while
+#            it is in L1
 #    The whole block is read into buf before any of its grad rows is written, so grad may
-#    be logits.  Same rowmath formulas as the row bodies; a row's sum runs over j in
+#    be logits.  Same rowmath formulas as the row body; a row's sum runs over j in
 #    order.  Scratch (c*blk + a few blk-vectors) is allocated once per chunk.
 # ---------------------------------------------------------------------------------------
 
 
 @njit(**_JIT)
-def _blk_load_max(x, b0, nb, buf, mv):
-    """buf[j, b] = x[b0 + b, j];  mv[b] = max_j x[b0 + b, j].  Loop order b-outer,
-    j-inner (unit-stride reads of a row, strided writes into the L1-resident buf): the
-    kernel at 1M x 10 float32 took 0.86x the time of the j-outer order (paired, 40
-    alternations in one process; benchmarks/NOTES_cpu_kernels.md)."""
+def _blk_load_max(x, b0, nb, buf, mv, with_max):
+    """buf[j, b] = x[b0 + b, j];  with_max: mv[b] = max_j x[b0 + b, j].  Loop order
+    b-outer, j-inner (unit-stride reads of a row, strided writes into the L1-resident
+    buf): the kernel at 1M x 10 float32 took 0.86x the time of the j-outer order
+    (paired, 40 alternations in one process; benchmarks/NOTES_cpu_kernels.md)."""
     xs = x[b0:b0 + nb]
     mb = mv[:nb]
     for b in range(nb):
         xr = xs[b]
         m = mv.dtype.type(-np.inf)
         for j in range(x.shape[1]):
-            v = xr[j]
+            v = _ld(xr, j)
             buf[j, b] = v
             m = v if v > m else m           # a NaN never wins; it still poisons the sum
-        mb[b] = m
+        if with_max:
+            mb[b] = m
 
 
-@njit(**_JIT)
-def _blk_load(t, b0, nb, buf):
-    """buf[j, b] = t[b0 + b, j]  (b-outer like _blk_load_max)."""
-    ts = t[b0:b0 + nb]
-    for b in range(nb):
-        tr = ts[b]
-        for j in range(t.shape[1]):
-            buf[j, b] = tr[j]
+_blk_sumexp = _stub("_blk_sumexp", "Pass B of a small-C block; see the template.")
 
 
-@njit(**_JIT)
-def _blk_sumexp(buf, nb, mv, rv, tv, lv, store):
+@_template(_blk_sumexp)
+def _blk_sumexp_t(buf, nb, mv, rv, tv, lv, store):
     """Pass B of a block: rv[b] = r = u + (t - 1) of row b, lv[b] = log1p r (tv is
-    scratch for the tie counts).  store: 0 sums only; 1 buf[j, b] <- e_jb as the
-    gradient passes store it (_exp_grad).  (softmax has a pass of its own.)"""
-    T = buf.dtype.type
-    zero = T(0)
-    one = T(1)
-    mb = mv[:nb]
-    ub = rv[:nb]
-    tb = tv[:nb]
-    for b in range(nb):
-        ub[b] = zero
-        tb[b] = zero
-    for j in range(buf.shape[0]):
-        bj = buf[j, :nb]
-        if store == 0:
+    scratch for the tie counts).  STORE: 0 sums only; 1 buf[j, b] <- e_jb as the
+    gradient passes store it (_exp_grad); 2 as softmax stores it (_exp_diff, 4 ulps: see
+    _row_softmax_exp), the sums u in rv's float64 lanes, and lv[b] = r, no log."""
+    if (k := _literals(store)) is None:
+        return None
+    STORE, = k
+
+    def impl(buf, nb, mv, rv, tv, lv, store):
+        T = buf.dtype.type
+        zero = T(0)
+        one = T(1)
+        mb = mv[:nb]
+        ub = rv[:nb]
+        tb = tv[:nb]
+        for b in range(nb):
+            ub[b] = zero
+            tb[b] = zero
+        for j in range(buf.shape[0]):
+            bj = buf[j, :nb]
             for b in range(nb):
                 d = bj[b] - mb[b]
-                e = _exp(d)
+                if STORE == 0:
+                    e = _exp(d)
+                elif STORE == 1:
+                    e = _exp_grad(bj[b], mb[b])
+                    bj[b] = e
+                else:
+                    e = _exp_diff(bj[b], mb[b])
+                    bj[b] = e
                 eu = zero if d == zero else e
                 tie = one if d == zero else zero
                 ub[b] += eu
                 tb[b] += tie
-        else:
-            for b in range(nb):
-                d = bj[b] - mb[b]
-                e = _exp_grad(bj[b], mb[b])
-                bj[b] = e
-                eu = zero if d == zero else e
-                tie = one if d == zero else zero
-                ub[b] += eu
-                tb[b] += tie
-    lb = lv[:nb]
-    for b in range(nb):
-        r = _rest_mass(ub[b], tb[b], one)
-        ub[b] = r
-        lb[b] = _log1p(r)
+        lb = lv[:nb]
+        for b in range(nb):
+            if STORE == 2:
+                lb[b] = T(_rest_mass(ub[b], tb[b], 1.0))
+            else:
+                r = _rest_mass(ub[b], tb[b], one)
+                ub[b] = r
+                lb[b] = _log1p(r)
+
+    return impl
 
 
 @njit(**_JIT)
@@ -1438,351 +365,214 @@ def _blk_wsum(buf, nb, mv, w, smv):
             bj = buf[j, :nb]
             for b in range(nb):
                 smb[b] += wj * (mb[b] - bj[b])
+_small = _stub("_small", "Small-C rows [r0, r1) of one op; see the template.")
 
 
-@njit(**_JIT)
-def _blk_scale_store(buf, nb, av, g, b0):
-    """g[b0 + b, j] = buf[j, b] * av[b]  (b-outer: unit-stride writes of a grad row;
-    0.95x the time of the j-outer order at 1M x 10, paired)."""
-    ab = av[:nb]
-    gs = g[b0:b0 + nb]
-    for b in range(nb):
-        a = ab[b]
-        gr = gs[b]
-        for j in range(buf.shape[0]):
-            gr[j] = buf[j, b] * a
+@_template(_small)
+def _small_t(r0, r1, op, grad, x, t, labels, w, bvec, ii, one_m_eps, eps_c, w_sum, z, gs,
+             loss, lse, g, aux, wide, prefetch, blk):
+    """The small-C path of LSE, LOGSM, SOFTMAX, SPARSE, SMOOTH and DENSE (the row body's
+    formulas, a block of rows at a time).  SMOOTH: w is a full weight vector and bvec_j
+    = (eps/C) w_j gs; otherwise w may be empty (no weights) and eps_c = w_sum = 0."""
+    if (k := _literals(op, grad)) is None:
+        return None
+    OP, GRAD = k
+    NT = int(OP == DENSE)            # probability rows are transposed too
+    STORE = 2 if OP == SOFTMAX else int(GRAD != G_NONE)
+    IDX = int(OP in (SPARSE, SMOOTH))
+    GRAD_OUT = int(GRAD != G_NONE and OP in (SPARSE, SMOOTH, DENSE))
 
-
-@njit(**_JIT)
-def _small_lse_rows(r0, r1, x, out, blk):
-    c = x.shape[1]
-    T = x.dtype.type
-    buf = np.empty((c, blk), T)
-    mv = np.empty(blk, T)
-    rv = np.empty(blk, T)
-    tv = np.empty(blk, T)
-    lv = np.empty(blk, T)
-    for b0 in range(r0, r1, blk):
-        nb = min(blk, r1 - b0)
-        _blk_load_max(x, b0, nb, buf, mv)
-        _blk_sumexp(buf, nb, mv, rv, tv, lv, 0)
-        ob = out[b0:b0 + nb]
-        for b in range(nb):
-            ob[b] = _log_sum_exp(mv[b], lv[b])
-
-
-@njit(**_JIT)
-def _small_log_softmax_rows(r0, r1, x, out, blk):
-    c = x.shape[1]
-    T = x.dtype.type
-    buf = np.empty((c, blk), T)
-    mv = np.empty(blk, T)
-    rv = np.empty(blk, T)
-    tv = np.empty(blk, T)
-    lv = np.empty(blk, T)
-    for b0 in range(r0, r1, blk):
-        nb = min(blk, r1 - b0)
-        _blk_load_max(x, b0, nb, buf, mv)
-        _blk_sumexp(buf, nb, mv, rv, tv, lv, 0)
-        for b in range(nb):
-            _row_logsm(x[b0 + b], mv[b], lv[b], out[b0 + b])
-
-
-@njit(**_JIT)
-def _small_softmax_rows(r0, r1, x, out, blk):
-    # Pass B as _blk_sumexp's, with softmax's compensated e_j (_exp_diff) and the sums
-    # in float64 lanes (4 ulps: see _row_softmax_exp); then p_j = e_j / s.
-    c = x.shape[1]
-    T = x.dtype.type
-    zero = T(0)
-    one = T(1)
-    buf = np.empty((c, blk), T)
-    mv = np.empty(blk, T)
-    uv = np.empty(blk, np.float64)
-    tv = np.empty(blk, T)
-    rv = np.empty(blk, T)
-    for b0 in range(r0, r1, blk):
-        nb = min(blk, r1 - b0)
-        _blk_load_max(x, b0, nb, buf, mv)
-        mb = mv[:nb]
-        ub = uv[:nb]
-        tb = tv[:nb]
-        for b in range(nb):
-            ub[b] = 0.0
-            tb[b] = zero
-        for j in range(c):
-            bj = buf[j, :nb]
-            for b in range(nb):
-                d = bj[b] - mb[b]
-                e = _exp_diff(bj[b], mb[b])
-                bj[b] = e
-                eu = zero if d == zero else e
-                tie = one if d == zero else zero
-                ub[b] += eu
-                tb[b] += tie
-        for b in range(nb):
-            rv[b] = T(_rest_mass(ub[b], tb[b], 1.0))
-        ob = out[b0:b0 + nb]
-        for b in range(nb):
-            r = rv[b]
-            orow = ob[b]
-            for j in range(c):
-                orow[j] = _softmax(buf[j, b], one, r)
-
-
-@njit(**_JIT)
-def _small_sparse_rows(r0, r1, x, labels, w, bvec, ignore_index, one_m_eps, eps_c, w_sum,
-                        smooth, z, gs, loss, lse, g, want_grad, blk):
-    """Small-C index labels, every option (rowmath's formulas, as in _sparse_grad_rows and
-    _sparse_smooth_grad_rows).  smooth: eps > 0, then w is a full weight vector and
-    bvec_j = (eps/C) w_j gs; otherwise w may be empty (no weights) and eps_c = w_sum = 0."""
-    c = x.shape[1]
-    T = x.dtype.type
-    zero = T(0)
-    one = T(1)
-    has_w = w.shape[0] != 0
-    buf = np.empty((c, blk), T)
-    mv = np.empty(blk, T)
-    rv = np.empty(blk, T)
-    tv = np.empty(blk, T)
-    lv = np.empty(blk, T)
-    smv = np.empty(blk, T)
-    av = np.empty(blk, T)
-    fix = np.empty(blk, T)
-    for b0 in range(r0, r1, blk):
-        nb = min(blk, r1 - b0)
-        _blk_load_max(x, b0, nb, buf, mv)
-        if smooth:
-            _blk_wsum(buf, nb, mv, w, smv)
-        _blk_sumexp(buf, nb, mv, rv, tv, lv, 1 if want_grad else 0)
-        for b in range(nb):
-            i = b0 + b
-            y = labels[i]
-            m = mv[b]
-            r = rv[b]
-            log_s = lv[b]
-            ls = _log_sum_exp(m, log_s)
-            lse[i] = ls
-            if y == ignore_index:
-                loss[i] = zero
-                av[b] = zero
-                continue
-            xy = x[i, y]                    # this block's grad rows are not written yet
-            wy = w[y] if has_w else one
-            wd = smv[b] if smooth else zero
-            loss[i] = _sparse_loss(m, log_s, xy, wy, one_m_eps, eps_c, w_sum, wd, z)
-            if want_grad:
-                av[b] = _sparse_scale(one, r, ls, wy, one_m_eps, eps_c, w_sum, z, gs)
-                fix[b] = _sparse_true_grad(one, buf[y, b], r, ls, wy, one_m_eps, eps_c,
-                                           w_sum, z, gs)
-        if not want_grad:
-            continue
-        # g[i, j] = e_jb * a_b (- b_j), then the label column, one grad row at a time
-        # while it is in L1 (b-outer, as in _blk_scale_store).
-        gs_blk = g[b0:b0 + nb]
-        for b in range(nb):
-            y = labels[b0 + b]
-            gr = gs_blk[b]
-            if y == ignore_index:
-                _row_fill(gr, zero)          # also for a NaN row (0 * NaN is NaN)
-                continue
-            a = av[b]
-            if smooth:
+    def impl(r0, r1, op, grad, x, t, labels, w, bvec, ii, one_m_eps, eps_c, w_sum, z, gs,
+             loss, lse, g, aux, wide, prefetch, blk):
+        c = x.shape[1]
+        T = _acc(x)
+        zero = T(0)
+        one = T(1)
+        has_w = w.shape[0] != 0
+        buf = np.empty((c, blk), T)
+        tbuf = np.empty((c * NT, blk), T)
+        mv = np.empty(blk, T)
+        rv = np.empty(blk, np.float64 if OP == SOFTMAX else T)
+        tv = np.empty(blk, T)
+        lv = np.empty(blk, T)
+        sv = np.empty(blk, T)   # SMOOTH, DENSE: sum_j a_j (m - x_j)
+        cv = np.empty(blk, T)   # DENSE: sum_j wt_j, then the gradient's coefficient
+        av = np.empty(blk, T)   # gradient: a (SPARSE, SMOOTH), gs / s (DENSE)
+        fix = np.empty(blk, T)  # SPARSE, SMOOTH: the true class's gradient
+        for b0 in range(r0, r1, blk):
+            nb = min(blk, r1 - b0)
+            _blk_load_max(x, b0, nb, buf, mv, True)
+            if OP == DENSE:
+                _blk_load_max(t, b0, nb, tbuf, lv, False)
+                mb, cb, sb = mv[:nb], cv[:nb], sv[:nb]
+                cb[:] = zero
+                sb[:] = zero
                 for j in range(c):
-                    gr[j] = buf[j, b] * a - bvec[j]
-            else:
+                    wj = w[j]
+                    bj = buf[j, :nb]
+                    tj = tbuf[j, :nb]
+                    for b in range(nb):
+                        wt = _smoothed_weight(wj, tj[b], one_m_eps, eps_c)
+                        tj[b] = wt
+                        cb[b] += wt
+                        sb[b] += wt * (mb[b] - bj[b]) if wt != zero else zero
+            if OP == SMOOTH:
+                _blk_wsum(buf, nb, mv, w, sv)
+            _blk_sumexp(buf, nb, mv, rv, tv, lv, STORE)
+            for b in range(nb):
+                i = b0 + b
+                m = mv[b]
+                log_s = lv[b]
+                if OP == LOGSM:
+                    _row_logsm(x[i], m, log_s, g[i])
+                    continue
+                if OP == SOFTMAX:
+                    orow = g[i]
+                    for j in range(c):
+                        orow[j] = _softmax(buf[j, b], one, log_s)   # lv holds r here
+                    continue
+                ls = _log_sum_exp(m, log_s)
+                lse[i] = ls
+                if OP == DENSE:
+                    loss[i] = _dense_loss(m, log_s, cv[b], sv[b], z)
+                    cv[b] = _dense_coef(ls, cv[b], z)
+                    av[b] = _grad_over_sum(one, rv[b], gs)
+                if IDX == 1:
+                    y = labels[i]
+                    if y == ii:
+                        loss[i] = zero
+                        av[b] = zero
+                        continue
+                    xy = _ld(x[i], y)       # this block's grad rows are not written yet
+                    wy = w[y] if has_w else one
+                    wd = sv[b] if OP == SMOOTH else zero
+                    loss[i] = _sparse_loss(m, log_s, xy, wy, one_m_eps, eps_c, w_sum, wd, z)
+                    if GRAD != G_NONE:
+                        r = rv[b]
+                        av[b] = _sparse_scale(one, r, ls, wy, one_m_eps, eps_c, w_sum, z, gs)
+                        fix[b] = _sparse_true_grad(one, buf[y, b], r, ls, wy, one_m_eps,
+                                                   eps_c, w_sum, z, gs)
+            if GRAD_OUT == 0:
+                continue
+            gsl = g[b0:b0 + nb]
+            if OP == DENSE:
+                rb = rv[:nb]
+                cb = cv[:nb]
+                ab = av[:nb]
                 for j in range(c):
-                    gr[j] = buf[j, b] * a
-            gr[y] = fix[b]
-
-
-@njit(**_JIT)
-def _small_dense_rows(r0, r1, x, t, w, one_m_eps, eps_c, z, gs, loss, lse, g, want_grad,
-                      blk):
-    """Small-C probability labels (rowmath's formulas, as in _dense_grad_rows)."""
-    c = x.shape[1]
-    T = x.dtype.type
-    zero = T(0)
-    one = T(1)
-    buf = np.empty((c, blk), T)
-    tbuf = np.empty((c, blk), T)
-    mv = np.empty(blk, T)
-    rv = np.empty(blk, T)
-    tv = np.empty(blk, T)
-    lv = np.empty(blk, T)
-    twv = np.empty(blk, T)
-    wdv = np.empty(blk, T)
-    cv = np.empty(blk, T)
-    gv = np.empty(blk, T)
-    for b0 in range(r0, r1, blk):
-        nb = min(blk, r1 - b0)
-        _blk_load_max(x, b0, nb, buf, mv)
-        _blk_load(t, b0, nb, tbuf)
-        mb = mv[:nb]
-        twb = twv[:nb]
-        wdb = wdv[:nb]
-        for b in range(nb):
-            twb[b] = zero
-            wdb[b] = zero
-        for j in range(c):
-            wj = w[j]
-            bj = buf[j, :nb]
-            tj = tbuf[j, :nb]
+                    bj = buf[j, :nb]
+                    tj = tbuf[j, :nb]
+                    for b in range(nb):
+                        _st(gsl, (b, j), _dense_grad(bj[b], tj[b], rb[b], cb[b], ab[b]))
+                continue
+            # g[i, j] = e_jb * a_b (- b_j), then the label column, one grad row at a time
+            # while it is in L1 (b-outer: unit-stride writes of a grad row, 0.95x the
+            # time of the j-outer order at 1M x 10, paired).
             for b in range(nb):
-                wt = _smoothed_weight(wj, tj[b], one_m_eps, eps_c)
-                tj[b] = wt
-                twb[b] += wt
-                wdb[b] += wt * (mb[b] - bj[b]) if wt != zero else zero
-        _blk_sumexp(buf, nb, mv, rv, tv, lv, 1 if want_grad else 0)
-        for b in range(nb):
-            i = b0 + b
-            log_s = lv[b]
-            ls = _log_sum_exp(mv[b], log_s)
-            lse[i] = ls
-            loss[i] = _dense_loss(mv[b], log_s, twb[b], wdb[b], z)
-            cv[b] = _dense_coef(ls, twb[b], z)
-            gv[b] = _grad_over_sum(one, rv[b], gs)
-        if not want_grad:
-            continue
-        rb = rv[:nb]
-        cb = cv[:nb]
-        gb = gv[:nb]
-        gsl = g[b0:b0 + nb]
-        for j in range(c):
-            bj = buf[j, :nb]
-            tj = tbuf[j, :nb]
-            for b in range(nb):
-                gsl[b, j] = _dense_grad(bj[b], tj[b], rb[b], cb[b], gb[b])
+                y = labels[b0 + b]
+                gr = gsl[b]
+                if y == ii:
+                    _row_fill(gr, zero)          # also for a NaN row (0 * NaN is NaN)
+                    continue
+                a = av[b]
+                for j in range(c):
+                    if OP == SMOOTH:
+                        _st(gr, j, buf[j, b] * a - bvec[j])
+                    else:
+                        _st(gr, j, buf[j, b] * a)
+                _st(gr, y, fix[b])
+
+    return impl
 
 
-@njit(**_PJIT)
-def _small_lse_par(nchunks, chunk, x, out, blk):
-    n = x.shape[0]
-    for k in prange(nchunks):
-        _small_lse_rows(k * chunk, min(n, (k + 1) * chunk), x, out, blk)
+def _driver(path, op, grad, parallel):
+    """The chunk driver of ``path`` (0 rows, 1 small C) for ``op`` and gradient mode
+    ``grad``: ``prange`` over `nchunks` chunks of `chunk` consecutive rows (Numba splits
+    the chunk range statically among its threads; a row is always done whole by one
+    thread, so the result does not depend on the thread count), or without ``parallel``
+    the same loop on the calling thread (called with one chunk: the serial path, and
+    the plans of a forked child).  The closure holds constants only, so the drivers load
+    from Numba's cache; the serial and parallel twins have their own names (the cache
+    key does not include the parallel flag)."""
+    key = (path, op, grad, parallel)
+    if key not in _DRIVERS:
+        PATH, OP, GRAD = path, op, grad
+
+        def driver(nchunks, chunk, x, t, labels, w, bvec, ii, one_m_eps, eps_c, w_sum,
+                   z, gs, loss, lse, g, aux, wide, prefetch, blk):
+            n = x.shape[0]
+            for k in prange(nchunks):
+                r0 = k * chunk
+                r1 = min(n, r0 + chunk)
+                if PATH == 0:
+                    _rows(r0, r1, OP, GRAD, x, t, labels, w, bvec, ii, one_m_eps, eps_c,
+                          w_sum, z, gs, loss, lse, g, aux, wide, prefetch, blk)
+                else:
+                    _small(r0, r1, OP, GRAD, x, t, labels, w, bvec, ii, one_m_eps, eps_c,
+                           w_sum, z, gs, loss, lse, g, aux, wide, prefetch, blk)
+
+        driver.__name__ = driver.__qualname__ = "_driver_" + ("par" if parallel else "serial")
+        _DRIVERS[key] = njit(**(_PJIT if parallel else _JIT))(driver)
+    return _DRIVERS[key]
 
 
-@njit(**_PJIT)
-def _small_log_softmax_par(nchunks, chunk, x, out, blk):
-    n = x.shape[0]
-    for k in prange(nchunks):
-        _small_log_softmax_rows(k * chunk, min(n, (k + 1) * chunk), x, out, blk)
-
-
-@njit(**_PJIT)
-def _small_softmax_par(nchunks, chunk, x, out, blk):
-    n = x.shape[0]
-    for k in prange(nchunks):
-        _small_softmax_rows(k * chunk, min(n, (k + 1) * chunk), x, out, blk)
-
-
-@njit(**_PJIT)
-def _small_sparse_par(nchunks, chunk, x, labels, w, bvec, ignore_index, one_m_eps, eps_c,
-                      w_sum,  smooth, z, gs, loss, lse, g, want_grad, blk):
-    n = x.shape[0]
-    for k in prange(nchunks):
-        _small_sparse_rows(k * chunk, min(n, (k + 1) * chunk), x, labels, w, bvec,
-                           ignore_index, one_m_eps, eps_c, w_sum,  smooth, z, gs,
-                           loss, lse, g, want_grad, blk)
-
-
-@njit(**_PJIT)
-def _small_dense_par(nchunks, chunk, x, t, w, one_m_eps, eps_c, z, gs, loss, lse, g,
-                     want_grad, blk):
-    n = x.shape[0]
-    for k in prange(nchunks):
-        _small_dense_rows(k * chunk, min(n, (k + 1) * chunk), x, t, w, one_m_eps, eps_c, z,
-                          gs, loss, lse, g, want_grad, blk)
+_DRIVERS: dict = {}
 
 
 # ---------------------------------------------------------------------------------------
-# 7. Split rows (n <= SPLIT_MAX_ROWS, c >= SPLIT_MIN_C): fewer rows than cores, so every
+# 4. Split rows (n <= SPLIT_MAX_ROWS, c >= SPLIT_MIN_C): fewer rows than cores, so every
 #    row is cut into `nseg` segments of `seglen` (nseg = SPLIT_SEGMENTS: a constant) and
 #    the (row, segment) tasks run in parallel:
 #      phase 1  m_ip = max over segment p;   m_i = max_p m_ip  (max is exact: any order)
 #      phase 2  (u_ip, t_ip) = pass B over segment p against m_i (e stored when needed);
 #               u_i, t_i = sums over p ascending in float64 (fixed order);
 #               r_i = u_i + (t_i - 1), log s_i = log1p r_i, lse_i = m_i + log s_i
-#      phase 3  per-row scalars (serial, n values), then the scaling pass per segment.
+#      phase 3  per-row scalars (serial, n values), then pass C (or log_softmax's pass)
+#               per segment.
 # ---------------------------------------------------------------------------------------
 
 
-@njit(**_PJIT)
-def _seg_max_par(x, seglen, nseg, mseg):
-    n, c = x.shape
-    for task in prange(n * nseg):
-        i = task // nseg
-        p = task - i * nseg
-        mseg[i, p] = _row_max(x[i, p * seglen:min(c, (p + 1) * seglen)])
+def _seg_driver(phase, op, grad, parallel):
+    """The split path's phase 1, 2 or 3 of ``op`` (LSE, LOGSM, SOFTMAX, SPARSE) over all
+    (row, segment) tasks; serial and parallel twins as ``_driver``'s."""
+    key = ("seg", phase, op, grad, parallel)
+    if key not in _DRIVERS:
+        PHASE, OP = phase, op
+        # phase 2 stores e_j: softmax's (3), a float gradient's (1, 2); 16-bit gradients
+        # compute it again in phase 3 (a scratch copy of few long rows would be (n, c)).
+        STORE = 3 if op == SOFTMAX else (0 if op == LOGSM or grad >= G_HALF else _STORE[grad])
+        KIND, GRAD_C = (3, G_STORE) if op == SOFTMAX else (0, grad)
 
+        def seg_driver(x, g, m, a, r, log_s, mseg, useg, tseg, seglen, nseg):
+            n, c = x.shape
+            one = _acc(x)(1)
+            for task in prange(n * nseg):
+                i = task // nseg
+                p = task - i * nseg
+                lo = p * seglen
+                hi = min(c, lo + seglen)
+                xs = x[i, lo:hi]
+                if PHASE == 1:
+                    mseg[i, p] = _row_max(xs)
+                elif PHASE == 2:
+                    if STORE == 3:
+                        u, t = _row_softmax_exp(xs, m[i], g[i, lo:hi])
+                    elif STORE == 0:
+                        u, t, _, _ = _pass_b(xs, m[i], m, m, one, one, xs, 0, 0)
+                    else:
+                        u, t, _, _ = _pass_b(xs, m[i], m, m, one, one, g[i, lo:hi], 0, STORE)
+                    useg[i, p] = u
+                    tseg[i, p] = t
+                elif OP == LOGSM:
+                    _row_logsm(xs, m[i], log_s[i], g[i, lo:hi])
+                else:
+                    _pass_c(xs, g[i, lo:hi], m[i], a[i], m, m, m, one, one, r[i], one, one,
+                            KIND, GRAD_C, False)
 
-@njit(**_PJIT)
-def _seg_sumexp_par(x, m, seglen, nseg, useg, tseg, g, mode):
-    """mode 0: sums only;  1: also e -> g;  2: in place (g is x; only g is used);
-    3: softmax's compensated e -> g."""
-    n, c = x.shape
-    for task in prange(n * nseg):
-        i = task // nseg
-        p = task - i * nseg
-        lo = p * seglen
-        hi = min(c, lo + seglen)
-        if mode == 0:
-            u, t = _row_sumexp(x[i, lo:hi], m[i])
-        elif mode == 1:
-            u, t = _row_sumexp_store(x[i, lo:hi], m[i], g[i, lo:hi])
-        elif mode == 3:
-            u, t = _row_softmax_exp(x[i, lo:hi], m[i], g[i, lo:hi])
-        else:
-            u, t = _row_sumexp_store_ip(g[i, lo:hi], m[i])
-        useg[i, p] = u
-        tseg[i, p] = t
-
-
-@njit(**_PJIT)
-def _seg_scale_par(g, a, seglen, nseg):
-    n, c = g.shape
-    for task in prange(n * nseg):
-        i = task // nseg
-        p = task - i * nseg
-        _row_scale(g[i, p * seglen:min(c, (p + 1) * seglen)], a[i])
-
-
-@njit(**_PJIT)
-def _seg_softmax_par(g, r, seglen, nseg):
-    n, c = g.shape
-    one = g.dtype.type(1)
-    for task in prange(n * nseg):
-        i = task // nseg
-        p = task - i * nseg
-        _row_softmax(g[i, p * seglen:min(c, (p + 1) * seglen)], one, r[i])
-
-
-@njit(**_PJIT)
-def _seg_logsm_par(x, m, log_s, seglen, nseg, out):
-    n, c = x.shape
-    for task in prange(n * nseg):
-        i = task // nseg
-        p = task - i * nseg
-        lo = p * seglen
-        hi = min(c, lo + seglen)
-        _row_logsm(x[i, lo:hi], m[i], log_s[i], out[i, lo:hi])
-
-
-# The split kernels compiled without parallel=True (prange is then range): the same
-# segments in the same order on the calling thread, for a plan with parallel=False
-# (a forked child, or forced).  Not cached: Numba's cache key does not include the
-# parallel flag, so a cached twin would load the parallel build of the same source.
-_SPLIT_SERIAL = {f: njit(**dict(_JIT, cache=False))(f.py_func)
-                 for f in (_seg_max_par, _seg_sumexp_par, _seg_scale_par, _seg_softmax_par,
-                           _seg_logsm_par)}
-
-
-def _split_kernel(f, p: "Plan"):
-    """The split kernel f as the plan runs it."""
-    if p.parallel:
-        _forkguard.note_parallel()
-        return f
-    return _SPLIT_SERIAL[f]
+        seg_driver.__name__ = seg_driver.__qualname__ = (
+            "_seg_driver_" + ("par" if parallel else "serial"))
+        _DRIVERS[key] = njit(**(_PJIT if parallel else _JIT))(seg_driver)
+    return _DRIVERS[key]
 
 
 @njit(**_JIT)
@@ -1812,29 +602,20 @@ def _seg_rowmax(mseg, m):
 
 
 @njit(**_JIT)
-def _split_sparse_scalars(labels, w, ignore_index, z, gs, m, r, log_s, xy, loss, a):
-    """Per-row loss and scale factor a_i of _sparse_grad_rows, for the split path
-    (xy[i] = x[i, y_i], read before phase 2)."""
-    T = m.dtype.type
-    zero = T(0)
-    one = T(1)
-    has_w = w.shape[0] != 0
-    for i in range(m.shape[0]):
+def _gather(a, labels, ignore_index, out):
+    """out[i] = a[i, y_i] (as the accumulation dtype), 0 for ignored rows."""
+    for i in range(a.shape[0]):
         y = labels[i]
-        if y == ignore_index:
-            loss[i] = zero
-            a[i] = zero
-            continue
-        ls = _log_sum_exp(m[i], log_s[i])
-        wy = w[y] if has_w else one
-        loss[i] = _sparse_loss(m[i], log_s[i], xy[i], wy, one, zero, zero, zero, z)
-        a[i] = _sparse_scale(one, r[i], ls, wy, one, zero, zero, z, gs)
+        out[i] = out.dtype.type(0) if y == ignore_index else _ld(a[i], y)
 
 
 @njit(**_JIT)
-def _split_sparse_fix(labels, ignore_index, z, gs, m, r, log_s, w, g, ey):
-    """True class after the scaling pass (rowmath.sparse_true_grad from e_y saved before
-    scaling); ignored rows are zeroed."""
+def _split_sparse(labels, w, ignore_index, z, gs, m, r, log_s, xy, loss, a, g, ey, fix):
+    """The per-row scalars of the row body's index labels without smoothing, for the
+    split path.  fix 0: loss and the scale factor a_i (xy[i] = x[i, y_i], read before
+    phase 2); else the true class after the scaling pass, rowmath.sparse_true_grad from
+    e_y saved before scaling (fix 1), or (16-bit, fix 2) from x_y in ey; ignored rows
+    are zeroed."""
     T = m.dtype.type
     zero = T(0)
     one = T(1)
@@ -1842,159 +623,81 @@ def _split_sparse_fix(labels, ignore_index, z, gs, m, r, log_s, w, g, ey):
     for i in range(m.shape[0]):
         y = labels[i]
         if y == ignore_index:
-            _row_fill(g[i], zero)
+            if fix:
+                _row_fill(g[i], zero)
+            else:
+                loss[i] = zero
+                a[i] = zero
             continue
         ls = _log_sum_exp(m[i], log_s[i])
         wy = w[y] if has_w else one
-        g[i, y] = _sparse_true_grad(one, ey[i], r[i], ls, wy, one, zero, zero, z, gs)
+        if fix == 0:
+            loss[i] = _sparse_loss(m[i], log_s[i], xy[i], wy, one, zero, zero, zero, z)
+            a[i] = _sparse_scale(one, r[i], ls, wy, one, zero, zero, z, gs)
+        else:
+            e = _exp_grad(ey[i], m[i]) if fix == 2 else ey[i]
+            _st(g[i], y, _sparse_true_grad(one, e, r[i], ls, wy, one, zero, zero, z, gs))
 
 
 # ---------------------------------------------------------------------------------------
-# 8. Public kernels (plain Python): ``plan`` names the path from the shape and the
+# 5. Public kernels (plain Python): ``plan`` names the path from the shape and the
 #    options alone, ``tuning`` forces one (so that tests reach every path by
 #    construction), and each kernel converts scalars to the accumulation dtype (so no
 #    float64 constant sneaks into float32 arithmetic) and calls the path's driver.
 # ---------------------------------------------------------------------------------------
 
-Path = Literal["small", "rows", "split"]
-PATHS: tuple[str, ...] = ("small", "rows", "split")
-OPS: tuple[str, ...] = ("sparse", "dense", "logsumexp", "log_softmax", "softmax")
+def _acc_dtype(x):
+    return np.dtype(np.float32) if x.dtype.itemsize == 2 else x.dtype
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """How one call runs.
-
-    path      "small": blocks of SMALL_C_BLOCK rows transposed class-major (SIMD across
-              rows); "rows": one row at a time, SIMD along it; "split": every row cut
-              into SPLIT_SEGMENTS segments that run in parallel (few, very long rows).
-    parallel  chunks of rows (split: segments) under ``prange``; else the same bodies
-              on the calling thread, no launch.  Always False in a child forked after
-              a parallel region ran (``_forkguard``): same bodies, same bits.
-    wide      rows: the 512-bit passes A+B(+C) of ``_row_max_sumexp_wide`` (only where
-              the kernel has them: logsumexp, and index labels without smoothing, not
-              in place for the gradient).
-    prefetch  wide: request the next row into L2 during pass B.
-    """
-
-    path: Path
-    parallel: bool
-    wide: bool = False
-    prefetch: bool = False
+def _frame(x, *, t=None, labels=None, w=None, bvec=None, ii=-100, one_m_eps=1.0,
+           eps_c=0.0, w_sum=0.0, z=0.0, gs=1.0, loss=None, lse=None, g=None, aux=None,
+           wide=False, prefetch=False):
+    """The arguments of every body and driver (see section 2), placeholders for the
+    ones the op does not use, scalars in the accumulation dtype."""
+    T = _acc_dtype(x).type
+    empty = np.empty(0, T)
+    return (x, np.empty((1, 1), x.dtype) if t is None else t,
+            np.empty(0, np.int64) if labels is None else labels,
+            empty if w is None else w, empty if bvec is None else bvec, np.int64(ii),
+            T(one_m_eps), T(eps_c), T(w_sum), T(z), T(gs),
+            empty if loss is None else loss, empty if lse is None else lse,
+            np.empty((1, 1), x.dtype) if g is None else g,
+            np.empty((4, 0)) if aux is None else aux, bool(wide), bool(prefetch),
+            SMALL_C_BLOCK)
 
 
-@dataclasses.dataclass(frozen=True)
-class Tuning:
-    """Forced choices for ``plan`` (None: choose by shape).  A forced choice the call
-    cannot take (split for probability labels or label smoothing; wide where the
-    kernel has no wide passes, or rows of fewer than 64 classes) raises ValueError."""
-
-    force_path: Path | None = None
-    force_parallel: bool | None = None
-    force_wide: bool | None = None
-    force_prefetch: bool | None = None
-
-
-_tuning: contextvars.ContextVar[Tuning] = contextvars.ContextVar(
-    "xentfast_cpu_tuning", default=Tuning())
-
-
-@contextlib.contextmanager
-def tuning(**forced) -> Iterator[Tuning]:
-    """``with tuning(force_path="small", force_parallel=True): ...`` for this context
-    (thread / task) only."""
-    t = dataclasses.replace(_tuning.get(), **forced)
-    if t.force_path not in (None, *PATHS):
-        raise ValueError(f"force_path must be None or one of {PATHS}; got {t.force_path!r}")
-    token = _tuning.set(t)
-    try:
-        yield t
-    finally:
-        _tuning.reset(token)
-
-
-def has_wide_passes(op: str, with_grad: bool, smoothing: bool, inplace: bool) -> bool:
-    """Whether the rows path of ``op`` with these options has the 512-bit passes."""
-    if op == "logsumexp":
-        return True
-    return op == "sparse" and not smoothing and not (with_grad and inplace)
-
-
-def can_split(op: str, smoothing: bool) -> bool:
-    """Whether ``op`` has a split path: the primitives and index labels without
-    smoothing (the rarer dense / smoothed cases use the rows path for long rows)."""
-    return op != "dense" and not (op == "sparse" and smoothing)
-
-
-def plan(op: str, n: int, c: int, itemsize: int, *, with_grad: bool = False,
-         smoothing: bool = False, inplace: bool = False, t: Tuning | None = None) -> Plan:
-    """The path for a call of kernel ``op`` on (n, c) logits of ``itemsize`` bytes.
-    Depends on the shape and the options only (never on the thread count), so the same
-    call always takes the same path and gives the same bits."""
-    t = t or _tuning.get()
-    path = t.force_path
-    threads = _forkguard.threads_ok()
-    if path is None:
-        if c <= SMALL_C_MAX:
-            path = "small"
-        elif (can_split(op, smoothing) and n <= SPLIT_MAX_ROWS and c >= SPLIT_MIN_C
-              and n * c > SERIAL_MAX_ELEMS):
-            path = "split"
-        else:
-            path = "rows"
-    elif path == "split" and not can_split(op, smoothing):
-        raise ValueError(f"the split path has no {op} kernel"
-                         f"{' with label smoothing' if smoothing else ''}")
-    if path == "split":
-        parallel = t.force_parallel
-        return Plan("split", threads and (parallel is None or parallel))
-    parallel = t.force_parallel
-    if parallel is None:
-        parallel = n * c > SERIAL_MAX_ELEMS and n > 1
-    parallel = parallel and threads
-    if path == "small":
-        if t.force_wide:
-            raise ValueError("the small-C path has no wide passes")
-        return Plan("small", bool(parallel))
-    available = has_wide_passes(op, with_grad, smoothing, inplace) and c >= 64
-    wide = t.force_wide
-    if wide is None:
-        wide = available and c >= WIDE_MIN_C
-    elif wide and not available:
-        raise ValueError(f"no wide passes for {op} with these options and {c} classes "
-                         f"(they need index labels without smoothing, not in place for "
-                         f"the gradient, and rows of at least 64 classes)")
-    prefetch = t.force_prefetch
-    if prefetch is None:
-        limit = PREFETCH_MAX_GRAD_ROW_BYTES if with_grad else PREFETCH_MAX_ROW_BYTES
-        prefetch = c * itemsize <= limit
-    return Plan("rows", bool(parallel), bool(wide), bool(wide and prefetch))
-
-
-def _chunking(p: Plan, n: int, c: int):
-    """(nchunks, rows per chunk) for a parallel plan.  A row is never split across
-    chunks, so the chunking never changes results."""
-    if p.path == "small":
-        chunk = max(SMALL_C_BLOCK,
-                    (SMALL_C_CHUNK_ELEMS // c) // SMALL_C_BLOCK * SMALL_C_BLOCK)
-    else:
-        chunk = max(1, CHUNK_ELEMS // c)
-    return (n + chunk - 1) // chunk, chunk
-
-
-def _run(p: Plan, n: int, c: int, serial, par, *args):
-    """serial(0, n, *args) or par(nchunks, chunk, *args) as the plan says."""
+def _run(p: Plan, op: int, grad: int, frame):
+    """The plan's driver over all rows of the frame's x."""
+    n, c = frame[0].shape
     if p.parallel:
-        _forkguard.note_parallel()
-        par(*_chunking(p, n, c), *args)
+        _launch(_driver(p.path == "small", op, grad, True), *_chunking(p, n, c), *frame)
     else:
-        serial(0, n, *args)
+        _driver(p.path == "small", op, grad, False)(1, n, *frame)
 
 
-def _split_geometry(c: int):
-    """(seglen, nseg) of the split path."""
-    seglen = -(-c // SPLIT_SEGMENTS)
-    return seglen, -(-c // seglen)
+def _split_run(p: Plan, phase: int, op: int, grad: int, args):
+    f = _seg_driver(phase, op, grad, p.parallel)
+    if p.parallel:
+        _launch(f, *args)
+    else:
+        f(*args)
+
+
+def _split_lse(p, x, op, grad=G_NONE, g=None):
+    """Phases 1-2 of the split path: the driver arguments (x, g, m, a, r, log_s, ...)
+    and lse; e stored into g as the op and gradient mode say."""
+    n, c = x.shape
+    seglen, nseg = _split_geometry(c)
+    T = _acc_dtype(x)
+    m, a, r, log_s, lse = (np.empty(n, T) for _ in range(5))
+    args = (x, np.empty((1, 1), x.dtype) if g is None else g, m, a, r, log_s,
+            np.empty((n, nseg), T), np.empty((n, nseg)), np.empty((n, nseg)), seglen, nseg)
+    _split_run(p, 1, op, grad, args)
+    _seg_rowmax(args[6], m)
+    _split_run(p, 2, op, grad, args)
+    _seg_combine(args[7], args[8], m, r, log_s, lse)
+    return args, lse
 
 
 def _is_inplace(x: np.ndarray, g) -> bool:
@@ -2011,210 +714,126 @@ def _is_inplace(x: np.ndarray, g) -> bool:
     return False
 
 
-def _split_lse(p, x, store=None, softmax=False):
-    """Phases 1-2 of the split path: (m, r, log_s, lse); e stored into `store` (as
-    softmax stores it with ``softmax``)."""
-    n, c = x.shape
-    seglen, nseg = _split_geometry(c)
-    T = x.dtype
-    mseg = np.empty((n, nseg), T)
-    useg = np.empty((n, nseg), np.float64)
-    tseg = np.empty((n, nseg), np.float64)
-    m = np.empty(n, T)
-    r = np.empty(n, T)
-    log_s = np.empty(n, T)
-    lse = np.empty(n, T)
-    _split_kernel(_seg_max_par, p)(x, seglen, nseg, mseg)
-    _seg_rowmax(mseg, m)
-    sumexp = _split_kernel(_seg_sumexp_par, p)
-    if store is None:
-        # Mode 0 never writes g, but Numba types the store branch anyway: hand it a
-        # writeable placeholder so read-only logits compile.
-        sumexp(x, m, seglen, nseg, useg, tseg, np.empty((1, 1), T), 0)
-    elif store is x:
-        sumexp(x, m, seglen, nseg, useg, tseg, x, 2)
-    else:
-        sumexp(x, m, seglen, nseg, useg, tseg, store, 3 if softmax else 1)
-    _seg_combine(useg, tseg, m, r, log_s, lse)
-    return m, r, log_s, lse
+def _operands(logits, grad, half):
+    """(x, grad, gradient mode, in place): 16-bit logits (and grad) as their bits."""
+    inplace = _is_inplace(logits, grad)
+    is_half = half is not None or logits.dtype.name in NATIVE_HALF
+    if is_half:
+        logits = bits_view(logits, half)
+        grad = None if grad is None else (logits if inplace else bits_view(grad, half))
+    if grad is None:
+        return logits, None, G_NONE, False
+    if is_half:
+        return logits, grad, (G_HALF_INPLACE if inplace else G_HALF), inplace
+    return logits, grad, (G_INPLACE if inplace else G_STORE), inplace
 
 
 def logsumexp(x, out):
     n, c = x.shape
     p = plan("logsumexp", n, c, x.itemsize)
     if p.path == "split":
-        out[...] = _split_lse(p, x)[3]
-    elif p.path == "small":
-        _run(p, n, c, _small_lse_rows, _small_lse_par, x, out, SMALL_C_BLOCK)
+        out[...] = _split_lse(p, x, LSE)[1]
     else:
-        _run(p, n, c, _lse_rows, _lse_par, x, out, p.wide, p.prefetch)
+        _run(p, LSE, G_NONE, _frame(x, lse=out, wide=p.wide, prefetch=p.prefetch))
+
+
+def _normalise(op: int, x, out):
+    """log_softmax and softmax: out_j from the row's passes."""
+    n, c = x.shape
+    if _is_inplace(x, out):
+        x = x.copy()
+    p = plan("log_softmax" if op == LOGSM else "softmax", n, c, x.itemsize)
+    if p.path == "split":
+        args, _ = _split_lse(p, x, op, G_STORE, out)
+        _split_run(p, 3, op, G_STORE, args)
+    else:
+        _run(p, op, G_NONE, _frame(x, g=out))
 
 
 def log_softmax(x, out):
-    n, c = x.shape
-    if _is_inplace(x, out):
-        x = x.copy()
-    p = plan("log_softmax", n, c, x.itemsize)
-    if p.path == "split":
-        m, _, log_s, _ = _split_lse(p, x)
-        seglen, nseg = _split_geometry(c)
-        _split_kernel(_seg_logsm_par, p)(x, m, log_s, seglen, nseg, out)
-    elif p.path == "small":
-        _run(p, n, c, _small_log_softmax_rows, _small_log_softmax_par, x, out,
-             SMALL_C_BLOCK)
-    else:
-        _run(p, n, c, _log_softmax_rows, _log_softmax_par, x, out)
+    _normalise(LOGSM, x, out)
 
 
 def softmax(x, out):
-    n, c = x.shape
-    if _is_inplace(x, out):
-        x = x.copy()
-    p = plan("softmax", n, c, x.itemsize)
-    if p.path == "split":
-        _, r, _, _ = _split_lse(p, x, store=out, softmax=True)
-        seglen, nseg = _split_geometry(c)
-        _split_kernel(_seg_softmax_par, p)(out, r, seglen, nseg)
-    elif p.path == "small":
-        _run(p, n, c, _small_softmax_rows, _small_softmax_par, x, out, SMALL_C_BLOCK)
-    else:
-        _run(p, n, c, _softmax_rows, _softmax_par, x, out)
+    _normalise(SOFTMAX, x, out)
 
 
-def _sparse_split(p, x, labels, w, ii, z, gs, loss, lse, grad, inplace):
+def _sparse_split(p, x, labels, w, ii, z, gs, loss, lse, g, grad):
     n, c = x.shape
-    kept = labels != ii
-    xy = np.zeros(n, x.dtype)
-    xy[kept] = x[np.nonzero(kept)[0], labels[kept]]        # before phase 2 (in place)
-    store = None if grad is None else (x if inplace else grad)
-    m, r, log_s, row_lse = _split_lse(p, x, store=store)
-    lse[...] = row_lse
-    a = np.empty(n, x.dtype)
-    _split_sparse_scalars(labels, w, ii, z, gs, m, r, log_s, xy, loss, a)
-    if grad is None:
+    T = _acc_dtype(x)
+    xy = np.empty(n, T)
+    _gather(x, labels, ii, xy)                          # before phase 2 (in place)
+    args, lse[...] = _split_lse(p, x, SPARSE, grad, g)
+    m, a, r, log_s = args[2:6]
+    _split_sparse(labels, w, ii, z, gs, m, r, log_s, xy, loss, a, args[1], xy, 0)
+    if grad == G_NONE:
         return
-    ey = np.zeros(n, x.dtype)
-    ey[kept] = grad[np.nonzero(kept)[0], labels[kept]]      # e_y, before scaling
-    seglen, nseg = _split_geometry(c)
-    _split_kernel(_seg_scale_par, p)(grad, a, seglen, nseg)
-    _split_sparse_fix(labels, ii, z, gs, m, r, log_s, w, grad, ey)
+    fix = 2 if grad in (G_HALF, G_HALF_INPLACE) else 1
+    ey = xy if fix == 2 else np.empty(n, T)
+    if fix == 1:
+        _gather(g, labels, ii, ey)                      # e_y, before scaling
+    _split_run(p, 3, SPARSE, grad, args)
+    _split_sparse(labels, w, ii, z, gs, m, r, log_s, xy, loss, a, g, ey, fix)
 
 
 def sparse(logits, labels, weight, ignore_index, label_smoothing, z_loss, grad_scale,
-           loss, lse, grad):
+           loss, lse, grad, *, half=None):
     n, c = logits.shape
-    T = np.dtype(logits.dtype).type
-    inplace = _is_inplace(logits, grad)
+    x, g, mode, inplace = _operands(logits, grad, half)
+    T = _acc_dtype(x).type
     ii = np.int64(ignore_index)
     eps = T(label_smoothing)
     z = T(z_loss)
     gs = T(grad_scale)
     w = np.ascontiguousarray(weight, dtype=T)
     smooth = bool(eps != 0)
-    p = plan("sparse", n, c, logits.itemsize, with_grad=grad is not None,
-             smoothing=smooth, inplace=inplace)
+    p = plan("sparse", n, c, x.itemsize, with_grad=g is not None, smoothing=smooth,
+             inplace=inplace)
     if p.path == "split":
-        _sparse_split(p, logits, labels, w, ii, z, gs, loss, lse, grad, inplace)
+        _sparse_split(p, x, labels, w, ii, z, gs, loss, lse, g, mode)
         return
-    if smooth:
-        if w.shape[0] == 0:
-            w = np.ones(c, dtype=T)     # smoothing sums over every class weight
-        one_m_eps = T(1) - eps
-        eps_c = eps / T(c)
-        w_sum = w.sum(dtype=T)
-        bvec = (w * (eps_c * gs)).astype(T)
-    else:
-        one_m_eps, eps_c, w_sum = T(1), T(0), T(0)
-        bvec = np.empty(0, dtype=T)
-    if p.path == "small":
-        want_grad = grad is not None
-        g = grad if want_grad else np.empty((0, 0), dtype=T)
-        _run(p, n, c, _small_sparse_rows, _small_sparse_par, logits, labels, w, bvec, ii,
-             one_m_eps, eps_c, w_sum, smooth, z, gs, loss, lse, g, want_grad,
-             SMALL_C_BLOCK)
-    elif not smooth and grad is None:
-        _run(p, n, c, _sparse_loss_rows, _sparse_loss_par, logits, labels, w, ii, z,
-             loss, lse, p.wide, p.prefetch)
-    elif not smooth:
-        _run(p, n, c, _sparse_grad_rows, _sparse_grad_par, logits, labels, w, ii, z, gs,
-             loss, lse, grad, inplace, p.wide, p.prefetch)
-    elif grad is None:
-        _run(p, n, c, _sparse_smooth_loss_rows, _sparse_smooth_loss_par, logits, labels,
-             w, ii, one_m_eps, eps_c, w_sum, z, loss, lse)
-    else:
-        _run(p, n, c, _sparse_smooth_grad_rows, _sparse_smooth_grad_par, logits, labels,
-             w, bvec, ii, one_m_eps, eps_c, w_sum, z, gs, loss, lse, grad, inplace)
+    if not smooth:
+        _run(p, SPARSE, mode, _frame(x, labels=labels, w=w, ii=ii, z=z, gs=gs, loss=loss,
+                                     lse=lse, g=g, wide=p.wide, prefetch=p.prefetch))
+        return
+    if w.shape[0] == 0:
+        w = np.ones(c, dtype=T)     # smoothing sums over every class weight
+    eps_c = eps / T(c)
+    _run(p, SMOOTH, mode, _frame(x, labels=labels, w=w, bvec=(w * (eps_c * gs)).astype(T),
+                                 ii=ii, one_m_eps=T(1) - eps, eps_c=eps_c,
+                                 w_sum=w.sum(dtype=T), z=z, gs=gs, loss=loss, lse=lse, g=g))
 
 
-def dense(logits, labels, weight, label_smoothing, z_loss, grad_scale, loss, lse, grad):
+def dense(logits, labels, weight, label_smoothing, z_loss, grad_scale, loss, lse, grad, *,
+          half=None):
     n, c = logits.shape
-    T = np.dtype(logits.dtype).type
-    inplace = _is_inplace(logits, grad)
-    t = labels if labels.dtype == logits.dtype else labels.astype(T)
-    if grad is not None and np.shares_memory(t, grad):
+    x, g, mode, inplace = _operands(logits, grad, half)
+    T = _acc_dtype(x).type
+    if labels.dtype == logits.dtype:
+        t = bits_view(labels, half) if x is not logits else labels
+    else:
+        t = labels.astype(T)
+    if g is not None and np.shares_memory(t, g):
         t = t.copy()                     # grad must not overwrite the labels we read
-    z = T(z_loss)
-    gs = T(grad_scale)
     w = np.ascontiguousarray(weight, dtype=T)
     if w.shape[0] == 0:
         w = np.ones(c, dtype=T)
     eps = T(label_smoothing)
-    one_m_eps = T(1) - eps
-    eps_c = eps / T(c)
-    p = plan("dense", n, c, logits.itemsize, with_grad=grad is not None,
-             smoothing=bool(eps != 0), inplace=inplace)
-    if p.path == "small":
-        want_grad = grad is not None
-        g = grad if want_grad else np.empty((0, 0), dtype=T)
-        _run(p, n, c, _small_dense_rows, _small_dense_par, logits, t, w, one_m_eps, eps_c,
-             z, gs, loss, lse, g, want_grad, SMALL_C_BLOCK)
-    elif grad is None:
-        _run(p, n, c, _dense_loss_rows, _dense_loss_par, logits, t, w, one_m_eps, eps_c,
-             z, loss, lse)
-    else:
-        _run(p, n, c, _dense_grad_rows, _dense_grad_par, logits, t, w, one_m_eps, eps_c,
-             z, gs, loss, lse, grad, inplace)
+    p = plan("dense", n, c, x.itemsize, with_grad=g is not None, smoothing=bool(eps != 0),
+             inplace=inplace)
+    _run(p, DENSE, mode, _frame(x, t=t, w=w, one_m_eps=T(1) - eps, eps_c=eps / T(c),
+                                z=z_loss, gs=grad_scale, loss=loss, lse=lse, g=g))
 
 
 # ---------------------------------------------------------------------------------------
-# 9. Row statistics of a block of classes (``xentfast._shards``: class-chunked and
+# 6. Row statistics of a block of classes (``xentfast._shards``: class-chunked and
 #    vocabulary-parallel cross-entropy).  Passes A and B of the kernels above, the
 #    per-row epilogue left to the caller, who merges the statistics of several blocks.
-#    mode 0: (m, u, t) -- the wide passes for long rows, as logsumexp;
-#    mode 1: also dist = sum_{w_j != 0} w_j (m - x_j), the class coefficients w;
-#    mode 2: also coef_sum = sum_j wt_j and dist with wt_j = smoothed_weight(w_j, t_j)
+#    STATS0: (m, u, t) -- the wide passes for long rows, as logsumexp;
+#    STATS1: also dist = sum_{w_j != 0} w_j (m - x_j), the class coefficients w;
+#    STATS2: also coef_sum = sum_j wt_j and dist with wt_j = smoothed_weight(w_j, t_j)
 #            of probability rows t.
 # ---------------------------------------------------------------------------------------
-
-
-@njit(**_JIT)
-def _stats_rows(r0, r1, x, coef, probs, one_m_eps, eps_c, mode, m, u, t, coef_sum, dist,
-                wide, prefetch):
-    unused = np.empty(0, x.dtype)
-    for i in range(r0, r1):
-        if mode == 0:
-            mi, ui, ti = _row_max_sumexp(x, i, r1, wide, prefetch, unused, False)
-        elif mode == 1:
-            mi = _row_max(x[i])
-            ui, ti, di = _row_sumexp_wsum(x[i], mi, coef)
-            dist[i] = di
-        else:
-            mi = _row_max(x[i])
-            ui, ti, tw, di = _row_sumexp_dense(x[i], probs[i], coef, one_m_eps, eps_c, mi)
-            coef_sum[i] = tw
-            dist[i] = di
-        m[i] = mi
-        u[i] = ui
-        t[i] = ti
-
-
-@njit(**_PJIT)
-def _stats_par(nchunks, chunk, x, coef, probs, one_m_eps, eps_c, mode, m, u, t, coef_sum,
-               dist, wide, prefetch):
-    n = x.shape[0]
-    for k in prange(nchunks):
-        _stats_rows(k * chunk, min(n, (k + 1) * chunk), x, coef, probs, one_m_eps, eps_c,
-                    mode, m, u, t, coef_sum, dist, wide, prefetch)
 
 
 def row_stats(x, coef, probs, one_m_eps, eps_c, m, u, t, coef_sum, dist):
@@ -2228,12 +847,34 @@ def row_stats(x, coef, probs, one_m_eps, eps_c, m, u, t, coef_sum, dist):
     n, c = x.shape
     T = np.dtype(x.dtype).type
     mode = 2 if probs.shape[0] else (1 if coef.shape[0] else 0)
-    w = np.ascontiguousarray(coef, dtype=T) if mode else np.empty(0, dtype=T)
-    pr = (probs if probs.dtype == x.dtype else probs.astype(T)) if mode == 2 \
-        else np.empty((0, 0), dtype=T)
+    w = np.ascontiguousarray(coef, dtype=T) if mode else None
+    pr = (probs if probs.dtype == x.dtype else probs.astype(T)) if mode == 2 else None
     forced = dataclasses.replace(_tuning.get(), force_path="rows")
     p = plan("logsumexp" if mode == 0 else "dense", n, c, x.itemsize, t=forced)
-    _run(p, n, c, _stats_rows, _stats_par, x, w, pr, T(one_m_eps), T(eps_c), mode,
-         m, u, t, coef_sum, dist, p.wide, p.prefetch)
+    aux = np.empty((4, n))
+    _run(p, STATS0 + mode, G_NONE, _frame(x, t=pr, w=w, one_m_eps=one_m_eps, eps_c=eps_c,
+                                          loss=m, aux=aux, wide=p.wide,
+                                          prefetch=p.prefetch))
+    u[...] = aux[0]
+    t[...] = aux[1]
     if mode == 1:
         coef_sum[...] = np.sum(w, dtype=np.float64)
+        dist[...] = aux[3]
+    elif mode == 2:
+        coef_sum[...] = aux[2]
+        dist[...] = aux[3]
+
+
+def _sparse_loss_rows(r0, r1, x, labels, w, ignore_index, z, loss, lse, wide, prefetch):
+    """Test hook: rows [r0, r1) of a loss-only sparse call through the serial driver."""
+    _driver(0, SPARSE, G_NONE, False)(1, r1 - r0, *_frame(
+        x[r0:r1], labels=labels[r0:r1], w=w, ii=ignore_index, z=z, loss=loss[r0:r1],
+        lse=lse[r0:r1], wide=wide, prefetch=prefetch))
+
+
+def _sparse_grad_rows(r0, r1, x, labels, w, ignore_index, z, gs, loss, lse, g, inplace,
+                      wide, prefetch):
+    """Test hook: rows [r0, r1) of a sparse call with gradient through the serial driver."""
+    _driver(0, SPARSE, G_INPLACE if inplace else G_STORE, False)(1, r1 - r0, *_frame(
+        x[r0:r1], labels=labels[r0:r1], w=w, ii=ignore_index, z=z, gs=gs, loss=loss[r0:r1],
+        lse=lse[r0:r1], g=g[r0:r1], wide=wide, prefetch=prefetch))
