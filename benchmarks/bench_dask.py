@@ -154,8 +154,8 @@ def main(argv=None) -> int:
     parser.add_argument("--worker-memory", default="4GiB")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kernel-threads", type=int, default=1,
-                        help="NUMBA_NUM_THREADS of each worker (0: Numba's default, "
-                             "every core)")
+                        help="NUMBA_NUM_THREADS and OMP_NUM_THREADS of each worker (0: "
+                             "the libraries' default, every core)")
     parser.add_argument("--store", default=os.path.join(tempfile.gettempdir(),
                                                         "xentfast-bench-dask"))
     parser.add_argument("--persist", action="store_true",
@@ -189,7 +189,8 @@ def main(argv=None) -> int:
                "worker_memory": args.worker_memory, "runs": []}
     # one kernel thread per worker process (``--kernel-threads``): the workers share
     # the cores between them, as Dask's one task thread each does
-    env = {"NUMBA_NUM_THREADS": str(args.kernel_threads)} if args.kernel_threads else {}
+    env = ({var: str(args.kernel_threads) for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
+           if args.kernel_threads else {})
     cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
                            memory_limit=args.worker_memory, dashboard_address=None,
                            silence_logs=logging.ERROR, env=env)

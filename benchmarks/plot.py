@@ -62,7 +62,8 @@ def load_points(path: str) -> tuple[list[dict[str, Any]], str]:
         machine = data.get("machine_info", {})
         title = f"{machine.get('cpu', {}).get('brand_raw', '')} {data.get('datetime', '')}"
         return points, title.strip()
-    points = [r for r in data.get("results", []) if r.get("status") == "ok"]
+    points = [r for r in data.get("results", []) if r.get("status") == "ok"
+              and r.get("dtype", "float32") == "float32"]  # 16-bit rows: other byte counts
     env = data.get("environment", {})
     title = f"{env.get('cpu', '')}, {env.get('usable_cpus', '?')} CPUs, {env.get('date', '')}"
     return points, title

@@ -18,7 +18,7 @@ from xentfast.backends import numpy_ref
 
 X = np.arange(12, dtype=np.float64).reshape(3, 4) / 7
 Y = np.array([0, 3, 1])
-PRIORITY = ["cuda", "cpu", "cython", "numpy"]
+PRIORITY = ["cuda", "cython", "cpu", "numpy"]
 
 
 def test_available_backends_in_priority_order():
@@ -158,7 +158,7 @@ def test_env_var_with_a_bad_name_fails_loudly_at_import():
     r = _run("import xentfast", XENTFAST_BACKEND="tpu")
     assert r.returncode != 0
     assert "ValueError" in r.stderr
-    assert "unknown backend 'tpu'; expected one of 'cuda', 'cpu', 'cython', 'numpy'" in r.stderr
+    assert "unknown backend 'tpu'; expected one of 'cuda', 'cython', 'cpu', 'numpy'" in r.stderr
 
 
 def test_env_var_with_an_unavailable_backend_fails_loudly():

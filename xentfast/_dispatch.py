@@ -9,7 +9,7 @@ the backend module itself is imported on first use.  Choice rules:
   the environment variable ``XENTFAST_BACKEND`` read at import) runs every call:
   NumPy inputs under ``"cuda"`` are copied to the GPU and back.
 * With nothing named, NumPy inputs go to the best available *host* backend
-  (``cpu`` > ``cython`` > ``numpy``) and device arrays (``__cuda_array_interface__``)
+  (``cython`` > ``cpu`` > ``numpy``: the fastest first, see ``_REGISTRY``) and device arrays (``__cuda_array_interface__``)
   go to ``cuda``.  ``get_backend()`` then reports the import-time choice, which is
   ``cuda`` when a GPU is usable.
 """
@@ -110,15 +110,21 @@ class Backend:
     host: bool
 
 
+#: Best first.  Among the host backends ``cython`` comes before ``cpu``: in the table of
+#: record (BENCHMARKS.md, 2026-12-02) it is the fastest host backend at every cell --
+#: float32 loss and loss+grad at 1M x 10, 65_536 x 1_000, 4_096 x 32_000 and
+#: 256 x 128_000 (1.1-1.5x the ``cpu`` backend), and 16-bit (1.1-2.4x) -- and its first
+#: call in a fresh process takes milliseconds where Numba's import and cache load take
+#: most of a second.  ``cpu`` is the choice where the extension was not built.
 _REGISTRY: tuple[Backend, ...] = (
     Backend("cuda", "xentfast.backends.numba_cuda", _probe_cuda, host=False),
+    Backend("cython", "xentfast.backends.cython_shim", _probe_cython, host=True),
     Backend(
         "cpu",
         "xentfast.backends.numba_cpu",
         _probe_module("numba_cpu", "numba", "pip install numba"),
         host=True,
     ),
-    Backend("cython", "xentfast.backends.cython_shim", _probe_cython, host=True),
     Backend("numpy", "xentfast.backends.numpy_ref", lambda: None, host=True),
 )
 _BY_NAME = {b.name: b for b in _REGISTRY}
@@ -137,7 +143,7 @@ def unavailable_reason(name: str) -> str | None:
 
 
 def available_backends() -> list[str]:
-    """The usable backends, best first (``cuda`` > ``cpu`` > ``cython`` > ``numpy``)."""
+    """The usable backends, best first (``cuda`` > ``cython`` > ``cpu`` > ``numpy``)."""
     return [b.name for b in _REGISTRY if unavailable_reason(b.name) is None]
 
 
