@@ -462,7 +462,7 @@ def test_oracle_agrees_with_mpmath(precise):
 @pytest.mark.skipif(not any(b != "cuda" for b in BACKENDS), reason="host backends only")
 def test_accuracy_report_runs():
     """benchmarks/accuracy_report.py --quick prints its Markdown table (CI keeps it from
-    rotting, as test_cli.py does for compare.py)."""
+    rotting, as benchmarks/test_harness.py does for compare.py)."""
     host = [b for b in BACKENDS if b != "cuda"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p))
