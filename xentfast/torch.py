@@ -360,7 +360,7 @@ def _compute_host_half_bits(input, target, weight, cdim, ignore_index, reduction
 
 def _numpy_dtype(dtype: torch.dtype):
     """The NumPy dtype of a buffer holding ``dtype`` (bfloat16: its bits, int16)."""
-    return np.int16 if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
+    return np.int16 if dtype == torch.bfloat16 else _np_dtype_for_checks(dtype)
 
 
 def _weight_array(weight) -> np.ndarray:
