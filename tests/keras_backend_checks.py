@@ -106,6 +106,80 @@ def jit_compile_error():
     return "no error"
 
 
+def fit_as_on_a_gpu_machine(epochs: int):
+    """Seed 2's program where TensorFlow reports a GPU: Keras' default
+    ``jit_compile="auto"`` then compiles the training step with XLA (the decision is
+    Keras' own, from ``tf.config.list_physical_devices``, which is all that is faked
+    here); xentfast's loss must train under it like Keras' own loss."""
+    import tensorflow as tf
+
+    real = tf.config.list_physical_devices
+
+    def with_a_gpu(device_type=None):
+        devices = list(real(device_type))
+        if device_type in (None, "GPU"):
+            devices.append(tf.config.PhysicalDevice("/physical_device:GPU:0", "GPU"))
+        return devices
+
+    tf.config.list_physical_devices = with_a_gpu
+    import keras
+    import keras_mnist
+
+    import xentfast.keras as xk
+
+    probe = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    probe.compile(optimizer="sgd", loss=xk.SparseCategoricalCrossentropy(from_logits=True))
+    result = {"auto_resolved_to_xla": bool(probe.jit_compile)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for loss in ("keras", "xentfast"):
+            result[loss] = keras_mnist.train(loss, epochs=epochs)
+    result["fallback_warnings"] = sum(issubclass(w.category, xk.XLAFallbackWarning)
+                                      for w in caught)
+    return result
+
+
+def xla_rows(source: str, target: str):
+    """The TensorFlow XLA path's per-row losses and gradients (of the sum) for the cases
+    in ``source`` (an .npz written by the parent test), compiled by XLA, into
+    ``target``.  16-bit logits travel as their bits with a dtype name."""
+    import ml_dtypes
+    import tensorflow as tf
+
+    import xentfast.keras as xk
+
+    dtypes = {"float16": np.float16, "float32": np.float32, "float64": np.float64,
+              "bfloat16": ml_dtypes.bfloat16}
+    out = {}
+    with np.load(source) as cases:
+        names = sorted({k.split("/")[0] for k in cases.files})
+        for name in names:
+            dtype = dtypes[str(cases[f"{name}/dtype"])]
+            x = cases[f"{name}/x"].view(dtype) if dtype in (np.float16, ml_dtypes.bfloat16) \
+                else cases[f"{name}/x"]
+            labels = cases[f"{name}/labels"]
+            probabilities = labels.ndim == x.ndim
+            ignore = int(cases[f"{name}/ignore"])
+            eps = float(cases[f"{name}/eps"])
+
+            @tf.function(jit_compile=True)
+            def step(v, labels=labels, probabilities=probabilities, ignore=ignore, eps=eps):
+                with tf.GradientTape() as tape:
+                    tape.watch(v)
+                    y = tf.cast(labels, v.dtype) if probabilities else tf.convert_to_tensor(labels)
+                    loss = xk._tensorflow_xla_op(v, y, axis=-1,
+                                                 ignore_index=ignore, label_smoothing=eps,
+                                                 probabilities=probabilities)
+                    total = tf.reduce_sum(tf.cast(loss, tf.float64))
+                return loss, tape.gradient(total, v)
+
+            loss, grad = step(tf.constant(x))
+            out[f"{name}/loss"] = np.asarray(loss).astype(np.float64)
+            out[f"{name}/grad"] = np.asarray(grad).astype(np.float64)
+    np.savez(target, **out)
+    return {"cases": len(names)}
+
+
 if __name__ == "__main__":
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
     what = sys.argv[1]
@@ -115,6 +189,10 @@ if __name__ == "__main__":
             result = cases()
         elif what == "jit":
             result = jit_compile_error()
+        elif what == "xla_rows":
+            result = xla_rows(sys.argv[2], sys.argv[3])
+        elif what == "fit_gpu":
+            result = fit_as_on_a_gpu_machine(int(sys.argv[2]))
         else:
             import keras_mnist
 

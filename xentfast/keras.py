@@ -15,10 +15,13 @@ the one the fused kernel computed in the forward pass:
 
 * **TensorFlow**: ``tf.numpy_function`` (a host call, inside ``tf.function`` too) under
   ``tf.custom_gradient``; the backward multiplies the saved gradient by the per-sample
-  cotangent.  XLA cannot compile a host call: Keras' default ``jit_compile="auto"``
-  keeps XLA off on CPU-only machines, where this trains; with ``jit_compile=True`` (or
-  "auto" on a GPU machine, where Keras turns XLA on) the loss raises a ``RuntimeError``
-  saying to pass ``jit_compile=False``.
+  cotangent.  XLA cannot compile a host call.  Keras' default ``jit_compile="auto"``
+  keeps XLA off on CPU-only machines, where this trains, and there an XLA-compiled step
+  (``jit_compile=True``) raises a ``RuntimeError`` saying to pass ``jit_compile=False``.
+  Where TensorFlow sees a GPU, "auto" turns XLA on: the step then computes the loss and
+  gradient with the same formulas in TensorFlow operations (``_tensorflow_xla_op``,
+  float64, rounded once) and warns (``XLAFallbackWarning``); an explicit
+  ``jit_compile=True`` there does the same, as Keras keeps no trace of which it was.
 * **JAX**: :mod:`xentfast.jax` (``jax.custom_vjp`` around a host callback).
 * **torch**: :mod:`xentfast.torch` (a ``torch.library`` custom op with autograd).
 
@@ -44,6 +47,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         "jax or torch)"
     ) from error
 
+import warnings
+
 import numpy as np
 
 from . import _keras as _numpy_keras
@@ -51,6 +56,7 @@ from . import _validate
 
 __all__ = [
     "CategoricalCrossentropy",
+    "XLAFallbackWarning",
     "SparseCategoricalCrossentropy",
     "categorical_crossentropy",
     "sparse_categorical_crossentropy",
@@ -69,7 +75,7 @@ def _fused(logits, labels, *, axis: int, ignore_index: int, label_smoothing: flo
     name = keras.backend.backend()
     if name == "tensorflow":
         return _tensorflow_op(logits, labels, axis=axis, ignore_index=ignore_index,
-                              label_smoothing=label_smoothing)
+                              label_smoothing=label_smoothing, probabilities=probabilities)
     if name == "jax":
         from . import jax as xjax
 
@@ -91,18 +97,39 @@ def _fused(logits, labels, *, axis: int, ignore_index: int, label_smoothing: flo
     )
 
 
-def _tensorflow_op(logits, labels, *, axis, ignore_index, label_smoothing):
+def _accelerator_visible() -> bool:
+    """True where Keras' ``jit_compile="auto"`` turns XLA on for TensorFlow: TF sees a
+    device other than a CPU (Keras' own test, ``Trainer._resolve_auto_jit_compile``)."""
+    import tensorflow as tf
+
+    return any(d.device_type != "CPU" for d in tf.config.list_physical_devices())
+
+
+def _tensorflow_op(logits, labels, *, axis, ignore_index, label_smoothing, probabilities):
     import tensorflow as tf
     from tensorflow.python.ops import control_flow_util
 
     from . import _api
 
     if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
-        raise RuntimeError(
-            "xentfast.keras losses run a host kernel, which XLA cannot compile: pass "
-            "jit_compile=False to model.compile (Keras turns XLA on with "
-            "jit_compile=True, and with the default 'auto' when a GPU is visible)"
-        )
+        if not _accelerator_visible():
+            # No accelerator: Keras' "auto" keeps XLA off here, so this step was
+            # compiled because somebody asked for it.
+            raise RuntimeError(
+                "xentfast.keras losses run a host kernel, which XLA cannot compile: pass "
+                "jit_compile=False to model.compile (or drop jit_compile=True from your "
+                "tf.function); Keras' default jit_compile='auto' keeps XLA off on "
+                "CPU-only machines")
+        warnings.warn(
+            "xentfast.keras: this training step is compiled by XLA (Keras' default "
+            "jit_compile='auto' turns XLA on when a GPU is visible), and XLA cannot call "
+            "xentfast's host kernel; the loss and gradient are computed with the same "
+            "formulas in TensorFlow operations instead (float64, rounded once). Pass "
+            "jit_compile=False to model.compile to run the fused kernel.",
+            XLAFallbackWarning, stacklevel=2)
+        return _tensorflow_xla_op(logits, labels, axis=axis, ignore_index=ignore_index,
+                                  label_smoothing=label_smoothing,
+                                  probabilities=probabilities)
 
     dtype = logits.dtype
 
@@ -118,13 +145,97 @@ def _tensorflow_op(logits, labels, *, axis, ignore_index, label_smoothing):
         batch_shape = [d for i, d in enumerate(x.shape) if i != axis % len(x.shape)]
         loss.set_shape(batch_shape)
         grad.set_shape(x.shape)
+        return loss, _scaled_backward(grad, axis, dtype)
 
-        def backward(upstream):
-            # Row r's loss depends on row r's logits only: the vector-Jacobian product
-            # is the cotangent broadcast along the class axis times the saved gradient.
-            return tf.expand_dims(tf.cast(upstream, dtype), axis) * grad
+    return op(logits)
 
-        return loss, backward
+
+def _scaled_backward(grad, axis, dtype):
+    """The backward of a per-row loss whose gradient ``grad`` the forward computed."""
+    import tensorflow as tf
+
+    def backward(upstream):
+        # Row r's loss depends on row r's logits only: the vector-Jacobian product is
+        # the cotangent broadcast along the class axis times the saved gradient.
+        return tf.expand_dims(tf.cast(upstream, dtype), axis) * grad
+
+    return backward
+
+
+class XLAFallbackWarning(UserWarning):
+    """An XLA-compiled TensorFlow step computed an xentfast.keras loss with TensorFlow
+    operations instead of the host kernel."""
+
+
+def _tensorflow_xla_op(logits, labels, *, axis, ignore_index, label_smoothing,
+                       probabilities):
+    """The per-row loss and its gradient in TensorFlow operations that XLA compiles: the
+    kernel's row quantities (m, e_j, u, t, r = rest_mass, log s = log1p(r)) and
+    ``rowmath``'s non-cancelling forms, in float64, rounded once into the logits' dtype.
+
+    XLA cannot raise from inside a compiled step: a kept index label outside [0, C)
+    gives a NaN loss and gradient row (TensorFlow's own GPU kernels do the same)."""
+    import tensorflow as tf
+
+    from .backends import rowmath
+
+    dtype = logits.dtype
+    acc = tf.float64
+    rank = len(logits.shape)
+    ax = axis % rank
+
+    @tf.custom_gradient
+    def op(x_in):
+        x = tf.cast(x_in, acc)
+        m = tf.reduce_max(x, axis=ax, keepdims=True)
+        d = x - m  # exact for data of fewer bits than float64
+        e = tf.exp(d)
+        if dtype == tf.float64:
+            # the rounding of x - m, carried into exp(d) (1 + err) (TwoSum)
+            bb = d - x
+            err = (x - (d - bb)) + (-m - bb)
+            e = tf.where(tf.math.is_finite(err), e + e * err, e)
+        at_max = tf.equal(d, 0.0)
+        zero = tf.zeros([], acc)
+        one = tf.ones([], acc)
+        u = tf.reduce_sum(tf.where(at_max, zero, e), axis=ax, keepdims=True)
+        t = tf.reduce_sum(tf.cast(at_max, acc), axis=ax, keepdims=True)
+        r = rowmath.rest_mass(u, t, one)
+        log_s = tf.math.log1p(r)
+        lse = rowmath.log_sum_exp(m, log_s)
+        if probabilities:
+            num_classes = tf.cast(tf.shape(x)[ax], acc)
+            eps = tf.constant(float(label_smoothing), acc)
+            wt = rowmath.smoothed_weight(one, tf.cast(labels, acc), one - eps,
+                                         eps / num_classes)
+            t_sum = tf.reduce_sum(wt, axis=ax, keepdims=True)
+            # wd = sum over wt_c != 0 of wt_c (m - x_c): no 0 * inf for x_c = -inf
+            wd = tf.reduce_sum(tf.where(tf.equal(wt, 0.0), zero, wt * (m - x)), axis=ax,
+                               keepdims=True)
+            loss = rowmath.dense_loss(m, log_s, t_sum, wd, zero)
+            coef = rowmath.dense_coef(lse, t_sum, zero)
+            grad = rowmath.dense_grad(e, wt, r, coef, rowmath.grad_over_sum(one, r, one))
+            loss = tf.squeeze(loss, ax)
+        else:
+            y = tf.expand_dims(tf.cast(labels, tf.int64), ax)
+            num_classes = tf.shape(x, out_type=tf.int64)[ax]
+            kept = tf.not_equal(y, ignore_index)
+            valid = (y >= 0) & (y < num_classes)
+            classes = tf.reshape(tf.range(num_classes),
+                                 [-1 if i == ax else 1 for i in range(rank)])
+            is_y = tf.equal(classes, y)
+            x_y = tf.reduce_sum(tf.where(is_y, x, zero), axis=ax, keepdims=True)
+            e_y = tf.reduce_sum(tf.where(is_y, e, zero), axis=ax, keepdims=True)
+            loss = rowmath.sparse_loss(m, log_s, x_y, one, one, zero, zero, zero, zero)
+            a = rowmath.sparse_scale(one, r, lse, one, one, zero, zero, zero, one)
+            g_y = rowmath.sparse_true_grad(one, e_y, r, lse, one, one, zero, zero, zero, one)
+            grad = tf.where(is_y, g_y, e * a)
+            nan = tf.constant(float("nan"), acc)
+            loss = tf.where(kept, tf.where(valid, loss, nan), zero)
+            grad = tf.where(kept, tf.where(valid, grad, nan), zero)
+            loss = tf.squeeze(loss, ax)
+        grad = tf.cast(grad, dtype)
+        return tf.cast(loss, dtype), _scaled_backward(grad, ax, dtype)
 
     return op(logits)
 
