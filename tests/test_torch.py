@@ -572,30 +572,51 @@ def test_double_backward_raises(on_backend, rng):
         torch.autograd.grad(loss, x, create_graph=True)
 
 
-def test_numba_threads_follow_torch_threads(monkeypatch):
-    if "cpu" not in xf.available_backends():
-        pytest.skip("the Numba cpu backend is not available")
-    import numba
+def _host_thread_count(backend: str):
+    """The calling thread's thread cap of a host backend (Numba's or OpenMP's)."""
+    if backend == "cpu":
+        import numba
 
+        return numba.get_num_threads()
+    from xentfast import _dispatch
+
+    return _dispatch.load("cython").max_threads()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cython"])
+def test_host_threads_follow_torch_threads(monkeypatch, backend):
+    """torch.set_num_threads(1) caps the kernel's threads during the call (forward and
+    loss-only), and the cap is lifted afterwards."""
+    if backend not in xf.available_backends():
+        pytest.skip(f"the {backend} backend is not available")
     seen = []
-    original = xf.cross_entropy_with_grad
+    for name in ("cross_entropy_with_grad", "cross_entropy"):
+        original = getattr(xf, name)
 
-    def recording(*args, **kwargs):
-        seen.append(numba.get_num_threads())
-        return original(*args, **kwargs)
+        def recording(*args, _original=original, **kwargs):
+            seen.append(_host_thread_count(backend))
+            return _original(*args, **kwargs)
 
-    monkeypatch.setattr(xf, "cross_entropy_with_grad", recording)
-    before_torch, before_numba = torch.get_num_threads(), numba.get_num_threads()
+        monkeypatch.setattr(xf, name, recording)
+    before_torch = torch.get_num_threads()
+    before = _host_thread_count(backend)
     x = torch.randn(64, 10, requires_grad=True)
     y = torch.randint(0, 10, (64,))
     try:
         torch.set_num_threads(1)
-        with xf.use_backend("cpu"):
+        with xf.use_backend(backend):
             xft.cross_entropy(x, y)
+            with torch.no_grad():
+                xft.cross_entropy(x, y)
     finally:
         torch.set_num_threads(before_torch)
-    assert seen == [1]
-    assert numba.get_num_threads() == before_numba
+    assert seen == [1, 1]
+    assert _host_thread_count(backend) == before
+    if before > 1:  # with PyTorch's count not below the backend's, no cap is set
+        seen.clear()
+        with xf.use_backend(backend):
+            xft.cross_entropy(x, y)
+        assert seen == [before]
 
 
 # ------------------------------------------------------------------ module, legacy args

@@ -60,8 +60,9 @@ array interface).
 Threads: the host kernels run on their own pool (Numba's OpenMP or TBB layer for
 ``cpu``, OpenMP for ``cython``), which takes turns with PyTorch's intra-op pool: one
 loss call is one parallel region between PyTorch's, and a training step measured the
-same loss time inside the step as alone.  With the ``cpu`` backend a call uses at most
-``torch.get_num_threads()`` threads, so ``torch.set_num_threads(k)`` caps both.
+same loss time inside the step as alone.  A call uses at most
+``torch.get_num_threads()`` threads of the ``cpu`` or ``cython`` backend (set for the
+calling thread only, then restored), so ``torch.set_num_threads(k)`` caps both.
 """
 
 import math
@@ -239,36 +240,59 @@ def _staging_buffer(shape, cdim: int, dtype) -> tuple:
     return tensor.movedim(-1, cdim), np.moveaxis(array, -1, cdim)
 
 
-_numba_max_threads = None  # numba.config.NUMBA_NUM_THREADS, read on the first cpu call
+#: The most threads each host backend may use, read on its first capped call: while
+#: PyTorch's count is at least this, no call needs a cap (decided without asking).
+_backend_max_threads: dict = {}
 
 
-def _numba_thread_cap():
-    """(numba, its thread count now) when this call must run on fewer Numba threads
-    (PyTorch's count, when lower), else None."""
-    global _numba_max_threads
+def _thread_controls(name: str):
+    """(get, set) of the calling thread's thread cap for host backend ``name``, or None
+    for a backend without threads (``numpy``)."""
+    if name == "cpu":
+        import numba
+
+        return numba.get_num_threads, numba.set_num_threads
+    if name == "cython":
+        kernels = _dispatch.load("cython")
+        return kernels.max_threads, kernels.set_max_threads
+    return None
+
+
+def _thread_cap():
+    """(set, previous count) when this call must run on fewer threads than its backend
+    would use (PyTorch's ``get_num_threads()``, when lower), else None."""
     wanted = torch.get_num_threads()
-    if _numba_max_threads is not None and wanted >= _numba_max_threads:
-        return None  # the common case, decided without asking Numba anything
-    if _dispatch.resolve(None, False) != "cpu":
+    name = _dispatch.resolve(None, False)
+    known = _backend_max_threads.get(name)
+    if known is not None and wanted >= known:
+        return None  # the common case
+    controls = _thread_controls(name)
+    if controls is None:
+        _backend_max_threads[name] = 1
         return None
-    import numba
+    get, set_ = controls
+    current = get()
+    if name == "cpu":
+        import numba
 
-    _numba_max_threads = numba.config.NUMBA_NUM_THREADS
-    current = numba.get_num_threads()
-    return (numba, current) if wanted < current else None
+        _backend_max_threads[name] = numba.config.NUMBA_NUM_THREADS
+    else:
+        _backend_max_threads.setdefault(name, current)
+    return (set_, current) if wanted < current else None
 
 
 def _with_thread_cap(run):
-    """``run()`` on at most ``torch.get_num_threads()`` Numba threads."""
-    cap = _numba_thread_cap()
+    """``run()`` on at most ``torch.get_num_threads()`` threads of the host backend
+    (Numba's for ``cpu``, OpenMP's for ``cython``; set for the calling thread only)."""
+    cap = _thread_cap()
     if cap is None:
         return run()
-    numba, previous = cap
-    numba.set_num_threads(torch.get_num_threads())
+    set_, previous = cap
+    set_(torch.get_num_threads())
     try:
         return run()
     finally:
-        numba.set_num_threads(previous)
+        set_(previous)
 
 
 def _host_call(x, y, w, cdim, ignore_index, reduction, label_smoothing, z_loss, want_grad,

@@ -103,6 +103,7 @@ cdef extern from "_xfrows.h" nogil:
     float xf_bf16_to_f32(unsigned int h)
     unsigned int xf_f32_to_bf16(float f)
     int xf_max_threads()
+    void xf_set_max_threads(int k)
 
 
 # Tunables: compile-time constants, not module globals (see NOTES_cython_kernels.md).
@@ -140,6 +141,19 @@ cdef inline bint _use_threads(Py_ssize_t elems) noexcept nogil:
         _ran_parallel = True
         return True
     return False
+
+
+def max_threads():
+    """The most OpenMP threads a kernel called from this thread may use."""
+    return int(xf_max_threads())
+
+
+def set_max_threads(int k):
+    """Cap the kernels called from this thread at ``k`` >= 1 OpenMP threads (OpenMP's
+    ``omp_set_num_threads``: per calling thread; other threads keep their own)."""
+    if k < 1:
+        raise ValueError(f"the thread count must be at least 1; got {k}")
+    xf_set_max_threads(k)
 
 
 def threads_enabled():

@@ -260,13 +260,16 @@ static void xf_store_h16(const float *x, uint16_t *h, ptrdiff_t n, int kind)
     xf_store_h16_bits(x, h, n, kind);
 }
 
-/* The most threads a parallel region may get (1 without OpenMP): the size of the
- * per-thread scratch of the 16-bit path. */
+/* The most threads a parallel region started by the calling thread may get (1 without
+ * OpenMP): the size of the per-thread scratch of the 16-bit path.  xf_set_max_threads
+ * changes it for the calling thread only (OpenMP's nthreads-var is per thread). */
 #if defined(_OPENMP)
 #include <omp.h>
 static int xf_max_threads(void) { return omp_get_max_threads(); }
+static void xf_set_max_threads(int k) { omp_set_num_threads(k); }
 #else
 static int xf_max_threads(void) { return 1; }
+static void xf_set_max_threads(int k) { (void)k; }
 #endif
 
 /* Short rows: rows of at most XF_SMALL_C classes are processed XF_TILE at a time. */

@@ -43,6 +43,10 @@ NATIVE_HALF = ("float16", "bfloat16")
 
 #: True when the row passes were compiled as target_clones (SSE2 / AVX2+FMA / AVX-512).
 MULTIVERSIONED = _ext.MULTIVERSIONED
+#: The calling thread's OpenMP thread cap (``max_threads()``) and its setter
+#: (``set_max_threads(k)``, per calling thread, as ``omp_set_num_threads``).
+max_threads = _ext.max_threads
+set_max_threads = _ext.set_max_threads
 
 
 def _c1(a: np.ndarray) -> np.ndarray:
