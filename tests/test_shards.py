@@ -521,3 +521,205 @@ def test_grad_errors():
     bad = RowTotals(np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3))
     with pytest.raises(ValueError, match="row totals have shape"):
         shard_grad(x, np.array([0, 1]), bad, class_offset=0, num_classes=3)
+
+
+# ----------------------------------------------------------------------- gradient kernel
+#
+# shard_grad's columns come from the cpu backend's compiled ``shard_grad_rows`` where it
+# is available, else from ``_shards.grad_rows_numpy`` (numpy-only installs).  Bounds
+# tested below (the kernel against the NumPy path):
+#   * with the NumPy path's np.exp replaced by the backend's exponential: BITWISE equal,
+#     float32 and float64 logits, every option -- the formulas and their rounding are
+#     the same, the exponential is the only difference;
+#   * that exponential is within 1 ulp (float64) of np.exp on [-708, 0];
+#   * with np.exp as it is: float32 gradients within 1 ulp, equal in all but at most 1
+#     element in 10**4; float64 ones (where a 1-ulp e_j shows in cancelling elements)
+#     within the accuracy bound of the exact oracle, as the NumPy path is.
+
+HAS_CPU = "cpu" in xf.available_backends()
+needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="the cpu backend is unavailable")
+
+KERNEL_OPTIONS = [("sparse", "plain"), ("sparse", "smooth"), ("sparse", "z_loss"),
+                  ("sparse", "all"), ("dense", "onehot"), ("dense", "soft_all")]
+
+
+class _BackendExp:
+    """numpy, with exp replaced by the cpu backend's exponential (``_exp``): patched
+    into ``_shards`` so that its NumPy path uses the kernel's exponential."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def exp(a, out=None):
+        from xentfast.backends import numba_cpu
+
+        a = np.ascontiguousarray(a, dtype=np.float64)
+        res = np.empty_like(a) if out is None else out
+        numba_cpu.exp_array(a.reshape(-1), res.reshape(-1))
+        return res
+
+
+def _hostile_chunked_case(dtype_name: str, label: str, option: str, partition: str):
+    """The "mixed" rows cut into chunks, plus a NaN row, an all -inf row, and one chunk
+    that is -inf in every row (index labels in it get an infinite loss and a finite
+    gradient); (x, labels, kwargs, cuts)."""
+    x0, labels, kwargs, _ = _data("mixed", dtype_name, label, option)
+    x = np.array(x0)
+    cuts = PARTITIONS[partition](x.shape[1])
+    a, b = max(zip(cuts, cuts[1:]), key=lambda ab: (ab[1] - ab[0], -ab[0]))
+    if partition == "many":
+        x[:, a:b] = -np.inf
+    x[1, 7] = np.nan
+    x[2, :] = -np.inf
+    return x, np.array(labels), kwargs, cuts
+
+
+def _chunk_grads(x, labels, kwargs, cuts, backend: str, grad_scale: float = 1.0):
+    """Every chunk's shard_grad columns (concatenated) with the gradient path of
+    ``backend`` ("cpu": the kernel; "numpy": the NumPy path), from totals merged once."""
+    c = x.shape[1]
+    dense = labels.dtype.kind == "f"
+    parts = list(zip(cuts, cuts[1:]))
+    stats = [shard_stats(x[:, a:b], _chunk_labels(labels, dense, a, b), class_offset=a,
+                         num_classes=c, **kwargs) for a, b in parts]
+    _, _, totals = merge_shard_stats(stats, return_totals=True)
+    with xf.use_backend(backend):
+        return np.concatenate([
+            shard_grad(x[:, a:b], _chunk_labels(labels, dense, a, b), totals,
+                       class_offset=a, num_classes=c, grad_scale=grad_scale, **kwargs)
+            for a, b in parts], axis=1)
+
+
+def _same_bits(got, ref, what):
+    nan = np.isnan(ref)
+    np.testing.assert_array_equal(np.isnan(got), nan, err_msg=f"{what}: NaN positions")
+    bits = np.int64 if got.dtype == np.float64 else np.int32
+    diff = np.flatnonzero(got[~nan].view(bits) != ref[~nan].view(bits))
+    assert diff.size == 0, (f"{what}: {diff.size} elements differ, e.g. "
+                            f"{got[~nan][diff[:3]]} vs {ref[~nan][diff[:3]]}")
+
+
+def _ulps(got, ref):
+    """|got - ref| in ulps of ref's dtype (NaN positions must match; 0 there)."""
+    bits = np.int64 if ref.dtype == np.float64 else np.int32
+    g = got.view(bits).astype(np.int64)
+    r = ref.view(bits).astype(np.int64)
+    # sign-magnitude to a monotonic integer line (so -0.0 and 0.0 are 0 ulps apart)
+    top = np.int64(np.iinfo(bits).min)
+    g = np.where(g < 0, top - g, g)
+    r = np.where(r < 0, top - r, r)
+    return np.where(np.isnan(ref), 0, np.abs(g - r))
+
+
+@needs_cpu
+@pytest.mark.parametrize("partition", ["uneven", "many"])
+@pytest.mark.parametrize("label,option", KERNEL_OPTIONS)
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+def test_grad_kernel_is_the_numpy_path(dtype_name, label, option, partition, monkeypatch):
+    """The kernel against the NumPy path and the exact oracle, chunk by chunk: labels
+    owned by other chunks, ignored rows, weights, smoothing (global C), z_loss, a NaN
+    row, an all -inf row, a chunk of only -inf (partition "many")."""
+    x, labels, kwargs, cuts = _hostile_chunked_case(dtype_name, label, option, partition)
+    got = _chunk_grads(x, labels, kwargs, cuts, "cpu")
+    ref = _chunk_grads(x, labels, kwargs, cuts, "numpy")
+    assert got.dtype == ref.dtype == x.dtype
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    ulps = _ulps(got, ref)
+    if x.dtype == np.float32:
+        assert ulps.max() <= 1
+        assert np.count_nonzero(ulps) <= max(1, ulps.size // 10_000)
+    o_x, o_labels, o_kwargs = oracle_inputs(x, labels, kwargs, x.dtype)
+    exact = naive.exact_cross_entropy(o_x, o_labels, reduction="none", **o_kwargs)
+    for g, what in ((got, "kernel"), (ref, "numpy path")):
+        assert_accurate(g, exact["grad"], x.dtype, f"{what} gradient", ULPS["grad"])
+    monkeypatch.setattr(_shards, "np", _BackendExp())
+    _same_bits(_chunk_grads(x, labels, kwargs, cuts, "cpu", grad_scale=0.37),
+               _chunk_grads(x, labels, kwargs, cuts, "numpy", grad_scale=0.37),
+               "with the same exp")
+
+
+@needs_cpu
+def test_backend_exp_is_within_one_ulp_of_numpy():
+    """The kernel's float64 e_j = exp(d) (d = x - M <= 0) against np.exp: at most 1 ulp
+    on [-708, 0] (below, where exp(d) < 2**-1022, the kernel returns 0), equal at the
+    special values."""
+    from xentfast.backends import numba_cpu
+
+    rng = _seed("exp-ulp")
+    d = np.concatenate([-rng.exponential(4.0, 500_000), rng.uniform(-708.0, 0.0, 500_000),
+                        [0.0, -0.0, -1e-300, -708.0, -np.inf, np.nan]])
+    got = np.empty_like(d)
+    numba_cpu.exp_array(d, got)
+    assert _ulps(got, np.exp(d)).max() <= 1
+    assert got[-4] == 1.0 and got[-2] == 0.0 and np.isnan(got[-1])
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+@pytest.mark.parametrize("label,option", [("sparse", "all"), ("dense", "soft_all")])
+def test_grad_kernel_tasks_and_serial_twin(dtype_name, label, option):
+    """Rows cut into column blocks of any size (the true class in any block), and the
+    serial twin a forked child runs: bitwise the one-task-per-row parallel result."""
+    from xentfast.backends import _numba_shards
+
+    x, labels, kwargs, _ = _data("mixed", dtype_name, label, option)
+    n, c = x.shape
+    eps = kwargs.get("label_smoothing", 0.0)
+    w = kwargs.get("weight")
+    offset = 16                       # the chunk [16, c): labels below are others'
+    xs = np.ascontiguousarray(x[:, offset:])
+    ys = labels if label == "sparse" else np.ascontiguousarray(labels[:, offset:])
+    rng = _seed("tasks", dtype_name, label)
+    big = np.max(x, axis=1).astype(np.float64) + 0.5
+    rest = rng.uniform(0.0, 3.0, n)
+    lse = big + np.log1p(rest)
+    coef_sum = rng.uniform(1.0, c, n)
+    label_weight = rng.uniform(0.5, 2.0, n)
+    w_chunk = None if w is None else np.ascontiguousarray(w[offset:])
+    runs = []
+    for parallel, blk in ((True, _numba_shards.GRAD_BLOCK), (True, 7), (True, 1),
+                          (False, 5)):
+        out = np.empty_like(xs)
+        _numba_shards.shard_grad_rows(xs, ys, "index" if label == "sparse" else "dense",
+                                      offset, c, w_chunk, -100, eps,
+                                      kwargs.get("z_loss", 0.0), big, rest, lse, coef_sum,
+                                      label_weight, 0.5, out, parallel=parallel, blk=blk)
+        runs.append(out)
+    for other in runs[1:]:
+        _same_bits(other, runs[0], "tasks")
+    ref = np.empty_like(xs)
+    _shards.grad_rows_numpy(xs, ys, "index" if label == "sparse" else "dense", offset, c,
+                            w_chunk, -100, eps, kwargs.get("z_loss", 0.0), big, rest, lse,
+                            coef_sum, label_weight, 0.5, ref)
+    assert _ulps(runs[0], ref).max() <= 1 or xs.dtype == np.float64
+
+
+def test_grad_rows_chooses_the_kernel_as_the_statistics(monkeypatch):
+    """grad_rows runs the cpu kernel where stats_kernels(None) gives the cpu backend
+    (itself or as the fallback of cython / cuda), and the NumPy path under "numpy"."""
+    calls = []
+    x, labels, kwargs, _ = _data("mixed", "float32", "sparse", "all")
+    if HAS_CPU:
+        from xentfast.backends import numba_cpu
+
+        real = numba_cpu.shard_grad_rows
+        monkeypatch.setattr(numba_cpu, "shard_grad_rows",
+                            lambda *a: calls.append(1) or real(*a))
+    got = _chunk_grads(x, labels, kwargs, [0, 30, 64], "cpu" if HAS_CPU else "numpy")
+    assert len(calls) == (2 if HAS_CPU else 0)
+    ref = _chunk_grads(x, labels, kwargs, [0, 30, 64], "numpy")
+    assert len(calls) == (2 if HAS_CPU else 0)
+    assert _ulps(got, ref).max() <= 1
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+@pytest.mark.parametrize("label,option", [("sparse", "all"), ("dense", "soft_all")])
+def test_numpy_grad_path_meets_the_bounds(dtype_name, label, option):
+    """The NumPy path (numpy-only installs) against the exact oracle; the grid above
+    runs the kernel where the cpu backend is available."""
+    x, labels, kwargs, row_kinds = _data("mixed", dtype_name, label, option)
+    exact = _exact("mixed", dtype_name, label, option)
+    grad = _chunk_grads(x, labels, kwargs, _cuts_many(x.shape[1]), "numpy", grad_scale=1.0)
+    assert_accurate(grad, exact["grad"], x.dtype, "numpy-path gradient", ULPS["grad"],
+                    row_kinds=row_kinds)

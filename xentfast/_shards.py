@@ -74,7 +74,9 @@ and for probability labels g_j = ((e_j A' - a_j) - a_j r) gs / s, A' = T + 2 z l
 These need the row's (M, r) -- not lse alone, whose rounding would cost the true-class
 gradient of a confident row all its digits -- so :func:`merge_shard_stats` returns
 them (``return_totals=True``) for :func:`shard_grad`.  gs is the reduction's factor
-(1 for "sum"/"none"; 1 / sum of w_y over kept rows for "mean").
+(1 for "sum"/"none"; 1 / sum of w_y over kept rows for "mean").  The cpu backend
+computes the columns in one compiled pass (``shard_grad_rows``,
+``backends/_numba_shards.py``); :func:`grad_rows_numpy` is the same in NumPy.
 """
 
 from __future__ import annotations
@@ -363,13 +365,35 @@ def grad_rows(x: np.ndarray, y: np.ndarray, kind: str, class_offset: int,
               num_classes: int, w_chunk: np.ndarray | None, ignore_index: int,
               label_smoothing: float, z_loss: float, big: np.ndarray, rest: np.ndarray,
               lse: np.ndarray, coef_sum, label_weight, grad_scale,
-              out: np.ndarray) -> None:
+              out: np.ndarray, kernels=None) -> None:
     """The chunk's gradient columns into ``out`` (n, c): module docstring, "The
     gradient".  Row totals ``big`` (M), ``rest`` (r), ``lse``: (n,) float64;
     ``coef_sum``: W (index labels with smoothing) or T (probabilities) per row, a
     scalar or (n,); ``label_weight``: w_y of kept rows (n,) (index labels);
     ``w_chunk``: the chunk's (c,) class weights or None; ``grad_scale``: a float or
-    (n,).  Computed in float64 in blocks of rows, rounded once into ``out``."""
+    (n,).  Computed in float64, rounded once into ``out``.
+
+    ``kernels`` (default: ``stats_kernels(None)``, chosen as the statistics are): where
+    it has the ``shard_grad_rows`` op (the cpu backend) that compiled kernel runs, one
+    pass over the elements; else :func:`grad_rows_numpy`, the same formulas in NumPy.
+    The two differ only by their exponentials (the backend's is within 1 ulp of
+    np.exp): float32 results agree to 1 ulp, nearly always bitwise; float64 ones to
+    about an ulp of the terms (``_numba_shards``' docstring)."""
+    kernels = stats_kernels(None) if kernels is None else kernels
+    op = getattr(kernels, "shard_grad_rows", None)
+    if op is None:
+        op = grad_rows_numpy
+    op(x, y, kind, class_offset, num_classes, w_chunk, ignore_index, label_smoothing,
+       z_loss, big, rest, lse, coef_sum, label_weight, grad_scale, out)
+
+
+def grad_rows_numpy(x: np.ndarray, y: np.ndarray, kind: str, class_offset: int,
+                    num_classes: int, w_chunk: np.ndarray | None, ignore_index: int,
+                    label_smoothing: float, z_loss: float, big: np.ndarray,
+                    rest: np.ndarray, lse: np.ndarray, coef_sum, label_weight, grad_scale,
+                    out: np.ndarray) -> None:
+    """:func:`grad_rows` in NumPy (numpy-only installs, and its test oracle): float64
+    blocks of rows, temporaries of a block's size, rounded once into ``out``."""
     n, c = x.shape
     if n == 0 or c == 0:
         return

@@ -110,4 +110,8 @@ x's dtype, u and t (n,) float64, the row passes A and B; with ``coef`` (c,) non-
 also coef_sum = sum_j a_j and dist = sum_{a_j != 0} a_j (m - x_j) (float64), a_j =
 coef_j, or coef_j ((1 - eps) t_j + eps_c) with probability rows ``probs`` (n, c).
 Rows without a finite maximum get NaN sums; the caller gives them their meaning.
+The ``cpu`` backend also computes a chunk's gradient columns from the merged row totals
+in one compiled pass, ``shard_grad_rows`` (the arguments of ``_shards.grad_rows``: e_j =
+exp(x_j - M) from the exact difference, rowmath's gradient forms, float64 per element,
+rounded once); elsewhere ``_shards.grad_rows_numpy`` computes the same in NumPy.
 """

@@ -127,6 +127,7 @@ from ._numba_math import (_JIT, _PJIT, _acc, _dense_coef, _dense_grad, _dense_lo
                           _maxnum, _rest_mass, _smoothed_weight, _softmax, _sparse_loss,
                           _sparse_scale, _sparse_true_grad, _st, _stub, bits_view,
                           exp_array, log1p_array, log_array)
+from ._numba_shards import shard_grad_rows  # noqa: F401  (section 6: _shards' gradient)
 
 NAME = "cpu"
 NATIVE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -833,6 +834,8 @@ def dense(logits, labels, weight, label_smoothing, z_loss, grad_scale, loss, lse
 #    STATS1: also dist = sum_{w_j != 0} w_j (m - x_j), the class coefficients w;
 #    STATS2: also coef_sum = sum_j wt_j and dist with wt_j = smoothed_weight(w_j, t_j)
 #            of probability rows t.
+#    ``shard_grad_rows`` (from ``_numba_shards``): the chunk's gradient columns from the
+#    merged row totals, the op of ``_shards.grad_rows``.
 # ---------------------------------------------------------------------------------------
 
 
