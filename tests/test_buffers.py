@@ -162,6 +162,9 @@ def test_a_return_while_the_lock_is_held_is_settled_later(cache):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+# JAX, once imported by an earlier test in this process, warns at every fork; the child
+# here touches neither JAX nor threads and leaves by os._exit.
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 def test_a_forked_child_starts_with_a_fresh_cache():
     """Forked while another thread holds the cache's lock, the child must not hang on
     it, and must not hand out blocks from free lists it cannot trust."""
