@@ -266,15 +266,16 @@ def chunk_rows(x: np.ndarray, y: np.ndarray | None, kind: str, class_offset: int
     return out
 
 
-def _exp_of_exact_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _exp_of_exact_difference(a: np.ndarray, b: np.ndarray, xp=np) -> np.ndarray:
     """exp(a - b) in float64 for float64 a, b (broadcast), with the rounding error of
     a - b (TwoSum) carried into exp(d) (1 + err); exact differences (float32 data)
-    have err = 0.  A -inf in a gives 0."""
+    have err = 0.  A -inf in a gives 0.  ``xp``: the array namespace (NumPy, or
+    ``tf.experimental.numpy`` for xentfast.keras's XLA path)."""
     d = a - b
     bb = d - a
     err = (a - (d - bb)) + (-b - bb)
-    e = np.exp(d)
-    return np.where(np.isfinite(err), e + e * err, e)
+    e = xp.exp(d)
+    return xp.where(xp.isfinite(err), e + e * err, e)
 
 
 def exp_rows(x: np.ndarray, big: np.ndarray) -> np.ndarray:

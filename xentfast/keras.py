@@ -177,6 +177,7 @@ def _tensorflow_xla_op(logits, labels, *, axis, ignore_index, label_smoothing,
     gives a NaN loss and gradient row (TensorFlow's own GPU kernels do the same)."""
     import tensorflow as tf
 
+    from . import _shards
     from .backends import rowmath
 
     dtype = logits.dtype
@@ -189,12 +190,10 @@ def _tensorflow_xla_op(logits, labels, *, axis, ignore_index, label_smoothing,
         x = tf.cast(x_in, acc)
         m = tf.reduce_max(x, axis=ax, keepdims=True)
         d = x - m  # exact for data of fewer bits than float64
-        e = tf.exp(d)
-        if dtype == tf.float64:
-            # the rounding of x - m, carried into exp(d) (1 + err) (TwoSum)
-            bb = d - x
-            err = (x - (d - bb)) + (-m - bb)
-            e = tf.where(tf.math.is_finite(err), e + e * err, e)
+        if dtype == tf.float64:  # the rounding of x - m carried into exp(d) (1 + err)
+            e = _shards._exp_of_exact_difference(x, m, xp=tf.experimental.numpy)
+        else:
+            e = tf.exp(d)
         at_max = tf.equal(d, 0.0)
         zero = tf.zeros([], acc)
         one = tf.ones([], acc)
