@@ -266,11 +266,12 @@ def chunk_rows(x: np.ndarray, y: np.ndarray | None, kind: str, class_offset: int
     return out
 
 
-def _exp_of_exact_difference(a: np.ndarray, b: np.ndarray, xp=np) -> np.ndarray:
+def _exp_of_exact_difference(a: np.ndarray, b: np.ndarray, xp=None) -> np.ndarray:
     """exp(a - b) in float64 for float64 a, b (broadcast), with the rounding error of
     a - b (TwoSum) carried into exp(d) (1 + err); exact differences (float32 data)
-    have err = 0.  A -inf in a gives 0.  ``xp``: the array namespace (NumPy, or
-    ``tf.experimental.numpy`` for xentfast.keras's XLA path)."""
+    have err = 0.  A -inf in a gives 0.  ``xp``: the array namespace (default this
+    module's NumPy; ``tf.experimental.numpy`` for xentfast.keras's XLA path)."""
+    xp = np if xp is None else xp
     d = a - b
     bb = d - a
     err = (a - (d - bb)) + (-b - bb)
