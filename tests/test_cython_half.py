@@ -159,6 +159,9 @@ def test_store_bitwise(ext, fmt, path, sample):
 
 SHAPES = {  # (n, c): which path
     "tile-serial": (3, 5), "tile": (50, 10), "tile-parallel": (1000, 10),
+    # 16-bit short rows are widened 32 tiles (512 rows) at a time: 8 full blocks, then
+    # one of 37 rows ending in a partial tile, at the widest short row
+    "tile-blocks": (4133, 32),
     "tile-max-c": (257, 48), "row-shortest": (64, 49), "row-parallel": (300, 320),
     "row-1000": (100, 1000), "row-long": (16, 4096), "row-prefetch-off": (2, 40000),
 }

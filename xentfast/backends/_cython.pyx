@@ -182,6 +182,19 @@ cdef inline Py_ssize_t _rows_per_block(Py_ssize_t c) noexcept nogil:
     return XF_TILE if c <= XF_SMALL_C else 1
 
 
+cdef enum:
+    _HALF_TILES = 32    # tiles of short 16-bit rows per block (see below)
+
+
+cdef inline Py_ssize_t _half_rows_per_block(Py_ssize_t c) noexcept nogil:
+    """16-bit logits: short rows are widened and rounded _HALF_TILES tiles at a time
+    (the conversions then run over 512 rows per call instead of 16; the float32 scratch
+    is at most 512 x 32 floats, 64 KiB, per array: in L2), long rows one at a time.
+    Measured at 1M x 10 (bfloat16 loss+grad): 14.0 ms with one tile per block, 8.9 ms
+    with 8, 8.3 ms with 32."""
+    return XF_TILE * _HALF_TILES if c <= XF_SMALL_C else 1
+
+
 def _scratch(Py_ssize_t n, Py_ssize_t c, Py_ssize_t stride):
     """The 16-bit path's float32 scratch: `stride` floats per thread that may run."""
     threads = xf_max_threads() if n * c >= _PAR_MIN_ELEMS and _threads_ok else 1
