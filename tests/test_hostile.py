@@ -74,6 +74,14 @@ def results():
             loss, grad = xf.cross_entropy_with_grad(x, y, backend=b, reduction="none")
             out.append((loss.tobytes(), grad.tobytes()))
         out.append(xf.softmax(CASES[0][0], backend=b).tobytes())
+        # the class-chunked path: statistics and gradient kernels of two class chunks
+        x, y = CASES[0]
+        with xf.use_backend(b):
+            stats = [xf.shard_stats(x[:, a:a + 300], y, class_offset=a, num_classes=600)
+                     for a in (0, 300)]
+            _, _, totals = xf.merge_shard_stats(stats, return_totals=True)
+            out.append(xf.shard_grad(x[:, 300:], y, totals, class_offset=300,
+                                     num_classes=600).tobytes())
     return out
 EXPECTED = results()
 def check():
