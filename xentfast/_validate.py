@@ -257,10 +257,14 @@ def check_label_range(
     outside that range, and every row is kept)."""
     if labels.size == 0:
         return True
-    # Fast path: two vectorised reductions, no boolean temporary of the labels' size.
+    # Fast path: one vectorised reduction, no temporary of the labels' size.  Read as
+    # unsigned integers of the same width, negative labels become values >= 2**(bits-1)
+    # > C, so 0 <= y < C for every label exactly when the unsigned maximum is below C.
+    if labels.dtype.kind in "iu":
+        unsigned = labels.view(np.dtype(f"u{labels.dtype.itemsize}"))
+        if int(unsigned.max()) < num_classes:
+            return True
     ids = labels.astype(np.int64, copy=False)
-    if ids.min() >= 0 and ids.max() < num_classes:
-        return True
     bad = (ids < 0) | (ids >= num_classes)
     if ignore_index is not None and ignore_index != NO_IGNORE:
         bad &= ids != ignore_index
