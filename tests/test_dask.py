@@ -155,6 +155,22 @@ def test_backends(backend, chunking):
     assert_accurate(grad, exact["grad"], x.dtype, "grad", ULPS["grad"], row_kinds=row_kinds)
 
 
+def test_class_chunked_gradient_follows_backend(monkeypatch):
+    """backend="numpy" computes the class-chunked gradient with the NumPy path, as it
+    does the statistics, even where the cpu backend's compiled gradient exists."""
+    from xentfast import _shards
+
+    calls = []
+    real = _shards.grad_rows_numpy
+    monkeypatch.setattr(_shards, "grad_rows_numpy",
+                        lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    x, labels, kwargs, _ = _problem("float32", "all")
+    X = da.from_array(x, chunks=CHUNKINGS["both"][0])
+    dask.compute(*xd.cross_entropy_with_grad(X, labels, backend="numpy", **kwargs),
+                 scheduler="sync")
+    assert calls  # every class block went through the NumPy path
+
+
 def test_importing_xentfast_does_not_import_dask():
     code = ("import sys, xentfast, xentfast._shards; "
             "assert not any(m == 'dask' or m.startswith('dask.') for m in sys.modules)")

@@ -288,8 +288,9 @@ def _finish_block(merged, *, what: str, kind: str, num_classes: int,
 
 def _grad_block(xb, ids, yb, merged, wb, scale, *, kind: str, num_classes: int,
                 ignore_index: int, label_smoothing: float, z_loss: float, compute,
-                out_dtype):
-    """One block's gradient columns from the merged row statistics."""
+                out_dtype, backend):
+    """One block's gradient columns from the merged row statistics (the kernels of
+    ``backend``, as the statistics: ``_shards.stats_kernels``)."""
     xb = np.asarray(xb)
     c = xb.shape[-1]
     offset = int(ids[0]) if len(ids) else 0
@@ -308,7 +309,8 @@ def _grad_block(xb, ids, yb, merged, wb, scale, *, kind: str, num_classes: int,
                       label_smoothing, z_loss, big, rest, lse,
                       p[:, _shards.FIELDS.index("coef_sum")],
                       p[:, _shards.FIELDS.index("label_weight")],
-                      float(np.asarray(scale)), out)
+                      float(np.asarray(scale)), out,
+                      kernels=_shards.stats_kernels(backend))
     return out.reshape(xb.shape).astype(out_dtype, copy=False)
 
 
@@ -531,7 +533,7 @@ def cross_entropy_with_grad(logits, labels, *, axis: int = -1, weight=None,
             dtype=p.dtype, meta=np.empty((0,) * (p.nb + 1), p.dtype), kind=p.kind,
             num_classes=p.num_classes, ignore_index=p.ignore_index,
             label_smoothing=p.label_smoothing, z_loss=p.z_loss, compute=p.compute,
-            out_dtype=p.dtype)
+            out_dtype=p.dtype, backend=p.backend)
     return _reduce(p, rows, reduction, split_every, den), _back(p, grad)
 
 
