@@ -246,15 +246,16 @@ _backend_max_threads: dict = {}
 
 
 def _thread_controls(name: str):
-    """(get, set) of the calling thread's thread cap for host backend ``name``, or None
-    for a backend without threads (``numpy``)."""
+    """(get, set, ceiling) of the calling thread's thread cap for host backend ``name``
+    (ceiling: the most threads it can ever use), or None for a backend without threads
+    (``numpy``)."""
     if name == "cpu":
         import numba
 
-        return numba.get_num_threads, numba.set_num_threads
+        return numba.get_num_threads, numba.set_num_threads, numba.config.NUMBA_NUM_THREADS
     if name == "cython":
         kernels = _dispatch.load("cython")
-        return kernels.max_threads, kernels.set_max_threads
+        return kernels.max_threads, kernels.set_max_threads, kernels.max_threads()
     return None
 
 
@@ -270,14 +271,9 @@ def _thread_cap():
     if controls is None:
         _backend_max_threads[name] = 1
         return None
-    get, set_ = controls
+    get, set_, ceiling = controls
+    _backend_max_threads.setdefault(name, ceiling)
     current = get()
-    if name == "cpu":
-        import numba
-
-        _backend_max_threads[name] = numba.config.NUMBA_NUM_THREADS
-    else:
-        _backend_max_threads.setdefault(name, current)
     return (set_, current) if wanted < current else None
 
 
