@@ -742,8 +742,10 @@ def measure(got, exact, dtype, ulps: float, rtol64: float | None = None, flush=1
 
     err = |got - (value + low)|; tolerance = ulps * spacing(ref) in the working dtype
     (float32 for 16-bit outputs), ref = |exact|, or the oracle's scale at a genuine
-    near-zero crossing (module docstring), plus twice the dtype's smallest normal number
-    (results below it may be flushed to 0); rtol64 * ref instead for float64 when given.
+    near-zero crossing (module docstring), plus the dtype's smallest normal number
+    divided by 256 (the rounding of results that are subnormal: each subnormal term of
+    a sum carries up to half a step of 2**-149 / 2**-1074 absolutely); rtol64 * ref
+    instead for float64 when given.
     16-bit outputs pass when they lie between the roundings of exact -/+ tolerance:
     the float32 result, within the float32 bound, rounded once (rounding is monotone).
     NaN must match NaN; +-inf must match exactly (also where the exact value overflows
@@ -762,13 +764,14 @@ def measure(got, exact, dtype, ulps: float, rtol64: float | None = None, flush=1
         if rtol64 is not None and work == np.float64:
             tol = rtol64 * ref
         else:
-            # results within a factor 2 of the smallest normal number may be
-            # flushed to 0 (the kernels' exp flushes below 2**(k_min - 0.5), to keep
-            # subnormals out of the loops): an absolute floor, on top of the ulps
-            # (``flush``: the factor an element carries after its exp, e.g. the
-            # gradient's coefficient, broadcastable to the result)
+            # no result is flushed to 0 (every backend's exp rounds into the
+            # subnormals), but a subnormal result, or a sum of subnormal terms, has
+            # lost relative precision: an absolute floor of tiny / 256 (2**15
+            # subnormal steps in float32), on top of the ulps (``flush``: the factor
+            # an element carries after its exp, e.g. the gradient's coefficient,
+            # broadcastable to the result).  A normal result flushed to 0 fails.
             tol = ulps * np.spacing(ref.astype(work)).astype(np.float64) \
-                + 2 * np.finfo(work).tiny * np.asarray(flush, dtype=np.float64)
+                + np.finfo(work).tiny / 256 * np.asarray(flush, dtype=np.float64)
         err = np.abs((g - value) - low)
         if dtype != work:  # 16-bit: between round(exact - tol) and round(exact + tol)
             lo_b = ((value + low) - tol).astype(work).astype(dtype).astype(np.float64)

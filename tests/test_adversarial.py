@@ -7,6 +7,8 @@ and leave their memory untouched; inplace=True / out= must write the caller's me
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -143,6 +145,44 @@ def test_special_values_anywhere_in_a_long_row(backend, c, special, where, rng):
                  atol=grad_atol(x[rows], y[rows], {}, "none", np.float32), what="grad")
     assert_close(lse[rows], exp_lse[rows], rtol=rtol_for(np.float32), atol=1e-6,
                  what="lse")
+
+
+# exp(d) for d in the window where the result is a small normal or a subnormal number:
+# float32 from -87.3 (below 2**-126) to -103.9 (the last subnormal), float64 from -708.4
+# to -744.4.  Every element must be exp(d) itself, rounded, never flushed to 0.
+UNDERFLOW_WINDOW = {"float32": (-86.0, -103.8), "float64": (-707.0, -744.3)}
+
+
+@pytest.mark.parametrize("dtype_name", list(UNDERFLOW_WINDOW))
+def test_results_near_underflow_are_not_flushed(backend, dtype_name):
+    """Rows [0, d]: softmax_1 = e / (1 + e), lse = loss (label 0) = log1p(e), and the
+    gradient (label 0) = [-p_1, p_1], all equal to e = exp(d) to within the contract's
+    ulps here (1 + e rounds to 1), counted in the steps of the result's own binade or of
+    the subnormals -- a normal 1.6e-38 or a subnormal 7e-44 returned as 0 fails."""
+    dtype = np.dtype(dtype_name)
+    lo, hi = UNDERFLOW_WINDOW[dtype_name]
+    d = np.linspace(lo, hi, 48).astype(dtype)
+    x = np.stack([np.zeros_like(d), d], axis=1)
+    y = np.zeros(len(d), np.int64)
+    exact = np.array([math.exp(float(v)) for v in d])   # libm, in float64 (or its
+    # subnormals for the float64 window: libm's exp rounds them within a step)
+    if dtype == np.float32:
+        want = exact.astype(np.float32)                 # float64 is exact enough here
+    else:
+        want = exact
+    step = np.spacing(np.abs(want)).astype(np.float64)  # a subnormal step below tiny
+    soft = xf.softmax(x, backend=backend)
+    lse = xf.logsumexp(x, backend=backend)
+    loss, grad = xf.cross_entropy_with_grad(x, y, reduction="none", backend=backend)
+    for what, got, bound in [("softmax", soft[:, 1], 4), ("lse", lse, 4),
+                             ("loss", loss, 32), ("grad", grad[:, 1], 64),
+                             ("-grad_y", -grad[:, 0], 64)]:
+        err = np.abs(got.astype(np.float64) - exact)
+        bad = np.flatnonzero(~(err <= bound * step) | (got == 0))
+        assert bad.size == 0, (
+            f"{backend} {dtype_name} {what}: d = {d[bad[0]]!r} gives {got[bad[0]]!r}, "
+            f"exp(d) = {exact[bad[0]]!r} ({err[bad[0]] / step[bad[0]]:.3g} steps)")
+    assert np.all(soft[:, 0] == 1) and np.all(grad[:, 0] <= 0)
 
 
 @pytest.mark.sim_sample(0.4)

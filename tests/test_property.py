@@ -228,8 +228,8 @@ def test_host_backends_exact_and_agreeing(problem):
         assert_accurate(loss, exact["loss"], x.dtype, f"{backend} loss", loss_ulps,
                         rtol64=LOSS_RTOL_FLOAT64)
         assert_accurate(lse, exact["lse"], x.dtype, f"{backend} lse", ULPS["lse"])
-        # an e_j flushed to 0 below twice the smallest normal number carries the row's
-        # gradient coefficient (at most max w (1 + eps) + 2 z |lse|)
+        # a subnormal e_j's rounding carries the row's gradient coefficient (at most
+        # max w (1 + eps) + 2 z |lse|)
         w_max = float(np.max(kw["weight"])) if "weight" in kw else 1.0
         coef = w_max * (1 + kw.get("label_smoothing", 0.0)) + 2 * kw.get("z_loss", 0.0) \
             * np.abs(np.nan_to_num(exact["lse"].value, posinf=0.0, neginf=0.0))

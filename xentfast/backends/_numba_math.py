@@ -278,16 +278,20 @@ def _horner_impl(x, c):
 #        float32: exhaustively over every float32 x in [-87, 0]: max error 1.05 ulp
 #                 (a degree-5 polynomial measures 2.01 ulp; see benchmarks/NOTES).
 #        float64: max error 0.91 ulp over 2.5e7 samples in [-708, 0] (vs long double).
-#   4. 2**k: build the float with biased exponent k + BIAS directly ((k + 127) << 23 for
-#      float32, (k + 1023) << 52 for float64) and bit-cast.  k is first clamped to
-#      K_MIN - 1 below K_MIN, giving exponent field 0, i.e. 2**k == +0.0: results that
-#      would be below ~2**(K_MIN - 0.5) are flushed to exactly 0 (they are < 2e-38 for
-#      float32, < 4e-308 for float64: invisible next to the sum s >= 1, and it keeps
-#      subnormals, which are slow on x86, out of the loops).  The clamp
-#      ``k if k > K_MIN - 1 else K_MIN - 1`` also maps NaN k to a number, so the float ->
-#      int conversion never sees NaN; the NaN still propagates through r and P(r), and
-#      NaN * 0 = NaN.
-#   Result: P(r) * 2**k.   exp(-inf) = 0 exactly, exp(NaN) = NaN, exp(0) = 1 exactly.
+#   4. 2**k as two factors, 2**k1 and 2**k2 with k1 = floor(k / 2), k2 = k - k1, each
+#      built from its biased exponent and bit-cast: both are normal numbers for every k
+#      that step 1 leaves (k >= -151 / -1443), P(r) * 2**k1 is exact, and the second
+#      product rounds once, where the result is subnormal.  So results down to the
+#      smallest subnormal are produced, not flushed (a gradient element of 1.6e-38 or a
+#      loss of 7e-44 is there), as _fastexp.h does.  Two data-dependent factors, not
+#      2**(k + OFF) * 2**-OFF: kernels compiled with "reassoc" fold a constant factor into
+#      the multiply that follows the exp (e * a -> (v * a) * 2**-OFF), which would skip
+#      the rounding, could overflow v * a, and let the clamp of step 1 leak exp(X_MIN)
+#      into a masked logit's gradient.  Below X_MIN (and at -inf) the result is +0 by a
+#      select on the output.  k is clamped from below at K_MIN only so that a NaN k
+#      becomes a number before the float -> int conversion; the NaN still propagates
+#      through P(r).
+#   Result: P(r) * 2**k, rounded once.   exp(-inf) = 0 exactly, exp(NaN) = NaN, exp(0) = 1 exactly.
 #
 # The logarithm, for s = sum_j exp(x_j - m) in [1, C] (or NaN) -- vectorisable, used by
 # the small-C path for a whole block of rows at once (np.log is a scalar libm call):
@@ -313,12 +317,12 @@ _F64_EXP = (  # C11 ... C2, then c1 and c0 (c1 = 1 + 2.4e-17 rounds to 1)
     1.0, 1.0)
 _MATH = {  # per dtype: int type, mantissa bits, exponent bias, constants
     types.float32: dict(
-        F=np.float32, I=np.int32, MBITS=23, BIAS=127, X_MIN=-104.0, K_LOW=-126.0,
+        F=np.float32, I=np.int32, MBITS=23, BIAS=127, X_MIN=-104.0,
         LN2_HI=0.693359375,                   # 0x3f318000: 9 significant bits
         LN2_LO=-2.12194440e-4,                # ln2 - LN2_HI
         EXP=_F32_EXP, SQRTH=0x3F3504F3, LOG=tuple(2.0 / k for k in (9, 7, 5, 3))),
     types.float64: dict(
-        F=np.float64, I=np.int64, MBITS=52, BIAS=1023, X_MIN=-1000.0, K_LOW=-1022.0,
+        F=np.float64, I=np.int64, MBITS=52, BIAS=1023, X_MIN=-1000.0,
         LN2_HI=6.93147180369123816490e-01,    # 0x3fe62e42fee00000: 32 low bits zero
         LN2_LO=1.90821492927058770002e-10,    # ln2 - LN2_HI
         EXP=_F64_EXP, SQRTH=0x3FE6A09E667F3BCD,
@@ -330,7 +334,7 @@ def _consts(x):
     """The table row of float type x, with its numbers as scalars of that type."""
     k = _MATH[x]
     F, I = k["F"], k["I"]
-    return (F, I, k["MBITS"], I(k["BIAS"]), F(k["X_MIN"]), F(k["K_LOW"]), F(k["LN2_HI"]),
+    return (F, I, k["MBITS"], I(k["BIAS"]), F(k["X_MIN"]), F(k["LN2_HI"]),
             F(k["LN2_LO"]), tuple(F(c) for c in k["EXP"]), I(k["SQRTH"]),
             I((1 << k["MBITS"]) - 1), tuple(F(c) for c in k["LOG"]))
 
@@ -343,18 +347,23 @@ _log = _stub("_log", "log(x) for positive normal x (or NaN), vectorisable; see a
 def _exp_impl(x):
     if x not in _MATH:
         return None
-    F, I, MBITS, BIAS, X_MIN, K_LOW, LN2_HI, LN2_LO, C, _, _, _ = _consts(x)
+    F, I, MBITS, BIAS, X_MIN, LN2_HI, LN2_LO, C, _, _, _ = _consts(x)
     LOG2E = F(1.4426950408889634)
-    K_ZERO = K_LOW - F(1)                      # exponent field 0: 2**k -> +0.0
+    K_MIN = F(np.floor(float(X_MIN) * 1.4426950408889634) - 1)   # below any k of x >= X_MIN
+    ONE, MB = I(1), I(MBITS)
 
     def impl(x):
-        x = X_MIN if x < X_MIN else x
+        under = x < X_MIN                      # NaN compares false
+        x = X_MIN if under else x
         k = np.rint(x * LOG2E)
         r = x - k * LN2_HI
         r = r - k * LN2_LO
         p = _horner(r, C)
-        kk = k if k > K_LOW else K_ZERO
-        return p * _bits_to_float(I((I(kk) + BIAS) << MBITS))
+        kk = I(k if k > K_MIN else K_MIN)      # NaN -> a number for the conversion
+        k1 = I(kk >> ONE)                      # floor(k / 2)
+        k2 = I(kk - k1)
+        e = (p * _bits_to_float(I(I(k1 + BIAS) << MB))) * _bits_to_float(I(I(k2 + BIAS) << MB))
+        return F(0) if under else e
 
     return impl
 
@@ -363,7 +372,7 @@ def _exp_impl(x):
 def _log_impl(x):
     if x not in _MATH:
         return None
-    F, I, MBITS, _, _, _, LN2_HI, LN2_LO, _, SQRTH, MANT, A = _consts(x)
+    F, I, MBITS, _, _, LN2_HI, LN2_LO, _, SQRTH, MANT, A = _consts(x)
     ONE, TWO = F(1), F(2)
 
     def impl(x):
