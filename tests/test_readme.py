@@ -3,7 +3,8 @@
 Each ```python block of README.md is executed in order in one namespace (illustrative
 snippets that would change global state, such as set_backend, are fenced ```py).  A line of
 the form ``print(EXPR)  # NUMBERS`` is also checked: EXPR is evaluated and compared
-with the numbers in the comment (to the digits the comment shows).
+with the numbers in the comment (to the digits the comment shows), or with a comment
+``True`` / ``False``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 _BLOCK = re.compile(r"```python\n(.*?)```", re.S)
-_PRINT_WITH_VALUE = re.compile(r"^print\((?P<expr>.*)\)\s*#\s*(?P<value>[-\d\[\]\s.e]+?)(\.\.\.)?\s*$")
+_PRINT_WITH_VALUE = re.compile(
+    r"^print\((?P<expr>.*)\)\s*#\s*(?P<value>True|False|[-\d\[\]\s.e]+?)(\.\.\.)?\s*$")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e-?\d+)?")
 
 
@@ -43,6 +45,12 @@ def test_readme_examples_run_and_print_what_they_say(capsys):
     for block in _blocks():
         exec(compile(block, str(README), "exec"), namespace)
         for expr, value in _checked_prints(block):
+            if value in ("True", "False"):
+                got_bool = eval(expr, namespace)
+                assert isinstance(got_bool, (bool, np.bool_)), (expr, got_bool)
+                assert bool(got_bool) == (value == "True"), f"README: print({expr})"
+                checked += 1
+                continue
             got = np.asarray(eval(expr, namespace), dtype=np.float64).ravel()
             numbers = _NUMBER.findall(value)
             expected = np.array([float(n) for n in numbers])

@@ -688,9 +688,14 @@ def test_bad_input_gives_clear_errors(no_grad):
     cases = [
         (TypeError, "floating-point", lambda: xft.cross_entropy(x.detach().long(), y)),
         (ValueError, "do not fit logits", lambda: xft.cross_entropy(x, y[:3])),
-        (TypeError, "read as class indices", lambda: xft.cross_entropy(x, y.double())),
-        (TypeError, "Cast one-hot labels to float",
+        (TypeError, r"holds class indices.*Cast it with target\.long\(\)",
+         lambda: xft.cross_entropy(x, y.double())),
+        (TypeError, r"Cast one-hot rows with target\.float\(\)",
          lambda: xft.cross_entropy(x, torch.zeros(4, 5, dtype=torch.int64))),
+        (TypeError, r"dtype torch\.bool.*integer tensor of shape \(4,\)",
+         lambda: xft.cross_entropy(x, y.bool())),
+        (TypeError, r"holds class indices.*target\.long\(\)",  # unbatched
+         lambda: xft.cross_entropy(x[0], torch.tensor(1.0))),
         (ValueError, "reduction must be one of", lambda: xft.cross_entropy(x, y, reduction="avg")),
         (ValueError, "label_smoothing must lie in", lambda: xft.cross_entropy(
             x, y, label_smoothing=1.5)),

@@ -58,6 +58,19 @@ def _host(x, name: str) -> np.ndarray:
     return np.asarray(x)
 
 
+def _pred_array(y_pred):
+    """``y_pred`` for the functions: arrays (NumPy, device) as they are; Python numbers
+    and (nested) lists or tuples of them as Keras converts them, floats into
+    ``floatx()`` (float32) -- so ``categorical_crossentropy([0, 1, 0], [.05, .9, .05])``
+    is float32, as in Keras, not NumPy's float64."""
+    if is_device_array(y_pred):
+        return y_pred
+    pred = np.asarray(y_pred)
+    if isinstance(y_pred, (list, tuple, float, int)) and pred.dtype.kind == "f":
+        pred = pred.astype(_compute_dtype(None))
+    return pred
+
+
 def _check_axis_arg(axis: Any) -> None:
     if isinstance(axis, (bool, np.bool_)):
         raise ValueError(
@@ -78,7 +91,7 @@ def categorical_crossentropy(
     _check_axis_arg(axis)
     label_smoothing = _validate.check_fraction(label_smoothing, "label_smoothing")
     if from_logits:
-        pred = y_pred if is_device_array(y_pred) else np.asarray(y_pred)
+        pred = _pred_array(y_pred)
         dtype = _validate.check_float_dtype(pred.dtype, "y_pred")
         true = y_true if is_device_array(y_true) else np.asarray(y_true).astype(dtype, copy=False)
         _check_same_shape(tuple(true.shape), tuple(pred.shape))
@@ -89,7 +102,7 @@ def categorical_crossentropy(
             label_smoothing=label_smoothing, z_loss=0.0, reduction="none", backend=backend,
             want_grad=False, labels_as_probabilities=True,
         )
-    pred = _host(y_pred, "y_pred")
+    pred = _host(_pred_array(y_pred), "y_pred")
     dtype = _validate.check_float_dtype(pred.dtype, "y_pred")
     true = _host(y_true, "y_true").astype(dtype, copy=False)
     _validate.check_ndim(pred.shape, "y_pred")
@@ -158,7 +171,7 @@ def sparse_categorical_crossentropy(
     loss 0.
     """
     _check_axis_arg(axis)
-    pred = y_pred if is_device_array(y_pred) else np.asarray(y_pred)
+    pred = _pred_array(y_pred)
     dtype = _validate.check_float_dtype(pred.dtype, "y_pred")
     true = y_true if is_device_array(y_true) else np.asarray(y_true)
     true = _squeeze_class_axis(true, tuple(pred.shape), axis)

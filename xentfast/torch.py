@@ -301,6 +301,26 @@ def _host_call(x, y, w, cdim, ignore_index, reduction, label_smoothing, z_loss, 
     return _with_thread_cap(lambda: _xf.cross_entropy(x, y, **kwargs)), None
 
 
+def _check_target_dtype(input, target, cdim: int) -> None:
+    """PyTorch's reading of ``target``, with the fix in PyTorch's terms: class indices
+    (the input's shape without the class dimension) must be an integer tensor,
+    probabilities (the input's shape) a floating one."""
+    shape, batch = tuple(target.shape), tuple(input.shape[:cdim] + input.shape[cdim + 1:])
+    if target.dtype.is_floating_point and shape == batch and shape != tuple(input.shape):
+        raise TypeError(
+            f"target of shape {shape} holds class indices (the input's shape without its "
+            f"class dimension), so it must be an integer tensor; got {target.dtype}. "
+            "Cast it with target.long(), or pass class probabilities of the input's "
+            f"shape {tuple(input.shape)}")
+    if target.dtype == torch.bool or (not target.dtype.is_floating_point
+                                      and shape == tuple(input.shape) and shape != batch):
+        raise TypeError(
+            f"target of dtype {target.dtype} and shape {shape}: class indices must be an "
+            f"integer tensor of shape {batch}, class probabilities a floating tensor of "
+            f"shape {tuple(input.shape)}. Cast one-hot rows with target.float(), or pass "
+            f"indices with target.argmax(dim={cdim})")
+
+
 def _compute(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
              want_grad: bool, inplace: bool = False):
     """Loss (a tensor) and, with ``want_grad``, d loss / d input (else None).
@@ -308,6 +328,7 @@ def _compute(input, target, weight, ignore_index, reduction, label_smoothing, z_
     ``inplace``: the gradient is written into ``input``'s storage and returned as a
     tensor aliasing it."""
     cdim = _class_dim(input.dim())
+    _check_target_dtype(input, target, cdim)
     kind = "dense" if target.dtype.is_floating_point else "sparse"
     loss_dtype = _loss_dtype(input, target, kind)
     if input.device.type == "cuda":
