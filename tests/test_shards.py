@@ -642,12 +642,13 @@ def test_grad_kernel_is_the_numpy_path(dtype_name, label, option, partition, mon
 @needs_cpu
 def test_backend_exp_is_within_one_ulp_of_numpy():
     """The kernel's float64 e_j = exp(d) (d = x - M <= 0) against np.exp: at most 1 ulp
-    on [-708, 0] (below, where exp(d) < 2**-1022, the kernel returns 0), equal at the
-    special values."""
+    on [-708, 0] and 1 step of the subnormals on [-745, -708] (rounded there, not
+    flushed to 0), equal at the special values."""
     from xentfast.backends import numba_cpu
 
     rng = _seed("exp-ulp")
     d = np.concatenate([-rng.exponential(4.0, 500_000), rng.uniform(-708.0, 0.0, 500_000),
+                        rng.uniform(-745.0, -708.0, 100_000),
                         [0.0, -0.0, -1e-300, -708.0, -np.inf, np.nan]])
     got = np.empty_like(d)
     numba_cpu.exp_array(d, got)

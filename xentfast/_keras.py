@@ -58,15 +58,26 @@ def _host(x, name: str) -> np.ndarray:
     return np.asarray(x)
 
 
+def _python_numbers(value) -> bool:
+    """Whether ``value`` is a Python int/float or a (nested) list or tuple of only those
+    (NumPy scalars, which subclass them, and arrays are not)."""
+    if type(value) in (float, int):
+        return True
+    if type(value) in (list, tuple):
+        return all(_python_numbers(v) for v in value)
+    return False
+
+
 def _pred_array(y_pred):
-    """``y_pred`` for the functions: arrays (NumPy, device) as they are; Python numbers
-    and (nested) lists or tuples of them as Keras converts them, floats into
-    ``floatx()`` (float32) -- so ``categorical_crossentropy([0, 1, 0], [.05, .9, .05])``
-    is float32, as in Keras, not NumPy's float64."""
+    """``y_pred`` for the functions: arrays and NumPy scalars (and lists of them) keep
+    their dtype; Python floats, and (nested) lists or tuples of only Python numbers,
+    become Keras' ``floatx()`` (float32) as Keras converts them -- so
+    ``categorical_crossentropy([0, 1, 0], [.05, .9, .05])`` is float32, as in Keras, not
+    NumPy's float64."""
     if is_device_array(y_pred):
         return y_pred
     pred = np.asarray(y_pred)
-    if isinstance(y_pred, (list, tuple, float, int)) and pred.dtype.kind == "f":
+    if pred.dtype.kind == "f" and _python_numbers(y_pred):
         pred = pred.astype(_compute_dtype(None))
     return pred
 

@@ -240,16 +240,17 @@ def out_of_range_message(
     """The one wording for a bad class id (``num_classes=None``: not known yet)."""
     where = "labels" + ("[" + ", ".join(map(str, position)) + "]" if position else "")
     upper = "num_classes" if num_classes is None else num_classes
-    if ignore_index not in (None, NO_IGNORE):
+    skip, how = "", ""
+    if ignore_index == NO_IGNORE:  # a call with no option to skip rows (TensorFlow, optax)
+        how = ("; to skip rows instead, use a loss that can: cross_entropy(..., "
+               "ignore_index=) of xentfast, xentfast.torch or xentfast.jax, or a Keras "
+               "loss with ignore_class=")
+    elif ignore_index is not None:  # None: the check does not know the call's option
         skip = f" and is not ignore_index={ignore_index}"
-        how = "mark entries to skip with that ignore_index"
-    else:  # the call had no option to skip rows (TensorFlow, Keras without ignore_class)
-        skip = ""
-        how = ("to skip rows instead, use a loss that can: xentfast.cross_entropy with "
-               "ignore_index=, or a Keras-style loss with ignore_class=")
+        how = "; mark entries to skip with that ignore_index"
     return (
         f"Received a label value of {value} at {where} which is outside the valid range "
-        f"of [0, {upper}){skip}. Class indices must lie in [0, num_classes); {how}"
+        f"of [0, {upper}){skip}. Class indices must lie in [0, num_classes){how}"
     )
 
 

@@ -264,8 +264,8 @@ def _horner_impl(x, c):
 # The exponential, for arguments x = x_j - m <= 0 (and NaN, -inf):
 #
 #   1. Clamp: x <- max(x, X_MIN) written as ``X_MIN if x < X_MIN else x`` so that a NaN
-#      passes through (the comparison is false) and -inf becomes X_MIN (whose exp is
-#      flushed to 0 in step 4).
+#      passes through (the comparison is false) and -inf becomes X_MIN (a number for
+#      the steps below; the result there is replaced by +0 at the end, step 4).
 #   2. Range reduction: k = rint(x * log2(e)),  r = x - k ln2 with |r| <= ln2/2 + tiny.
 #      Cody-Waite: ln2 = LN2_HI + LN2_LO where LN2_HI has trailing zero bits, so k*LN2_HI
 #      is exact for the |k| that occur and r = (x - k*LN2_HI) - k*LN2_LO loses nothing.

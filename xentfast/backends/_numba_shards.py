@@ -25,9 +25,9 @@ bitwise the NumPy path's wherever the two exponentials agree (tests/test_shards.
 checks exactly that, with the NumPy path given this exponential).  A differing float64
 e_j reaches a float32 output only when g_j lies within about 2**-29 of a float32
 rounding boundary (none in the tests' data); in a float64 output it moves g_j by about
-an ulp of the terms e_j a, gs b_j -- more ulps of g_j itself where they cancel.  One
-more difference: ``_exp`` flushes results below 2**-1022 to 0 (float64 logits more than
-~708 below the row maximum), where np.exp returns subnormals.
+an ulp of the terms e_j a, gs b_j -- more ulps of g_j itself where they cancel.  Near
+underflow both round into the subnormals (float64 logits more than ~708 below the row
+maximum), within a step of each other.
 
 Tasks: one (row, block of ``blk`` columns) each, run under ``prange`` -- a row is never
 reduced, so the split changes nothing but the load balance (few long rows get all

@@ -4,6 +4,7 @@
  * Do not include directly: _xfrows.h includes it twice, with
  *     XF_T    element type (float | double), also the accumulation type
  *     XF_L    number of accumulator lanes (16 for float, 8 for double)
+ *     XF_BLK_STEPS  lane steps per block of a long-row sum (16 for float, 64 for double)
  *     XF_SUF  name suffix (_f | _d)
  *     XF_EXP  the exp of _fastexp.h for XF_T
  *     XF_LOG1P  an accurate log1p for XF_T usable in a vector loop (xf_log1pf_v | log1p)
@@ -36,11 +37,14 @@
  *   accumulates O(C/L) rounding errors: in float32 at 64M classes lse was 126 ulps off,
  *   at 550M classes s was 7.6% off (the lane sums stop growing once a term is below
  *   half an ulp of them).  So every long-row sum (pass 2, the option sums) runs in
- *   blocks of XF_BLK elements (64 steps of L lanes: 1024 floats, 512 doubles): each
- *   block sums into fresh XF_T lanes, which are then added into double-precision lane
- *   totals (one convert-and-add per lane per block, about 1/64 of the adds).  A float32
- *   lane now rounds over at most 64 terms, and the totals carry 29 more bits; float64
- *   gets a two-level sum (64 terms, then C/XF_BLK block sums) instead of C/8 in a chain.
+ *   blocks of XF_BLK elements (XF_BLK_STEPS steps of L lanes: 16 x 16 = 256 floats,
+ *   64 x 8 = 512 doubles): each block sums into fresh XF_T lanes, which are then added
+ *   into double-precision lane totals (one convert-and-add per lane per block).  A
+ *   float32 lane rounds over at most 16 terms, and the totals carry 29 more bits: with
+ *   64 terms a lane of equal terms drifted by up to 13 ulps of a row's lse (m = 0, 1000
+ *   classes at -86), 1.5 with 16, at 1/16 of the adds instead of 1/64 (a convert-and-add
+ *   per 16 exps: free next to them).  float64 gets a two-level sum (64 terms, then
+ *   C/XF_BLK block sums) instead of C/8 in a chain.
  *   Block boundaries are fixed offsets from the row start and the tail step lands in
  *   the last block: still one fixed order.  The totals are folded by the same tree and
  *   rounded once to XF_T.  Short rows (tiles, <= XF_SMALL_C terms) need no blocks.
@@ -159,51 +163,60 @@ XF_INLINE XF_T XF_FN(xfi_fold_)(const XF_T *acc)
     return c0 + c1;
 }
 
-/* The same tree over the XF_L double-precision block totals, rounded once to XF_T. */
-XF_INLINE XF_T XF_FN(xfi_dfold_)(const double *acc)
+/* The block totals: tot[j] (j < XF_L) the lanes' double totals, tot[XF_L + j] the
+ * rounding errors of their additions, carried (TwoSum) -- so the totals add no error
+ * however many blocks a row has.  xfi_dfold_ sums them in a fixed order (lane 0 up),
+ * again with TwoSum, and rounds once to XF_T: the only errors left are those of the
+ * blocks' own XF_T lanes (XF_BLK_STEPS terms each) and the last rounding.  An infinite
+ * sum has no rounding error (TwoSum's would be inf - inf = NaN): none is carried, so a
+ * +inf total stays +inf (a masked true class with smoothing), and NaN stays NaN. */
+XF_INLINE XF_T XF_FN(xfi_dfold_)(const double *tot)
 {
-    double a[XF_L / 2];
-#if XF_L == 16
-    double b[4];
-    for (int j = 0; j < 8; j++) a[j] = acc[j] + acc[j + 8];
-    for (int j = 0; j < 4; j++) b[j] = a[j] + a[j + 4];
-#else
-    double b[4];
-    for (int j = 0; j < 4; j++) b[j] = acc[j] + acc[j + 4];
-    (void)a;
-#endif
-    double c0 = b[0] + b[2], c1 = b[1] + b[3];
-    return (XF_T)(c0 + c1);
+    double s = tot[0], c = tot[XF_L];
+    for (int j = 1; j < XF_L; j++) {
+        double v = tot[j], t = s + v, bb = t - s, err = (s - (t - bb)) + (v - bb);
+        c += xf_seld(err == err, err, 0.0) + tot[XF_L + j];   /* inf - inf: no error */
+        s = t;
+    }
+    return (XF_T)(s + c);
 }
 
-/* End of a block: tot[j] += acc[j] in double, acc[j] = 0.  (Without the simd pragma
- * gcc 12 splits the totals into 32 scalars and converts lane by lane: ~100 scalar
- * instructions per block, 6% of pass 2; with it, 4 conversions and 4 adds.) */
+/* End of a block: tot[j] += acc[j] in double, its rounding error carried into
+ * tot[XF_L + j]; acc[j] = 0.  (Without the simd pragma gcc 12 splits the totals into
+ * scalars and converts lane by lane; with it, a few vector instructions per block.) */
 XF_INLINE void XF_FN(xfi_flush_)(XF_T *XF_RESTRICT acc, double *XF_RESTRICT tot)
 {
     XF_SIMD
     for (int j = 0; j < XF_L; j++) {
-        tot[j] += (double)acc[j];
+        double v = (double)acc[j], a = tot[j], t = a + v, bb = t - a;
+        double err = (a - (t - bb)) + (v - bb);  /* NaN where t is +-inf: then none */
+        tot[XF_L + j] += xf_seld(err == err, err, 0.0);
+        tot[j] = t;
         acc[j] = 0;
     }
 }
 
-/* The first block end: tot[j] = acc[j], acc[j] = 0 (the totals need no zeroing first). */
+/* The first block end: tot[j] = acc[j], no error yet, acc[j] = 0 (the totals need no
+ * zeroing first). */
 XF_INLINE void XF_FN(xfi_flush_first_)(XF_T *XF_RESTRICT acc, double *XF_RESTRICT tot)
 {
     XF_SIMD
     for (int j = 0; j < XF_L; j++) {
         tot[j] = (double)acc[j];
+        tot[XF_L + j] = 0;
         acc[j] = 0;
     }
 }
 
-/* The lanes of a single block, folded by the same tree in double, rounded once. */
+/* The lanes of a single block, summed as the block totals are, rounded once. */
 XF_INLINE XF_T XF_FN(xfi_fold_wide_)(const XF_T *acc)
 {
-    XF_ALIGNED double d[XF_L];
+    XF_ALIGNED double d[2 * XF_L];
     XF_SIMD
-    for (int j = 0; j < XF_L; j++) d[j] = (double)acc[j];
+    for (int j = 0; j < XF_L; j++) {
+        d[j] = (double)acc[j];
+        d[XF_L + j] = 0;
+    }
     return XF_FN(xfi_dfold_)(d);
 }
 
@@ -215,7 +228,7 @@ XF_INLINE XF_T XF_FN(xfi_count_)(const XF_KEY *cnt)
     return (XF_T)t;
 }
 
-#define XF_BLK (64 * XF_L)     /* elements per block of a long-row sum (see above) */
+#define XF_BLK (XF_BLK_STEPS * XF_L)   /* elements per block of a long-row sum (above) */
 
 /* ---- pass 1: m = max_j x_j ----
  * As an integer max over order-preserving keys: key(f) = bits(f) for f >= +0 and
@@ -337,7 +350,7 @@ XF_INLINE XF_T XF_FN(xfi_expsum_)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
 {
     XF_ALIGNED XF_T au[XF_L] = {0};
     XF_ALIGNED XF_KEY at[XF_L] = {0};           /* tie counts: need no blocks */
-    XF_ALIGNED double du[XF_L];                 /* set at the first block end */
+    XF_ALIGNED double du[2 * XF_L];             /* set at the first block end */
     XF_ALIGNED XF_T buf[XF_L];
     XF_ALIGNED XF_T ebuf[XF_L];
     ptrdiff_t i, nv = n - n % XF_L;
@@ -481,7 +494,7 @@ XF_INLINE XF_T XF_FN(xfi_wdist)(const XF_T *x, const XF_T *w, ptrdiff_t n, XF_T 
      * counted masked out -- no conditional loads (gcc 12.2 -O3 -march=x86-64-v3
      * -fno-trapping-math miscompiled the conditional-load form of this loop). */
     XF_T acc[XF_L] = {0};
-    double tot[XF_L] = {0};
+    double tot[2 * XF_L] = {0};
     ptrdiff_t i = 0, nv = n - n % XF_L;
     int first = (int)(XF_L - (n - nv));
     if (w == NULL) {
@@ -529,7 +542,7 @@ XF_INLINE void XF_FN(xfi_dense_sums)(const XF_T *x, const XF_T *t, const XF_T *w
                                      XF_T *wd, XF_T *t_sum)
 {
     XF_T a[XF_L] = {0}, b[XF_L] = {0};
-    double ta[XF_L] = {0}, tb[XF_L] = {0};
+    double ta[2 * XF_L] = {0}, tb[2 * XF_L] = {0};
     ptrdiff_t i = 0, nv = n - n % XF_L;
     for (ptrdiff_t k = 0; k < nv; k += XF_BLK) {
         ptrdiff_t end = nv - k > XF_BLK ? k + XF_BLK : nv;
@@ -919,6 +932,7 @@ XF_MV void XF_FN(xf_log_softmax_row)(const XF_T *x, XF_T *out, ptrdiff_t n, XF_T
     else XF_FN(xfi_log_softmax)(x, out, n, m, log_s);
 }
 #undef XF_BLK
+#undef XF_BLK_STEPS
 #undef XF_FN
 #undef XF_CAT
 #undef XF_CAT_
