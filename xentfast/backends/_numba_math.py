@@ -489,10 +489,13 @@ _softmax = njit(**_STRICT_JIT)(rowmath.softmax)
 @njit(**_STRICT_JIT)
 def _two_sum_add(hi, lo, v):
     """(hi, lo) + v with the rounding error of hi + v kept in lo (TwoSum; strict flags,
-    so reassociation cannot fold the error term away)."""
+    so reassociation cannot fold the error term away).  An infinite sum has no rounding
+    error (the formula would give inf - inf = NaN): none is carried, so +inf stays +inf;
+    a NaN stays in hi."""
     s = hi + v
     bb = s - hi
-    return s, lo + ((hi - (s - bb)) + (v - bb))
+    err = (hi - (s - bb)) + (v - bb)
+    return s, lo + (err if err == err else 0.0)
 
 
 def bits_view(a: np.ndarray, half: str | None = None) -> np.ndarray:

@@ -391,7 +391,6 @@ static float xf_load_h16_max(const uint16_t *h, float *x, ptrdiff_t n, int kind)
 
 #define XF_T float
 #define XF_L 16
-#define XF_BLK_STEPS 16
 #define XF_SUF _f
 #define XF_EXP xf_expf
 #define XF_EXP_Z xf_expf_z
@@ -406,7 +405,6 @@ static float xf_load_h16_max(const uint16_t *h, float *x, ptrdiff_t n, int kind)
 
 #define XF_T double
 #define XF_L 8
-#define XF_BLK_STEPS 16
 #define XF_SUF _d
 #define XF_EXP xf_exp
 #define XF_EXP_Z xf_exp_z

@@ -4,7 +4,6 @@
  * Do not include directly: _xfrows.h includes it twice, with
  *     XF_T    element type (float | double), also the accumulation type
  *     XF_L    number of accumulator lanes (16 for float, 8 for double)
- *     XF_BLK_STEPS  lane steps per block of a long-row sum (16 for float, 64 for double)
  *     XF_SUF  name suffix (_f | _d)
  *     XF_EXP  the exp of _fastexp.h for XF_T
  *     XF_LOG1P  an accurate log1p for XF_T usable in a vector loop (xf_log1pf_v | log1p)
@@ -37,14 +36,16 @@
  *   accumulates O(C/L) rounding errors: in float32 at 64M classes lse was 126 ulps off,
  *   at 550M classes s was 7.6% off (the lane sums stop growing once a term is below
  *   half an ulp of them).  So every long-row sum (pass 2, the option sums) runs in
- *   blocks of XF_BLK elements (XF_BLK_STEPS steps of L lanes: 16 x 16 = 256 floats,
- *   64 x 8 = 512 doubles): each block sums into fresh XF_T lanes, which are then added
- *   into double-precision lane totals (one convert-and-add per lane per block).  A
- *   float32 lane rounds over at most 16 terms, and the totals carry 29 more bits: with
- *   64 terms a lane of equal terms drifted by up to 13 ulps of a row's lse (m = 0, 1000
- *   classes at -86), 1.5 with 16, at 1/16 of the adds instead of 1/64 (a convert-and-add
- *   per 16 exps: free next to them).  float64 gets a two-level sum (64 terms, then
- *   C/XF_BLK block sums) instead of C/8 in a chain.
+ *   blocks of XF_BLK elements (64 steps of L lanes: 1024 floats, 512
+ *   doubles): each block sums into fresh XF_T lanes, which are then added into
+ *   double-precision lane totals (one convert-and-add per lane per block; float64
+ *   totals carry their rounding errors, see xfi_dfold_).  Pass 2, whose sum is the lse,
+ *   keeps four such sets of lanes, step k of a block into set k mod 4, so a lane rounds
+ *   over at most 16 terms: with one set of 64 a lane of equal terms drifted by up to 13
+ *   ulps of a row's lse (float32, m = 0, 1000 classes at -86; 86 ulps in float64 at
+ *   300,000 classes with plain totals), now within 1.8 (float32) and 3.1 (float64), at
+ *   the same speed (four independent add chains).  The option sums (loss only, 32 ulps)
+ *   keep one set.
  *   Block boundaries are fixed offsets from the row start and the tail step lands in
  *   the last block: still one fixed order.  The totals are folded by the same tree and
  *   rounded once to XF_T.  Short rows (tiles, <= XF_SMALL_C terms) need no blocks.
@@ -163,35 +164,49 @@ XF_INLINE XF_T XF_FN(xfi_fold_)(const XF_T *acc)
     return c0 + c1;
 }
 
-/* The block totals: tot[j] (j < XF_L) the lanes' double totals, tot[XF_L + j] the
- * rounding errors of their additions, carried (TwoSum) -- so the totals add no error
- * however many blocks a row has.  xfi_dfold_ sums them in a fixed order (lane 0 up),
- * again with TwoSum, and rounds once to XF_T: the only errors left are those of the
- * blocks' own XF_T lanes (XF_BLK_STEPS terms each) and the last rounding.  An infinite
- * sum has no rounding error (TwoSum's would be inf - inf = NaN): none is carried, so a
- * +inf total stays +inf (a masked true class with smoothing), and NaN stays NaN. */
+/* The block totals, tot[j] for lane j, in double.  float32 lanes: plain double adds
+ * (each adds a relative 2**-53, nothing next to float32's 2**-24, even over a million
+ * blocks), folded by the fixed tree of xfi_fold_.  float64 lanes: the rounding error of
+ * every addition is carried in tot[XF_L + j] (TwoSum), and the fold adds the lanes in a
+ * fixed order (lane 0 up) with TwoSum again -- so the only errors left are those of the
+ * blocks' own lanes (16 terms each in pass 2) and the last rounding (without it the lse
+ * of 300,000 equal float64 terms drifted 86 ulps).  An infinite sum carries no error
+ * (TwoSum's would be inf - inf = NaN): a +inf total stays +inf (a masked true class with
+ * smoothing), and a NaN stays NaN.  Arrays of totals have 2 * XF_L doubles. */
 XF_INLINE XF_T XF_FN(xfi_dfold_)(const double *tot)
 {
+#if XF_L == 16
+    double a[8], b[4];
+    for (int j = 0; j < 8; j++) a[j] = tot[j] + tot[j + 8];
+    for (int j = 0; j < 4; j++) b[j] = a[j] + a[j + 4];
+    double c0 = b[0] + b[2], c1 = b[1] + b[3];
+    return (XF_T)(c0 + c1);
+#else
     double s = tot[0], c = tot[XF_L];
     for (int j = 1; j < XF_L; j++) {
         double v = tot[j], t = s + v, bb = t - s, err = (s - (t - bb)) + (v - bb);
-        c += xf_seld(err == err, err, 0.0) + tot[XF_L + j];   /* inf - inf: no error */
+        c += xf_seld(err == err, err, 0.0) + tot[XF_L + j];
         s = t;
     }
     return (XF_T)(s + c);
+#endif
 }
 
-/* End of a block: tot[j] += acc[j] in double, its rounding error carried into
- * tot[XF_L + j]; acc[j] = 0.  (Without the simd pragma gcc 12 splits the totals into
+/* End of a block: tot[j] += acc[j] in double (float64: its rounding error carried into
+ * tot[XF_L + j]); acc[j] = 0.  (Without the simd pragma gcc 12 splits the totals into
  * scalars and converts lane by lane; with it, a few vector instructions per block.) */
 XF_INLINE void XF_FN(xfi_flush_)(XF_T *XF_RESTRICT acc, double *XF_RESTRICT tot)
 {
     XF_SIMD
     for (int j = 0; j < XF_L; j++) {
-        double v = (double)acc[j], a = tot[j], t = a + v, bb = t - a;
-        double err = (a - (t - bb)) + (v - bb);  /* NaN where t is +-inf: then none */
+#if XF_L == 16
+        tot[j] += (double)acc[j];
+#else
+        double v = acc[j], a = tot[j], t = a + v, bb = t - a;
+        double err = (a - (t - bb)) + (v - bb);     /* NaN where t is +-inf: then none */
         tot[XF_L + j] += xf_seld(err == err, err, 0.0);
         tot[j] = t;
+#endif
         acc[j] = 0;
     }
 }
@@ -208,18 +223,6 @@ XF_INLINE void XF_FN(xfi_flush_first_)(XF_T *XF_RESTRICT acc, double *XF_RESTRIC
     }
 }
 
-/* The lanes of a single block, summed as the block totals are, rounded once. */
-XF_INLINE XF_T XF_FN(xfi_fold_wide_)(const XF_T *acc)
-{
-    XF_ALIGNED double d[2 * XF_L];
-    XF_SIMD
-    for (int j = 0; j < XF_L; j++) {
-        d[j] = (double)acc[j];
-        d[XF_L + j] = 0;
-    }
-    return XF_FN(xfi_dfold_)(d);
-}
-
 /* The total of L integer lane counts (the ties at the max), as XF_T. */
 XF_INLINE XF_T XF_FN(xfi_count_)(const XF_KEY *cnt)
 {
@@ -228,7 +231,7 @@ XF_INLINE XF_T XF_FN(xfi_count_)(const XF_KEY *cnt)
     return (XF_T)t;
 }
 
-#define XF_BLK (XF_BLK_STEPS * XF_L)   /* elements per block of a long-row sum (above) */
+#define XF_BLK (64 * XF_L)     /* elements per block of a long-row sum (see above) */
 
 /* ---- pass 1: m = max_j x_j ----
  * As an integer max over order-preserving keys: key(f) = bits(f) for f >= +0 and
@@ -348,7 +351,10 @@ XF_INLINE XF_T XF_FN(xfi_expsum_)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
                                   const XF_T *pf, XF_T *t_out, int mode, int comp,
                                   const char *pw)
 {
-    XF_ALIGNED XF_T au[XF_L] = {0};
+    /* four accumulator sets, step k of a block into set k mod 4 (the last steps of
+     * a block that are not a multiple of 4 into set 0): each lane of a set adds at most
+     * 64 / 4 = 16 terms per block, and the four add chains overlap */
+    XF_ALIGNED XF_T au[XF_L] = {0}, au1[XF_L] = {0}, au2[XF_L] = {0}, au3[XF_L] = {0};
     XF_ALIGNED XF_KEY at[XF_L] = {0};           /* tie counts: need no blocks */
     XF_ALIGNED double du[2 * XF_L];             /* set at the first block end */
     XF_ALIGNED XF_T buf[XF_L];
@@ -359,24 +365,38 @@ XF_INLINE XF_T XF_FN(xfi_expsum_)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
                                                            : ((j < n) ? x[j] : -INFINITY);
     pf = pf ? pf : x;
     pw = pw ? pw : (const char *)pf;
+#define XF_STEP_(k, acc)                                                              \
+    do {                                                                              \
+        ptrdiff_t i_ = i + (k) * XF_L;                                                \
+        if (mode == 3) {            /* 2 bytes an element: each line asked twice */   \
+            XF_PREFETCH((const char *)pf + 2 * i_);                                   \
+            XF_PREFETCH(pw + 2 * i_);                                                 \
+        } else {                                                                      \
+            XF_PREFETCH(pf + i_);                                                     \
+        }                                                                             \
+        if (mode == 0) XF_FN(xfi_exp_step_)(x + i_, m, acc, at);                      \
+        else if (mode == 1) XF_FN(xfi_exp_store_step_)(x + i_, e + i_, m, acc, at, comp); \
+        else XF_FN(xfi_exp_inplace_step_)(e + i_, m, acc, at, comp);                  \
+    } while (0)
     for (ptrdiff_t b = 0; b < nv; b += XF_BLK) {
         ptrdiff_t end = nv - b > XF_BLK ? b + XF_BLK : nv;
-        for (i = b; i < end; i += XF_L) {
-            if (mode == 3) {            /* 2 bytes an element: each line asked twice */
-                XF_PREFETCH((const char *)pf + 2 * i);
-                XF_PREFETCH(pw + 2 * i);
-            } else {
-                XF_PREFETCH(pf + i);
-            }
-            if (mode == 0) XF_FN(xfi_exp_step_)(x + i, m, au, at);
-            else if (mode == 1) XF_FN(xfi_exp_store_step_)(x + i, e + i, m, au, at, comp);
-            else XF_FN(xfi_exp_inplace_step_)(e + i, m, au, at, comp);
+        for (i = b; i + 4 * XF_L <= end; i += 4 * XF_L) {
+            XF_STEP_(0, au);
+            XF_STEP_(1, au1);
+            XF_STEP_(2, au2);
+            XF_STEP_(3, au3);
         }
+        for (; i < end; i += XF_L)
+            XF_STEP_(0, au);
         if (end < nv) {                         /* a block ends and another follows */
             if (b == 0) XF_FN(xfi_flush_first_)(au, du);
             else XF_FN(xfi_flush_)(au, du);
+            XF_FN(xfi_flush_)(au1, du);
+            XF_FN(xfi_flush_)(au2, du);
+            XF_FN(xfi_flush_)(au3, du);
         }
     }
+#undef XF_STEP_
     i = nv;
     if (i < n && n >= XF_L) {
         int first = (int)(XF_L - (n - i));
@@ -394,8 +414,12 @@ XF_INLINE XF_T XF_FN(xfi_expsum_)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
     }
     *t_out = XF_FN(xfi_count_)(at);
     if (nv <= XF_BLK)         /* one block (n <= XF_BLK + L - 1): no totals were kept */
-        return XF_FN(xfi_fold_wide_)(au);
-    XF_FN(xfi_flush_)(au, du);
+        XF_FN(xfi_flush_first_)(au, du);
+    else
+        XF_FN(xfi_flush_)(au, du);
+    XF_FN(xfi_flush_)(au1, du);
+    XF_FN(xfi_flush_)(au2, du);
+    XF_FN(xfi_flush_)(au3, du);
     return XF_FN(xfi_dfold_)(du);
 }
 
@@ -932,7 +956,6 @@ XF_MV void XF_FN(xf_log_softmax_row)(const XF_T *x, XF_T *out, ptrdiff_t n, XF_T
     else XF_FN(xfi_log_softmax)(x, out, n, m, log_s);
 }
 #undef XF_BLK
-#undef XF_BLK_STEPS
 #undef XF_FN
 #undef XF_CAT
 #undef XF_CAT_

@@ -108,7 +108,7 @@ import threading
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
 
 from .. import _forkguard
 from ._numba_plan import (CHUNK_ELEMS, OPS, PATHS, PREFETCH_MAX_GRAD_ROW_BYTES,  # noqa: F401
@@ -125,8 +125,8 @@ from ._numba_passes import (DENSE, E_SCRATCH, G_HALF, G_HALF_INPLACE, G_INPLACE,
 from ._numba_math import (_JIT, _PJIT, _acc, _dense_coef, _dense_grad, _dense_loss, _exp,  # noqa: F401
                           _exp_diff, _exp_grad, _grad_over_sum, _ld, _log1p, _log_sum_exp,
                           _maxnum, _rest_mass, _smoothed_weight, _softmax, _sparse_loss,
-                          _sparse_scale, _sparse_true_grad, _st, _stub, bits_view,
-                          exp_array, log1p_array, log_array)
+                          _sparse_scale, _sparse_true_grad, _st, _stub, _two_sum_add,
+                          bits_view, exp_array, log1p_array, log_array)
 from ._numba_shards import shard_grad_rows  # noqa: F401  (section 6: _shards' gradient)
 
 NAME = "cpu"
@@ -304,24 +304,31 @@ _blk_sumexp = _stub("_blk_sumexp", "Pass B of a small-C block; see the template.
 
 
 @_template(_blk_sumexp)
-def _blk_sumexp_t(buf, nb, mv, rv, tv, lv, store):
+def _blk_sumexp_t(buf, nb, mv, rv, tv, lv, uh, ul, store):
     """Pass B of a block: rv[b] = r = u + (t - 1) of row b, lv[b] = log1p r (tv is
     scratch for the tie counts).  STORE: 0 sums only; 1 buf[j, b] <- e_jb as the
     gradient passes store it (_exp_grad); 2 as softmax stores it (_exp_diff, 4 ulps: see
-    _row_softmax_exp), the sums u in rv's float64 lanes, and lv[b] = r, no log."""
+    _row_softmax_exp), rv[b] = u in float64, and lv[b] = r, no log.
+    u is summed in float64 lanes uh (float32 terms exactly: a row of <= 64 equal terms
+    summed in float32 drifted 5.8 ulps of its lse), float64 terms with their rounding
+    errors carried in ul (TwoSum), then rounded once."""
     if (k := _literals(store)) is None:
         return None
     STORE, = k
+    COMP = int(buf.dtype == types.float64)
 
-    def impl(buf, nb, mv, rv, tv, lv, store):
+    def impl(buf, nb, mv, rv, tv, lv, uh, ul, store):
         T = buf.dtype.type
         zero = T(0)
         one = T(1)
         mb = mv[:nb]
         ub = rv[:nb]
+        hb = uh[:nb]
+        lb_ = ul[:nb]
         tb = tv[:nb]
         for b in range(nb):
-            ub[b] = zero
+            hb[b] = 0.0
+            lb_[b] = 0.0
             tb[b] = zero
         for j in range(buf.shape[0]):
             bj = buf[j, :nb]
@@ -337,14 +344,19 @@ def _blk_sumexp_t(buf, nb, mv, rv, tv, lv, store):
                     bj[b] = e
                 eu = zero if d == zero else e
                 tie = one if d == zero else zero
-                ub[b] += eu
+                if COMP == 1:
+                    hb[b], lb_[b] = _two_sum_add(hb[b], lb_[b], eu)
+                else:
+                    hb[b] += eu
                 tb[b] += tie
         lb = lv[:nb]
         for b in range(nb):
+            u = hb[b] + lb_[b]
             if STORE == 2:
-                lb[b] = T(_rest_mass(ub[b], tb[b], 1.0))
+                ub[b] = u
+                lb[b] = T(_rest_mass(u, tb[b], 1.0))
             else:
-                r = _rest_mass(ub[b], tb[b], one)
+                r = _rest_mass(T(u), tb[b], one)
                 ub[b] = r
                 lb[b] = _log1p(r)
 
@@ -394,6 +406,8 @@ def _small_t(r0, r1, op, grad, x, t, labels, w, bvec, ii, one_m_eps, eps_c, w_su
         tbuf = np.empty((c * NT, blk), T)
         mv = np.empty(blk, T)
         rv = np.empty(blk, np.float64 if OP == SOFTMAX else T)
+        uh = np.empty(blk, np.float64)   # pass B's sums: float64 lanes and their errors
+        ul = np.empty(blk, np.float64)
         tv = np.empty(blk, T)
         lv = np.empty(blk, T)
         sv = np.empty(blk, T)   # SMOOTH, DENSE: sum_j a_j (m - x_j)
@@ -419,7 +433,7 @@ def _small_t(r0, r1, op, grad, x, t, labels, w, bvec, ii, one_m_eps, eps_c, w_su
                         sb[b] += wt * (mb[b] - bj[b]) if wt != zero else zero
             if OP == SMOOTH:
                 _blk_wsum(buf, nb, mv, w, sv)
-            _blk_sumexp(buf, nb, mv, rv, tv, lv, STORE)
+            _blk_sumexp(buf, nb, mv, rv, tv, lv, uh, ul, STORE)
             for b in range(nb):
                 i = b0 + b
                 m = mv[b]
