@@ -344,16 +344,17 @@ XF_INLINE void XF_FN(xfi_exp_store_tail_)(const XF_T *XF_RESTRICT x, XF_T *XF_RE
  * place, e == x, 3 in place prefetching two rows of 16-bit data, pf and pw, instead of
  * one of XF_T (the 16-bit path: the next row of logits and this row's gradient); comp: the stored e_j by xf_exp*_diff, compensated for the rounding of
  * x_j - m; always inlined with constant mode and comp, so each variant is its own loop):
- * blocks of XF_BLK elements, the tail step into the last block; u returned (folded from
- * the double block totals, or from the lanes of a single block), t stored (the sum of
- * the integer lane counts). */
+ * blocks of XF_BLK elements, the tail step into the last block; u returned (the four
+ * sets' lanes added into the double block totals, folded by xfi_dfold_), t stored (the
+ * sum of the integer lane counts). */
 XF_INLINE XF_T XF_FN(xfi_expsum_)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
                                   const XF_T *pf, XF_T *t_out, int mode, int comp,
                                   const char *pw)
 {
-    /* four accumulator sets, step k of a block into set k mod 4 (the last steps of
-     * a block that are not a multiple of 4 into set 0): each lane of a set adds at most
-     * 64 / 4 = 16 terms per block, and the four add chains overlap */
+    /* four accumulator sets, step k of a block into set k mod 4: each lane of a set
+     * adds 64 / 4 = 16 terms per full block (set 0 up to 4 more in the last, partial
+     * block: its last steps that are not a multiple of 4 and the tail step), and the
+     * four add chains overlap */
     XF_ALIGNED XF_T au[XF_L] = {0}, au1[XF_L] = {0}, au2[XF_L] = {0}, au3[XF_L] = {0};
     XF_ALIGNED XF_KEY at[XF_L] = {0};           /* tie counts: need no blocks */
     XF_ALIGNED double du[2 * XF_L];             /* set at the first block end */
