@@ -323,12 +323,12 @@ def _blk_sumexp_t(buf, nb, mv, rv, tv, lv, uh, ul, store):
         one = T(1)
         mb = mv[:nb]
         ub = rv[:nb]
-        hb = uh[:nb]
-        lb_ = ul[:nb]
+        u_hi = uh[:nb]
+        u_lo = ul[:nb]
         tb = tv[:nb]
         for b in range(nb):
-            hb[b] = 0.0
-            lb_[b] = 0.0
+            u_hi[b] = 0.0
+            u_lo[b] = 0.0
             tb[b] = zero
         for j in range(buf.shape[0]):
             bj = buf[j, :nb]
@@ -345,13 +345,13 @@ def _blk_sumexp_t(buf, nb, mv, rv, tv, lv, uh, ul, store):
                 eu = zero if d == zero else e
                 tie = one if d == zero else zero
                 if COMP == 1:
-                    hb[b], lb_[b] = _two_sum_add(hb[b], lb_[b], eu)
+                    u_hi[b], u_lo[b] = _two_sum_add(u_hi[b], u_lo[b], eu)
                 else:
-                    hb[b] += eu
+                    u_hi[b] += eu
                 tb[b] += tie
         lb = lv[:nb]
         for b in range(nb):
-            u = hb[b] + lb_[b]
+            u = u_hi[b] + u_lo[b]
             if STORE == 2:
                 ub[b] = u
                 lb[b] = T(_rest_mass(u, tb[b], 1.0))
