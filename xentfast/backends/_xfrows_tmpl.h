@@ -164,6 +164,19 @@ XF_INLINE XF_T XF_FN(xfi_fold_)(const XF_T *acc)
     return c0 + c1;
 }
 
+/* TwoSum: *a += v with the rounding error of the addition added into *c
+ * (s = a + v, bb = s - a, c += (a - (s - bb)) + (v - bb)).  An infinite sum has no
+ * rounding error (the formula gives inf - inf = NaN there): none is carried, so +inf
+ * stays +inf; a NaN stays in *a. */
+XF_INLINE void XF_FN(xfi_twosum_acc_)(XF_T *a, XF_T *c, XF_T v)
+{
+    XF_T s = *a + v;
+    XF_T bb = s - *a;
+    XF_T err = (*a - (s - bb)) + (v - bb);
+    *c += XF_SEL(err == err, err, (XF_T)0);
+    *a = s;
+}
+
 /* The block totals, tot[j] for lane j, in double.  float32 lanes: plain double adds
  * (each adds a relative 2**-53, nothing next to float32's 2**-24, even over a million
  * blocks), folded by the fixed tree of xfi_fold_.  float64 lanes: the rounding error of
@@ -184,9 +197,8 @@ XF_INLINE XF_T XF_FN(xfi_dfold_)(const double *tot)
 #else
     double s = tot[0], c = tot[XF_L];
     for (int j = 1; j < XF_L; j++) {
-        double v = tot[j], t = s + v, bb = t - s, err = (s - (t - bb)) + (v - bb);
-        c += xf_seld(err == err, err, 0.0) + tot[XF_L + j];
-        s = t;
+        XF_FN(xfi_twosum_acc_)(&s, &c, tot[j]);
+        c += tot[XF_L + j];
     }
     return (XF_T)(s + c);
 #endif
@@ -202,10 +214,7 @@ XF_INLINE void XF_FN(xfi_flush_)(XF_T *XF_RESTRICT acc, double *XF_RESTRICT tot)
 #if XF_L == 16
         tot[j] += (double)acc[j];
 #else
-        double v = acc[j], a = tot[j], t = a + v, bb = t - a;
-        double err = (a - (t - bb)) + (v - bb);     /* NaN where t is +-inf: then none */
-        tot[XF_L + j] += xf_seld(err == err, err, 0.0);
-        tot[j] = t;
+        XF_FN(xfi_twosum_acc_)(&tot[j], &tot[XF_L + j], acc[j]);
 #endif
         acc[j] = 0;
     }
@@ -435,14 +444,6 @@ XF_INLINE XF_T XF_FN(xfi_expsum_)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
  * and r = u + (t - 1) goes to XF_INV1P as r_hi + r_lo.  Compensated sums do not drift,
  * so there are no blocks; t counts in integer lanes as in pass 2.  Five operations per
  * element more than pass 2 (and the compensated exp's ten), softmax only. */
-XF_INLINE void XF_FN(xfi_twosum_acc_)(XF_T *a, XF_T *c, XF_T v)
-{
-    XF_T s = *a + v;
-    XF_T bb = s - *a;
-    *c += (*a - (s - bb)) + (v - bb);
-    *a = s;
-}
-
 /* (hi, lo) of sum_j a_j + c_j, lanes in a fixed order, compensated */
 XF_INLINE XF_T XF_FN(xfi_fold2_)(const XF_T *a, const XF_T *c, XF_T *lo)
 {
