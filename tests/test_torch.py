@@ -105,11 +105,21 @@ def _case(rng, shape, option, kind, dtype=torch.float64):
 def _oracle(x, y, kw, reduction, grad_output=None):
     """Loss and d(loss . grad_output)/d input by PyTorch autograd in float64."""
     x64 = x.detach().double().requires_grad_(True)
+    target = y.double() if y.is_floating_point() else y
+    loss = _oracle_loss(x64, target, kw, reduction)
+    go = torch.ones_like(loss) if grad_output is None else grad_output.double()
+    (grad,) = torch.autograd.grad(loss, x64, go)
+    return loss.detach(), grad
+
+
+def _oracle_loss(x64, target, kw, reduction):
+    """The loss from PyTorch's own operators, differentiable in x64 and target (any
+    order): ``F.cross_entropy``, plus ``z * logsumexp**2`` for z_loss."""
     kw = dict(kw)
     z = kw.pop("z_loss", 0.0)
     weight = kw.pop("weight", None)
     weight = None if weight is None else weight.double()
-    target = y.double() if y.is_floating_point() else y
+    x = x64
     cdim = 1 if x.dim() >= 2 else 0
     per = F.cross_entropy(x64, target, weight=weight, reduction="none", **kw)
     if target.is_floating_point():
@@ -121,10 +131,7 @@ def _oracle(x, y, kw, reduction, grad_output=None):
         w = torch.ones(x.shape[cdim], dtype=torch.float64) if weight is None else weight
         denominator = (w[target.clamp(0, x.shape[cdim] - 1)] * kept).sum()
     per = per + z * torch.logsumexp(x64, dim=cdim) ** 2 * kept
-    loss = {"none": per, "sum": per.sum(), "mean": per.sum() / denominator}[reduction]
-    go = torch.ones_like(loss) if grad_output is None else grad_output.double()
-    (grad,) = torch.autograd.grad(loss, x64, go)
-    return loss.detach(), grad
+    return {"none": per, "sum": per.sum(), "mean": per.sum() / denominator}[reduction]
 
 
 def _grad_output(rng, loss):
@@ -395,6 +402,21 @@ def test_torch_compile_fullgraph(rng):
         assert_close(got, param.grad, rtol=2e-5, atol=1e-7, what="compiled gradient")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_torch_compile_with_a_target_that_requires_grad(rng):
+    """Mutual learning / distillation into a trained teacher: both sides get gradients
+    under torch.compile(fullgraph=True) too (PyTorch's operators trace in the graph)."""
+    x, soft, kw = _case(rng, (6, 5), "z_loss", "prob", torch.float32)
+    soft = soft.requires_grad_(True)
+    compiled = torch.compile(lambda a, t: xft.cross_entropy(a, t, **kw), fullgraph=True)
+    got = torch.autograd.grad(compiled(x, soft), (x, soft))
+    x64, t64 = (t.detach().double().requires_grad_(True) for t in (x, soft))
+    kw64 = dict(kw, weight=kw["weight"].double())
+    want = torch.autograd.grad(_oracle_loss(x64, t64, kw64, "mean"), (x64, t64))
+    for g, w, name in zip(got, want, ("input", "target")):
+        assert_close(g, w, rtol=2e-5, atol=1e-7, what=f"compiled d {name}")
+
+
 def test_fake_tensors_give_xentfast_errors():
     """The operators' fake implementations check shapes as the real ones do."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -562,14 +584,150 @@ def test_inplace_backward_gives_the_same_gradient(on_backend, staging, dtype, rn
     assert x.data_ptr() == storage
 
 
-def test_double_backward_raises(on_backend, rng):
+# ------------------------------------------------------------------ higher-order autodiff
+
+
+# PyTorch's forward-mode AD loads its decompositions through torch.jit.script, which
+# warns that it is deprecated (PyTorch's own warning, not ours).
+JIT_DEPRECATION = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+
+def _hessian_vector(loss_fn, x, v, grad_output):
+    """(d/dx (grad_output . loss), d/dx <that gradient, v>): the gradient with its graph
+    (create_graph=True), then differentiated again along v."""
+    (grad,) = torch.autograd.grad(loss_fn(x), x, grad_output, create_graph=True)
+    (hv,) = torch.autograd.grad((grad * v).sum(), x)
+    return grad.detach(), hv
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("kind,option", [("index", o) for o in INDEX_OPTIONS]
+                         + [("prob", o) for o in PROB_OPTIONS])
+def test_second_derivative_matches_pytorch(on_backend, rng, kind, option, shape, reduction):
+    """create_graph=True: the Hessian-vector product the saved gradient gives (no logits
+    kept) equals PyTorch's double backward of its own loss, float64, every option."""
+    x, y, kw = _case(rng, SHAPES[shape], option, kind)
+    v = torch.tensor(rng.standard_normal(tuple(x.shape)))
+    loss = xft.cross_entropy(x, y, reduction=reduction, **kw)
+    go = _grad_output(rng, loss)
+    grad, hv = _hessian_vector(lambda a: xft.cross_entropy(a, y, reduction=reduction, **kw),
+                               x, v, go)
+    want_grad, want_hv = _hessian_vector(lambda a: _oracle_loss(a, y, kw, reduction),
+                                         x.detach().clone().requires_grad_(True), v, go)
+    what = f"{kind}/{option}/{shape}/{reduction}"
+    assert_close(grad, want_grad, rtol=1e-12, atol=1e-15, what=f"{what} grad")
+    assert_close(hv, want_hv, rtol=1e-9, atol=1e-12, what=f"{what} H v")
+
+
+@JIT_DEPRECATION
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_gradgradcheck_with_batched_and_forward_over_reverse(on_backend, rng, kind):
+    x, y, kw = _case(rng, (3, 4, 2), "z_loss", kind)
+    for reduction in REDUCTIONS:
+        f = lambda a: xft.cross_entropy(a, y, reduction=reduction, **kw)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (x,), check_batched_grad=True,
+                                        check_forward_ad=True)
+        assert torch.autograd.gradgradcheck(f, (x,), check_batched_grad=True,
+                                            check_fwd_over_rev=True)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("option", list(PROB_OPTIONS))
+def test_probability_targets_get_their_gradient(on_backend, rng, option, reduction):
+    """A probability target that requires grad gets PyTorch's gradient (first and second
+    order), as F.cross_entropy gives it; the input's gradient stays right too."""
+    x, y, kw = _case(rng, (5, 4, 3), option, "prob")
+    y = y.requires_grad_(True)
+    loss = xft.cross_entropy(x, y, reduction=reduction, **kw)
+    go = _grad_output(rng, loss)
+    gx, gy = torch.autograd.grad(loss, (x, y), go)
+    x64, y64 = (t.detach().clone().requires_grad_(True) for t in (x, y))
+    want_x, want_y = torch.autograd.grad(_oracle_loss(x64, y64, kw, reduction), (x64, y64), go)
+    assert_close(gx, want_x, rtol=1e-12, atol=1e-15, what=f"{option} d input")
+    assert_close(gy, want_y, rtol=1e-12, atol=1e-15, what=f"{option} d target")
+    assert torch.autograd.gradgradcheck(
+        lambda a, t: xft.cross_entropy(a, t, reduction=reduction, **kw), (x, y))
+
+
+@JIT_DEPRECATION
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_torch_func_transforms_match_pytorch(on_backend, rng, kind):
+    """torch.func's grad, per-sample gradients (vmap of grad), jvp, jacrev and hessian,
+    and forward-mode AD with dual tensors, against the same transforms of PyTorch's
+    loss."""
+    x, y, kw = _case(rng, (6, 5), "z_loss", kind)
+    x = x.detach()
+    ours = lambda a, t, r="mean": xft.cross_entropy(a, t, reduction=r, **kw)  # noqa: E731
+    theirs = lambda a, t, r="mean": _oracle_loss(a, t, kw, r)  # noqa: E731
+    # (per sample "sum": the "mean" of one ignored row is 0 here, 0/0 in PyTorch)
+    per_sample = lambda f: torch.func.vmap(  # noqa: E731
+        torch.func.grad(lambda a, t: f(a[None], t[None], "sum")))
+    tangent = torch.tensor(rng.standard_normal(tuple(x.shape)))
+    for name, transform in {
+        "grad": lambda f: torch.func.grad(f)(x, y),
+        "per-sample grad": lambda f: per_sample(f)(x, y),
+        "vmap": lambda f: torch.func.vmap(lambda a, t: f(a, t, "sum"))(x[:, None], y[:, None]),
+        "jvp": lambda f: torch.func.jvp(lambda a: f(a, y), (x,), (tangent,))[1],
+        "jacrev": lambda f: torch.func.jacrev(f)(x, y),
+        "hessian": lambda f: torch.func.hessian(lambda a: f(a, y))(x),
+    }.items():
+        assert_close(transform(ours), transform(theirs), rtol=1e-10, atol=1e-13, what=name)
+    fw = torch.autograd.forward_ad
+    with fw.dual_level():
+        got = fw.unpack_dual(ours(fw.make_dual(x, tangent), y)).tangent
+        want = fw.unpack_dual(theirs(fw.make_dual(x, tangent), y)).tangent
+    assert got is not None
+    assert_close(got, want, rtol=1e-10, atol=1e-13, what="forward AD")
+
+
+def test_first_order_gradient_holds_no_graph(on_backend, rng):
+    """The saved gradient is an output of the autograd node (for second derivatives); a
+    plain backward must still hand over a detached tensor, the kernels' own memory."""
     x, y, _ = _case(rng, (4, 5), "plain", "index")
-    loss = xft.cross_entropy(x, y)
-    with pytest.raises(RuntimeError, match="no second derivative"):
-        torch.autograd.grad(loss, x, create_graph=True)
+    xft.cross_entropy(x, y).backward()
+    assert x.grad.grad_fn is None and not x.grad.requires_grad
+    (g,) = torch.autograd.grad(xft.cross_entropy(x, y, reduction="none").sum(), x)
+    assert g.grad_fn is None and not g.requires_grad
+    # A retained graph, backward again after an in-place change of .grad (clipping,
+    # say): accumulates as PyTorch does, the saved gradient untouched.
+    for fn in (xft.cross_entropy, F.cross_entropy):
+        x.grad = None
+        loss = fn(x, y)
+        loss.backward(retain_graph=True)
+        x.grad.mul_(0.5)
+        loss.backward(retain_graph=True)
+        loss.backward()
+        assert_close(x.grad, 2.5 * g / len(y), rtol=1e-12, atol=1e-15, what=fn.__module__)
+
+
+def test_double_backward_refused_where_no_gradient_is_kept(on_backend, rng):
+    """inplace_backward (the logits are gone) and the compiled operator (its backward
+    scales a constant) refuse create_graph=True instead of a wrong second derivative;
+    a target modified in place after the forward is refused too."""
+    x, y, _ = _case(rng, (4, 5), "plain", "index")
+    leaf = x.detach().clone().requires_grad_(True)
+    loss = xft.cross_entropy(leaf * 1.0, y, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="no second derivative here"):
+        torch.autograd.grad(loss, leaf, create_graph=True)
     loss = torch.ops.xentfast.cross_entropy_fwd(x, y, None, -100, "sum", 0.0, 0.0)[0]
-    with pytest.raises(RuntimeError, match="no second derivative"):
+    with pytest.raises(RuntimeError, match="no second derivative here"):
         torch.autograd.grad(loss, x, create_graph=True)
+    soft = torch.softmax(torch.randn(4, 5, dtype=torch.float64), dim=1)
+    loss = xft.cross_entropy(x, soft)
+    soft.mul_(0.5)
+    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        torch.autograd.grad(grad.sum(), x)
+
+
+def test_weight_requiring_grad_is_refused():
+    x = torch.randn(4, 5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="weight requires grad"):
+        xft.cross_entropy(x, torch.randint(0, 5, (4,)), weight=torch.ones(5, requires_grad=True))
+    with torch.no_grad():  # nothing is differentiated: fine
+        xft.cross_entropy(x, torch.randint(0, 5, (4,)), weight=torch.ones(5, requires_grad=True))
 
 
 def _host_thread_count(backend: str):
@@ -717,17 +875,6 @@ def test_bad_input_gives_clear_errors(no_grad):
         for error, message, call in cases:
             with pytest.raises(error, match=message):
                 call()
-
-
-def test_target_or_weight_requiring_grad_is_refused():
-    x = torch.randn(4, 5, requires_grad=True)
-    soft = torch.softmax(torch.randn(4, 5), dim=1).requires_grad_(True)
-    with pytest.raises(RuntimeError, match="target requires grad"):
-        xft.cross_entropy(x, soft)
-    with pytest.raises(RuntimeError, match="weight requires grad"):
-        xft.cross_entropy(x, torch.randint(0, 5, (4,)), weight=torch.ones(5, requires_grad=True))
-    with torch.no_grad():  # nothing is differentiated: fine
-        xft.cross_entropy(x, soft)
 
 
 # ------------------------------------------------------------------ imports, example

@@ -7,6 +7,7 @@ was given and how to fix it.  Errors are exceptions, never ``assert``.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -148,7 +149,7 @@ def check_fraction(value: Any, name: str) -> float:
 def check_nonnegative(value: Any, name: str) -> float:
     """A finite real number >= 0 (the z-loss scale)."""
     value = _real_scalar(value, name, "a finite real number >= 0")
-    if not (np.isfinite(value) and value >= 0.0):
+    if not (math.isfinite(value) and value >= 0.0):
         raise ValueError(f"{name} must be a finite real number >= 0; got {value}")
     return value
 

@@ -25,7 +25,18 @@ gradient: no multiplication, no copy.  Without ``requires_grad`` (evaluation,
 ``inplace_backward=True`` writes ``g`` into the input's own storage (xentfast's
 ``inplace=True``): no gradient memory at all, and the input's values are gone after the
 call (its version counter is bumped, so autograd refuses any other use of them).
-Second derivatives are not available: differentiating the gradient raises.
+The saved ``g`` is itself an output of the autograd node (unused by the caller), so
+second derivatives work too (``create_graph=True``, ``gradgradcheck``): differentiating
+``grad_output * g`` reaches the node again, whose backward then returns the
+Hessian-vector product computed from ``g`` alone (``_hessian_product``: per row
+``g = K p - b`` with ``b`` the target weights, so ``p = (g + b) / K`` and
+``H v = K (p v - p (p . v)) + 2 z' p (p . v)``), with no logits kept for it.
+
+What the fused kernels cannot serve -- ``torch.func`` transforms (``grad``, ``vmap``,
+``jvp``, ``hessian``, per-sample gradients), forward-mode AD (dual tensors), gradients
+with respect to probability targets -- runs the same formulas written with PyTorch's
+differentiable operators (``_composite_cross_entropy``): the same semantics, PyTorch's
+speed and rounding.
 
 The PyTorch operators
 ---------------------
@@ -177,20 +188,14 @@ def _check_devices(input, target, weight) -> None:
             )
 
 
-def _check_no_grad_wanted(target, weight) -> None:
-    """xentfast differentiates with respect to the input only."""
-    if not torch.is_grad_enabled():
-        return
-    if target.requires_grad:
+def _check_no_grad_wanted(weight) -> None:
+    """Class weights are constants, as in PyTorch (whose nll_loss has no derivative for
+    them either)."""
+    if torch.is_grad_enabled() and weight is not None and weight.requires_grad:
         raise RuntimeError(
-            "xentfast.torch.cross_entropy differentiates with respect to input only, but "
-            "target requires grad; pass target.detach(), or use "
-            "torch.nn.functional.cross_entropy for gradients with respect to the target"
-        )
-    if weight is not None and weight.requires_grad:
-        raise RuntimeError(
-            "xentfast.torch.cross_entropy differentiates with respect to input only, but "
-            "weight requires grad; pass weight.detach()"
+            "xentfast.torch.cross_entropy differentiates with respect to input and "
+            "probability targets, not class weights, but weight requires grad; pass "
+            "weight.detach()"
         )
 
 
@@ -564,8 +569,17 @@ def _compute_cuda(input, target, weight, cdim, ignore_index, reduction, label_sm
 
 
 def _is_plain(t) -> bool:
-    """A real tensor in eager mode (not a fake, functional or traced one)."""
-    return type(t) is Tensor and not torch.compiler.is_compiling()
+    """A real tensor in eager mode (not a fake, functional, traced or torch.func-wrapped
+    one: those have no single value to look at)."""
+    return (type(t) is Tensor and not torch.compiler.is_compiling()
+            and not _is_transformed(t))
+
+
+def _is_transformed(t) -> bool:
+    """A torch.func-wrapped tensor, or a batched one of autograd's own vmap
+    (``is_grads_batched=True``, batched gradient checks)."""
+    return (torch._C._functorch.is_functorch_wrapped_tensor(t)
+            or torch._C._functorch.is_legacy_batchedtensor(t))
 
 
 def _scale_grad(grad: Tensor, grad_loss: Optional[Tensor], reduction: str, cdim: int):
@@ -576,7 +590,8 @@ def _scale_grad(grad: Tensor, grad_loss: Optional[Tensor], reduction: str, cdim:
         if _is_plain(grad_loss) and bool((grad_loss == 1).all()):
             return grad
         factor = grad_loss.unsqueeze(cdim).to(grad.dtype)
-        if _is_plain(grad) and grad.device.type == "cpu" and grad.dim() >= 1:
+        if (_is_plain(grad) and _is_plain(grad_loss) and grad.device.type == "cpu"
+                and grad.dim() >= 1):
             # Keras and per-token weighting land here with every step's gradient: the
             # product goes into a reused buffer (a fresh one page-faults its memory, as
             # costly as the multiplication), on PyTorch's threads.
@@ -590,10 +605,11 @@ def _scale_grad(grad: Tensor, grad_loss: Optional[Tensor], reduction: str, cdim:
 
 def _second_derivative_error() -> RuntimeError:
     return RuntimeError(
-        "xentfast.torch.cross_entropy has no second derivative: its backward scales a "
-        "gradient computed in the forward pass, which cannot be differentiated again, so "
-        "create_graph=True (double backward) is refused. Use "
-        "torch.nn.functional.cross_entropy where you need gradients of gradients"
+        "xentfast.torch.cross_entropy has no second derivative here: the gradient was "
+        "written over the logits (inplace_backward=True), or the call went through the "
+        "compiled operator (torch.compile), whose backward scales a gradient computed in "
+        "the forward pass; create_graph=True (double backward) is refused. Call it eagerly "
+        "without inplace_backward for gradients of gradients"
     )
 
 
@@ -606,28 +622,190 @@ def _backward(ctx, grad_loss):
     return _scale_grad(grad, grad_loss, ctx.reduction, ctx.cdim)
 
 
+def _target_weights(target, weight, cdim, num_classes, ignore_index, label_smoothing,
+                    z_loss, reduction, dtype):
+    """Per row, class dimension last: ``b`` with ``g = K p - b`` (the targets' weights
+    times the reduction's scale) and ``z' = z * scale`` (0 on ignored rows), where the
+    fused kernels' gradient of a row is ``g = (sum_j b_j + 2 z' lse) p - b``."""
+    w = (torch.ones(num_classes, dtype=dtype, device=target.device) if weight is None
+         else weight.detach().to(dtype))
+    eps = float(label_smoothing)
+    if target.dtype.is_floating_point:                  # probabilities
+        t = target.detach().movedim(cdim, -1).to(dtype)
+        b = w * ((1 - eps) * t + eps / num_classes)
+        kept = torch.ones(t.shape[:-1], dtype=torch.bool, device=t.device)
+        den = torch.tensor(float(kept.numel()), dtype=dtype, device=t.device)
+    else:
+        kept = target != ignore_index
+        y = torch.where(kept, target, 0).long()
+        w_y = torch.where(kept, w[y], 0)
+        onehot = torch.zeros(y.shape + (num_classes,), dtype=dtype, device=y.device)
+        onehot.scatter_(-1, y.unsqueeze(-1), 1)
+        b = (1 - eps) * w_y.unsqueeze(-1) * onehot + kept.unsqueeze(-1) * (eps / num_classes * w)
+        den = w_y.sum()
+    if reduction == "mean":
+        scale = torch.where(den != 0, 1 / torch.where(den != 0, den, 1), 0)
+    else:
+        scale = torch.ones((), dtype=dtype, device=b.device)
+    return b * scale, torch.where(kept, z_loss * scale, 0)
+
+
+def _hessian_product(ctx, grad, v):
+    """H v, H = d g / d input, from the saved gradient ``g`` alone (module docstring):
+    per row g = K p - b with sum p = 1, so K = sum(g + b) and p = (g + b) / K, and
+        H = K (diag p - p p^T) + 2 z' p p^T
+    (the softmax Jacobian scaled by the row's weight mass plus its z-loss ``2 z' lse``,
+    and the z-loss's own ``2 z' p p^T``).  Rows with K = 0 (zero weight mass and no
+    z-loss) have g = 0 and H = 0.  Differentiable in ``g``, so it can be taken again."""
+    cdim = ctx.cdim
+    dtype = torch.promote_types(grad.dtype, torch.float32)
+    g = grad.movedim(cdim, -1).to(dtype)
+    vv = v.movedim(cdim, -1).to(dtype)
+    b, zs = _target_weights(ctx.target, ctx.weight, cdim, g.shape[-1], ctx.ignore_index,
+                            ctx.label_smoothing, ctx.z_loss, ctx.reduction, dtype)
+    k = (g + b).sum(-1, keepdim=True)
+    p = torch.where(k != 0, (g + b) / torch.where(k != 0, k, 1), 0)
+    pv = (p * vv).sum(-1, keepdim=True)
+    hv = k * (p * vv - p * pv) + 2 * zs.unsqueeze(-1) * p * pv
+    return hv.to(grad.dtype).movedim(-1, cdim)
+
+
 class _FusedCrossEntropy(torch.autograd.Function):
     """Eager path: the forward keeps the fused gradient, the backward scales it.
 
-    ``inplace``: the gradient overwrites the input's storage."""
+    Outputs: the loss and ``g`` (the caller drops ``g``; it is an output so that a
+    graph of the gradient, create_graph=True, leads back here for ``H v``).
+    ``inplace``: the gradient overwrites the input's storage (no second output)."""
 
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                 inplace):
         loss, grad = _compute(input, target, weight, ignore_index, reduction,
                               label_smoothing, z_loss, want_grad=True, inplace=inplace)
+        ctx.set_materialize_grads(False)
+        ctx.reduction, ctx.cdim, ctx.inplace = reduction, _class_dim(input.dim()), inplace
         if inplace:
             # The input's values are gone: whatever autograd saved of them is stale, and
             # the bump makes its backward raise instead of reading the gradient.
             torch.autograd.graph.increment_version(input)
-        ctx.save_for_backward(grad)
-        ctx.reduction = reduction
-        ctx.cdim = _class_dim(input.dim())
-        return loss
+            ctx.save_for_backward(grad)
+            return loss, None
+        # For H v only (never read by a first-order backward); plain references (target
+        # and weight need no grad here), so a caller reusing its target buffer after the
+        # forward breaks nothing.
+        ctx.target, ctx.weight = target, weight
+        ctx.ignore_index, ctx.label_smoothing, ctx.z_loss = ignore_index, label_smoothing, z_loss
+        ctx.target_version = target._version
+        # Two handles on one memory: ``grad`` itself (no autograd history) is what a
+        # first-order backward returns, as before (autograd steals it for .grad, or
+        # copies it while a retained graph still holds it); the alias is the output
+        # that leads a graph of the gradient back to this node.
+        output = grad.view_as(grad)
+        ctx.save_for_backward(grad, output)
+        return loss, output
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        return (_backward(ctx, grad_loss), None, None, None, None, None, None, None)
+    def backward(ctx, grad_loss, grad_grad):
+        grad, output = ctx.saved_tensors if not ctx.inplace else (ctx.saved_tensors[0], None)
+        graph = torch.is_grad_enabled()
+        if graph and ctx.inplace:
+            raise _second_derivative_error()
+        if grad_loss is None:
+            result = None
+        elif graph:  # create_graph=True: differentiable products of the output
+            factor = grad_loss.unsqueeze(ctx.cdim) if ctx.reduction == "none" else grad_loss
+            result = output * factor.to(output.dtype)
+        else:
+            result = _scale_grad(grad, grad_loss, ctx.reduction, ctx.cdim)
+        if grad_grad is not None:
+            if ctx.target._version != ctx.target_version:
+                raise RuntimeError(
+                    "the target of xentfast.torch.cross_entropy was modified in place "
+                    "after the forward pass; its second derivative needs the original "
+                    "target: modify a copy (target.clone()) instead")
+            hv = _hessian_product(ctx, output if graph else grad, grad_grad)
+            result = hv if result is None else result + hv
+        return (result, None, None, None, None, None, None, None)
+
+
+def _needs_composite(input, target) -> bool:
+    """The calls the fused kernels cannot serve: a probability target that requires grad,
+    and (eagerly) torch.func-transformed tensors or forward-mode dual tensors."""
+    if torch.is_grad_enabled() and target.requires_grad:
+        return True
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if _is_transformed(input) or _is_transformed(target):
+        return True
+    if torch.autograd.forward_ad._current_level >= 0:
+        unpack = torch.autograd.forward_ad.unpack_dual
+        return unpack(input).tangent is not None or unpack(target).tangent is not None
+    return False
+
+
+def _composite_cross_entropy(input, target, weight, ignore_index, reduction,
+                             label_smoothing, z_loss):
+    """xentfast's loss from PyTorch's differentiable operators, for what
+    ``_needs_composite`` names.  Per row, class dimension last (rowmath.py's terms):
+        index target y (kept):  (1 - eps) w_y (-log p_y) + eps/C sum_j w_j (-log p_j)
+        probabilities t:        sum_j w_j ((1 - eps) t_j + eps/C) (-log p_j)
+    plus z lse^2 per kept row; "mean" divides by the sum of w_y over kept rows (the row
+    count for probabilities) and is 0 when that is 0.  16-bit input is computed in
+    float32, as the kernels compute it."""
+    cdim, kind = _check_call(input, target, weight, reduction, ignore_index,
+                             label_smoothing, z_loss)
+    _check_target_dtype(input, target, cdim)
+    dtype = torch.promote_types(_loss_dtype(input, target, kind), torch.float32)
+    x = input.movedim(cdim, -1).to(dtype)
+    num_classes = x.shape[-1]
+    w = None if weight is None else weight.detach().to(dtype)
+    if w is not None and _is_plain(w):
+        _validate.check_weight_values(w.cpu().numpy())
+    eps = float(label_smoothing)
+    lse = torch.logsumexp(x, dim=-1)
+    neg_logp = lse.unsqueeze(-1) - x
+    if kind == "dense":
+        q = (1 - eps) * target.movedim(cdim, -1).to(dtype) + eps / num_classes
+        rows = ((q if w is None else w * q) * neg_logp).sum(-1)
+        kept = None
+        den = float(rows.numel())
+    else:
+        kept = target != ignore_index
+        _check_composite_labels(target, kept, num_classes, ignore_index)
+        y = torch.where(kept, target, 0).long()
+        w_y = torch.ones_like(lse) if w is None else w[y]
+        rows = (1 - eps) * w_y * neg_logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        if eps:
+            rows = rows + eps / num_classes * (neg_logp if w is None else w * neg_logp).sum(-1)
+        w_y = torch.where(kept, w_y, 0)
+        den = w_y.sum()
+    if z_loss:
+        rows = rows + z_loss * lse * lse
+    if kept is not None:
+        rows = torch.where(kept, rows, 0)
+    out_dtype = _loss_dtype(input, target, kind)
+    if reduction == "none":
+        return rows.to(out_dtype)
+    total = rows.sum()
+    if reduction == "sum":
+        return total.to(out_dtype)
+    if isinstance(den, float):
+        return (total / den if den else total * 0).to(out_dtype)
+    return torch.where(den != 0, total / torch.where(den != 0, den, 1), 0).to(out_dtype)
+
+
+def _check_composite_labels(target, kept, num_classes, ignore_index) -> None:
+    """ValueError naming the first class index outside [0, C) that is not ignore_index
+    (under vmap, where a tensor has no single truth value, gather raises instead)."""
+    bad = kept & ((target < 0) | (target >= num_classes))
+    try:
+        any_bad = bool(bad.any())
+    except RuntimeError:
+        return
+    if any_bad:
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(_validate.out_of_range_message(int(target[first]), first,
+                                                        num_classes, ignore_index))
 
 
 # ------------------------------------------------------------------ the operators
@@ -772,20 +950,23 @@ def cross_entropy(
     if not isinstance(target, Tensor) or not isinstance(input, Tensor):
         _check_call(input, target, weight, reduction, ignore_index, label_smoothing, z_loss)
     _check_devices(input, target, weight)
-    _check_no_grad_wanted(target, weight)
+    _check_no_grad_wanted(weight)
     if input.dtype in _HALF_DTYPES and torch.is_autocast_enabled(input.device.type):
         # Autocast runs cross-entropy in float32 (PyTorch's policy for it): a float32
         # loss, and autograd rounds the gradient back to the logits' dtype.
         input = input.float()
         if target.dtype in _HALF_DTYPES:
             target = target.float()
+    if _needs_composite(input, target):
+        return _composite_cross_entropy(input, target, weight, ignore_index, reduction,
+                                        label_smoothing, z_loss)
     need_grad = torch.is_grad_enabled() and input.requires_grad
     if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and type(input) is Tensor:
         # Eager: the implementation directly (xentfast checks the options' values).
         args = (input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
         if not need_grad:
             return _compute(*args, want_grad=False)[0]
-        return _FusedCrossEntropy.apply(*args, bool(inplace_backward))
+        return _FusedCrossEntropy.apply(*args, bool(inplace_backward))[0]
     # Traced or compiled: the registered operators (their schema's scalar types).
     args = (input, target, weight, int(ignore_index), reduction, float(label_smoothing),
             float(z_loss))

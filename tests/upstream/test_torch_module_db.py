@@ -46,7 +46,9 @@ Left out, and why:
   to the module database used here).
 - CUDA/MPS/XPU parity (``test_cpu_gpu_parity``, ``test_multiple_device_transfer``):
   device placement of torch modules; xentfast's CUDA path has its own suites.
-- ``test_gradgrad`` / forward-mode AD: xentfast computes first derivatives only.
+- ``test_gradgrad`` / forward-mode AD of the NumPy-level mapping (arrays have no
+  autodiff); ``xentfast.torch.cross_entropy``'s are checked on the OpInfo samples by
+  ``test_opinfo_autodiff_of_xentfast_torch`` below (test_ops_gradients' checks).
 - ``test_memory_format`` (channels_last): an expected failure upstream for loss
   functions; layouts are covered by ``test_non_contiguous_tensors`` here.
 - ``test_pickle``, ``test_repr``, ``test_factory_kwargs``, ``test_device_ctx_init``,
@@ -323,6 +325,31 @@ def test_opinfo_sample(index, dtype):
     loss, grad = xt.cross_entropy_and_grad(input, target, **options)
     assert_equal(loss, loss_ref.to(dtype), atol=atol, rtol=rtol)
     assert_equal(grad, grad_ref.to(dtype), atol=atol, rtol=rtol)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("index", range(len(OP_SAMPLE_IDS)), ids=OP_SAMPLE_IDS)
+def test_opinfo_autodiff_of_xentfast_torch(index):
+    """test_ops_gradients on ``xentfast.torch.cross_entropy``: each sample in float64
+    with every float tensor requiring grad (probability targets too, as the OpInfo makes
+    them): gradcheck with forward-mode AD and batched gradients, gradgradcheck with
+    forward-over-reverse (supports_forward_ad, supports_fwgrad_bwgrad)."""
+    import xentfast.torch as xft
+
+    _seeded()
+    sample = list(OP_INFO.sample_inputs_func(OP_INFO, "cpu", torch.float64,
+                                             requires_grad=True))[index]
+    target, options = sample.args[0], sample.kwargs
+    inputs = (sample.input, target) if target.requires_grad else (sample.input,)
+
+    def loss(input, *maybe_target):
+        return xft.cross_entropy(input, maybe_target[0] if maybe_target else target,
+                                 **options)
+
+    assert torch.autograd.gradcheck(loss, inputs, check_forward_ad=True,
+                                    check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(loss, inputs, check_fwd_over_rev=True,
+                                        check_batched_grad=True)
 
 
 # ------------------------------------------------- Softmax, LogSoftmax, Softmin
