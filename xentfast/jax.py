@@ -21,10 +21,13 @@ Where they differ from optax (README, "JAX"):
 
 How the gradient is made
 ------------------------
-Each loss is a ``jax.custom_vjp``.  Outside differentiation (a plain forward, jitted or
-not) the primal runs xentfast's loss-only kernel.  Under ``grad``/``vjp`` the forward
-rule runs the fused kernel once, which returns the loss and ``g = d loss / d logits``
-together, and saves ``g``; the backward rule only scales it by the cotangent ``ct``:
+Each loss is a ``jax.custom_jvp``.  Outside differentiation (a plain forward, jitted or
+not) the primal runs xentfast's loss-only kernel.  Under any differentiation the rule
+runs the fused kernel once, which returns the loss and ``g = d loss / d logits``
+together, and gives the tangent ``<g, d logits>`` -- along the class axis for
+``"none"``, over everything for mean and sum.  It is linear in the tangent, so reverse
+mode (``grad``/``vjp``) is its transpose, which only scales the saved ``g`` by the
+cotangent ``ct``:
 
     mean, sum:  d logits = ct * g                    (ct a scalar; XLA drops ct = 1)
     none:       d logits = expand_dims(ct, axis) * g
@@ -36,10 +39,13 @@ one: ``d loss / d t_c = -(1 - eps) w_c log_softmax(x)_c`` per row (scaled like t
 logits' gradient, divided by the row count for ``"mean"``), with ``log_softmax`` from
 xentfast's fused kernel -- computed only when the labels are being differentiated.
 Class weights are constants: differentiating with respect to ``weight`` raises
-``NotImplementedError`` (PyTorch does not implement that derivative either).  Second
-derivatives and forward mode (``jax.jvp``, ``jax.jacfwd``) are not available, as for
-any ``custom_vjp`` around a host kernel.
+``NotImplementedError`` (PyTorch does not implement that derivative either).
 
+Forward mode (``jax.jvp``, ``jacfwd``) is the rule itself.  Second derivatives
+(``hessian``, grad of grad, ``jacfwd(grad)``): the fused ``(loss, g)`` is a
+``custom_jvp`` of its own whose tangent of ``g`` is the Hessian-vector product, which
+JAX takes through the same formulas written with jnp operators (``_composite_loss``):
+exact in form, XLA's rounding, only ever run when a second derivative is asked for.
 The host call: XLA FFI, zero copy
 ---------------------------------
 The kernels run in a JAX primitive whose CPU lowering is an XLA FFI custom call
@@ -591,67 +597,166 @@ def _bind(opts: _Options, mode: str, *args):
     return _xent_p.bind(*args, opts=dataclasses.replace(opts, mode=mode))
 
 
-# --------------------------------------------------------------------------- custom_vjp
+# --------------------------------------------------------------------------- custom_jvp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _acc_dtype(dtype):
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def _contract(opts: _Options, d, t, dtype):
+    """<d, t> along the class axis ("none": one value per row) or over everything
+    (mean, sum): the tangent of the loss when ``d`` is its derivative.  Linear in ``t``;
+    its transpose is the old backward rule, ``expand_dims(ct, axis) * d`` or ``ct * d``."""
+    acc = _acc_dtype(dtype)
+    product = d.astype(acc) * t.astype(acc)
+    axes = opts.axis if opts.reduction == "none" else None
+    return jnp.sum(product, axis=axes).astype(dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _loss(opts: _Options, logits, labels, weight):
     args = (logits, labels) if weight is None else (logits, labels, weight)
     return _bind(opts, "loss", *args)[0]
 
 
-def _loss_fwd(opts: _Options, logits, labels, weight):
-    if weight is not None and weight.perturbed:
+def _loss_jvp(opts: _Options, primals, tangents):
+    """Under any differentiation the fused kernel runs once (``_loss_and_grad``) and the
+    tangent is <g, d logits> (+ <d loss / d labels, d labels> for probability labels):
+    linear in the tangents, so reverse mode is its transpose, the cotangent times the
+    saved ``g``."""
+    x, y, w = primals
+    dx, dy, dw = tangents
+    if w is not None and not isinstance(dw, SymbolicZero):
         raise NotImplementedError(
             "xentfast.jax does not differentiate with respect to the class weights "
             "(PyTorch does not either); treat them as constants with "
             "jax.lax.stop_gradient(weight)"
         )
-    x, y = logits.value, labels.value
-    w = None if weight is None else weight.value
-    args = (x, y) if w is None else (x, y, w)
-    if logits.perturbed:
-        loss, grad = _bind(opts, "loss_grad", *args)  # one fused kernel: loss and g
+    labels_differentiated = opts.kind == "dense" and not isinstance(dy, SymbolicZero)
+    if isinstance(dx, SymbolicZero):
+        loss = _loss(opts, x, y, w)
+        tangent = jnp.zeros_like(loss)
     else:
-        (loss,), grad = _bind(opts, "loss", *args), None
-    labels_ct = opts.kind == "dense" and labels.perturbed
-    return loss, (grad, x if labels_ct else None, w if labels_ct else None)
+        loss, g = _loss_and_grad(opts, x, y, w)
+        tangent = _contract(opts, g, dx, loss.dtype)
+    if labels_differentiated:
+        tangent = tangent + _contract(opts, _labels_derivative(opts, x, w), dy, loss.dtype)
+    return loss, tangent
 
 
-def _row_cotangent(opts: _Options, ct):
-    """The cotangent broadcast against a row of the logits."""
-    return jnp.expand_dims(ct, opts.axis) if opts.reduction == "none" else ct
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _loss_and_grad(opts: _Options, logits, labels, weight):
+    """(loss, g = d loss / d logits) from one fused kernel call."""
+    args = (logits, labels) if weight is None else (logits, labels, weight)
+    return tuple(_bind(opts, "loss_grad", *args))
 
 
-def _labels_cotangent(opts: _Options, x, w, ct):
+def _loss_and_grad_jvp(opts: _Options, primals, tangents):
+    """Second derivatives (grad of grad, hessian, jvp of grad): the tangent of ``g`` is
+    the Hessian-vector product, taken by JAX through ``_composite_loss`` (the same
+    formulas with jnp operators), with respect to the logits and, for probability
+    labels, the labels."""
+    x, y, w = primals
+    dx, dy, _ = tangents
+    loss, g = _loss_and_grad(opts, x, y, w)
+    dx = jnp.zeros_like(x) if isinstance(dx, SymbolicZero) else dx
+    dloss = _contract(opts, g, dx, loss.dtype)
+    if opts.kind == "dense" and not isinstance(dy, SymbolicZero):
+        composite_grad = jax.grad(lambda a, t: _composite_loss(opts, a, t, w).sum())
+        _, dg = jax.jvp(composite_grad, (x, y), (dx, dy))
+        dloss = dloss + _contract(opts, _labels_derivative(opts, x, w), dy, loss.dtype)
+    else:
+        composite_grad = jax.grad(lambda a: _composite_loss(opts, a, y, w).sum())
+        _, dg = jax.jvp(composite_grad, (x,), (dx,))
+    return (loss, g), (dloss, dg.astype(g.dtype))
+
+
+def _composite_loss(opts: _Options, x, y, w):
+    """xentfast's loss from jnp operators (only differentiated, for second derivatives):
+    per row, classes last, -log p_c = lse - x_c,
+        class ids y (kept):  (1 - eps) w_y (-log p_y) + eps/C sum_c w_c (-log p_c)
+        probabilities t:     sum_c w_c ((1 - eps) t_c + eps/C) (-log p_c)   (0 where that
+                             weight is 0)
+    plus z lse^2 per kept row; "mean" divides by the sum of w_y over kept rows (the row
+    count for probabilities), 0 when that is 0.  The softcap, if any, first."""
+    acc = _acc_dtype(x.dtype)
+    xc = x.astype(acc)
+    if opts.softcap is not None:
+        xc = opts.softcap * jnp.tanh(xc / opts.softcap)
+    xl = jnp.moveaxis(xc, opts.axis, -1)
+    num_classes = xl.shape[-1]
+    eps = opts.label_smoothing
+    lse = jax.nn.logsumexp(xl, axis=-1)
+    neg_log_p = lse[..., None] - xl
+    wv = jnp.ones(num_classes, acc) if w is None else w.astype(acc)
+    if opts.kind == "dense":
+        q = wv * ((1 - eps) * jnp.moveaxis(y, opts.axis, -1).astype(acc) + eps / num_classes)
+        rows = jnp.sum(jnp.where(q == 0, 0, q * neg_log_p), axis=-1)
+        kept = jnp.ones(rows.shape, bool)
+        den = jnp.asarray(rows.size, acc)
+    else:
+        info = np.iinfo(np.dtype(y.dtype))
+        if info.min <= opts.ignore_index <= info.max:  # else no label can equal it
+            kept = y != jnp.asarray(opts.ignore_index, y.dtype)
+        else:
+            kept = jnp.ones(y.shape, bool)
+        safe = jnp.where(kept, y, 0)
+        w_y = wv[safe]
+        picked = jnp.take_along_axis(neg_log_p, safe[..., None], axis=-1)[..., 0]
+        rows = (1 - eps) * w_y * picked
+        if eps:
+            rows = rows + eps / num_classes * jnp.sum(wv * neg_log_p, axis=-1)
+        den = jnp.sum(jnp.where(kept, w_y, 0))
+    if opts.z_loss:
+        rows = rows + opts.z_loss * lse * lse
+    rows = jnp.where(kept, rows, 0)
+    if opts.reduction == "none":
+        return rows
+    total = jnp.sum(rows)
+    if opts.reduction == "sum":
+        return total
+    return jnp.where(den != 0, total / jnp.where(den != 0, den, 1), 0)
+
+
+def _labels_derivative(opts: _Options, x, w):
     """d loss / d t for probability labels t: per row, with wt_c = w_c ((1 - eps) t_c +
     eps / C), loss = -sum_c wt_c log p_c (+ z lse^2, free of t), so
-    d loss / d t_c = -(1 - eps) w_c log p_c, times the reduction's factor."""
+    d loss / d t_c = -(1 - eps) w_c log p_c, times the reduction's factor (1 / rows for
+    "mean"); log p from xentfast's kernel."""
     capped = x if opts.softcap is None else opts.softcap * jnp.tanh(x / opts.softcap)
-    (log_p,) = _bind(opts, "log_softmax", capped)
+    log_p = _log_softmax(opts, capped)
     scale = -(1.0 - opts.label_smoothing)
     if opts.reduction == "mean":
         rows = math.prod(x.shape) // x.shape[opts.axis]
         scale = scale / rows if rows else 0.0
-    acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    acc = _acc_dtype(x.dtype)
     d = log_p.astype(acc) * scale
     if w is not None:
         shape = [1] * x.ndim
         shape[opts.axis] = x.shape[opts.axis]
         d = d * w.astype(acc).reshape(shape)
-    return (d * _row_cotangent(opts, ct).astype(acc)).astype(x.dtype)
+    return d
 
 
-def _loss_bwd(opts: _Options, residuals, ct):
-    grad, x, w = residuals
-    if isinstance(ct, SymbolicZero):
-        return None, None, None
-    d_logits = None if grad is None else grad * _row_cotangent(opts, ct).astype(grad.dtype)
-    d_labels = None if x is None else _labels_cotangent(opts, x, w, ct)
-    return d_logits, d_labels, None
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _log_softmax(opts: _Options, x):
+    (log_p,) = _bind(opts, "log_softmax", x)
+    return log_p
 
 
-_loss.defvjp(_loss_fwd, _loss_bwd, symbolic_zeros=True)
+def _log_softmax_jvp(opts: _Options, primals, tangents):
+    """d log p = dx - <p, dx> along the class axis."""
+    (x,), (dx,) = primals, tangents
+    log_p = _log_softmax(opts, x)
+    acc = _acc_dtype(x.dtype)
+    mean = jnp.sum(jnp.exp(log_p.astype(acc)) * dx.astype(acc), axis=opts.axis, keepdims=True)
+    return log_p, (dx.astype(acc) - mean).astype(log_p.dtype)
+
+
+_loss.defjvp(_loss_jvp, symbolic_zeros=True)
+_loss_and_grad.defjvp(_loss_and_grad_jvp, symbolic_zeros=True)
+_log_softmax.defjvp(_log_softmax_jvp)
 
 
 # --------------------------------------------------------------------------- public API
@@ -732,7 +837,7 @@ def softmax_cross_entropy_with_integer_labels(logits, labels, axis=-1, where=Non
     """Softmax cross-entropy between logits and integer class labels, per example.
 
     optax's ``softmax_cross_entropy_with_integer_labels``: ``loss = logsumexp(x) - x_y``
-    along ``axis``, on xentfast's fused kernels, differentiable (``jax.custom_vjp``).
+    along ``axis``, on xentfast's fused kernels, differentiable (``jax.custom_jvp``).
 
     Parameters
     ----------
@@ -780,7 +885,7 @@ def softmax_cross_entropy(logits, labels, axis=-1, where=None, *,
 
     optax's ``softmax_cross_entropy``: ``loss = -sum_c labels_c log_softmax(logits)_c``
     along ``axis``, on xentfast's fused kernels, differentiable with respect to the
-    logits and the labels (``jax.custom_vjp``).
+    logits and the labels (``jax.custom_jvp``).
 
     Parameters
     ----------
@@ -834,7 +939,7 @@ def cross_entropy(logits, labels, *, axis: int = -1, weight=None, ignore_index: 
                   label_smoothing: float = 0.0, z_loss: float = 0.0,
                   reduction: Reduction = "mean", softcap: float | None = None,
                   backend: str | None = None):
-    """:func:`xentfast.cross_entropy` for JAX arrays, differentiable (``jax.custom_vjp``).
+    """:func:`xentfast.cross_entropy` for JAX arrays, differentiable (``jax.custom_jvp``).
 
     Parameters
     ----------
