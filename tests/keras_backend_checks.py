@@ -90,6 +90,72 @@ def cases():
     return out
 
 
+def _hessian_vector(loss_fn, y_true, logits, v):
+    """d/dx <d loss / d x, v> (a Hessian-vector product, plus nothing: v is constant)
+    through the backend's own autodiff, differentiating the first gradient again."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        def hv(x):
+            with tf.GradientTape() as outer:
+                outer.watch(x)
+                with tf.GradientTape() as inner:
+                    inner.watch(x)
+                    value = loss_fn(y_true, x)
+                grad = inner.gradient(value, x)
+                dot = tf.reduce_sum(grad * v)
+            return outer.gradient(dot, x)
+
+        x = tf.constant(logits)
+        return {"eager": hv(x), "tf.function": tf.function(hv)(x)}
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        grad = jax.grad(lambda x: loss_fn(y_true, x))
+        return {"grad of grad": jax.grad(lambda x: jnp.sum(grad(x) * v))(logits)}
+    import torch
+
+    x = torch.tensor(logits, requires_grad=True)
+    (grad,) = torch.autograd.grad(loss_fn(torch.as_tensor(y_true), x), x, create_graph=True)
+    (hv,) = torch.autograd.grad((grad * torch.as_tensor(v)).sum(), x)
+    return {"create_graph": hv}
+
+
+def second_derivatives():
+    """Hessian-vector products of xentfast.keras's losses and Keras' own, float64."""
+    import keras
+
+    import xentfast.keras as xk
+
+    if keras.backend.backend() == "jax":  # float64 needs JAX's x64 mode
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 5)) * 2
+    v = rng.standard_normal((6, 5))
+    y = rng.integers(0, 5, 6)
+    y[2] = 1
+    probs = rng.dirichlet(np.ones(5), 6)
+    specs = {
+        "sparse_ignore_class": ("Sparse", dict(from_logits=True, ignore_class=1), y),
+        "categorical_smoothing": ("", dict(from_logits=True, label_smoothing=0.2), probs),
+    }
+    out = {}
+    for name, (cls, kwargs, y_true) in specs.items():
+        row = {}
+        for who, module in (("ours", xk), ("keras", keras.losses)):
+            loss = getattr(module, f"{cls}CategoricalCrossentropy")(dtype="float64", **kwargs)
+            row[who] = {k: _to_numpy(h) for k, h in
+                        _hessian_vector(loss, y_true, x, v).items()}
+        out[name] = row
+    return out
+
+
 def jit_compile_error():
     """model.fit with jit_compile=True on TensorFlow: our clear error, not XLA's."""
     import keras
@@ -191,6 +257,8 @@ if __name__ == "__main__":
             result = jit_compile_error()
         elif what == "xla_rows":
             result = xla_rows(sys.argv[2], sys.argv[3])
+        elif what == "second":
+            result = second_derivatives()
         elif what == "fit_gpu":
             result = fit_as_on_a_gpu_machine(int(sys.argv[2]))
         else:

@@ -58,6 +58,19 @@ def test_losses_and_gradients_equal_keras(backend):
 
 
 @pytest.mark.parametrize("backend", _backends())
+def test_second_derivatives_equal_keras(backend):
+    """A gradient differentiated again (gradient penalties, Hessian-vector products):
+    nested GradientTapes (eager and tf.function), grad of grad, create_graph=True; the
+    same values as Keras' own loss in float64."""
+    results = _run(backend, "second")
+    for name, row in results.items():
+        assert row["ours"].keys() == row["keras"].keys()
+        for mode, theirs in row["keras"].items():
+            np.testing.assert_allclose(row["ours"][mode], theirs, rtol=1e-10, atol=1e-14,
+                                       err_msg=f"{backend} {name} {mode}")
+
+
+@pytest.mark.parametrize("backend", _backends())
 def test_seed2_program_trains_like_keras(backend):
     """examples/keras_mnist.py (seed 2's model, compile, fit, evaluate), 2 epochs: the
     per-epoch loss and accuracy, and the held-out evaluation, within 1e-4 relative of a

@@ -15,14 +15,15 @@ the one the fused kernel computed in the forward pass:
 
 * **TensorFlow**: ``tf.numpy_function`` (a host call, inside ``tf.function`` too) under
   ``tf.custom_gradient``; the backward multiplies the saved gradient by the per-sample
-  cotangent.  XLA cannot compile a host call.  Keras' default ``jit_compile="auto"``
+  cotangent (and a tape around that backward differentiates it again: second
+  derivatives, as in Keras' own loss).  XLA cannot compile a host call.  Keras' default ``jit_compile="auto"``
   keeps XLA off on CPU-only machines, where this trains, and there an XLA-compiled step
   (``jit_compile=True``) raises a ``RuntimeError`` saying to pass ``jit_compile=False``.
   Where TensorFlow sees a GPU, "auto" turns XLA on: the step then computes the loss and
   gradient with the same formulas in TensorFlow operations (``_tensorflow_xla_op``,
   float64, rounded once) and warns (``XLAFallbackWarning``); an explicit
   ``jit_compile=True`` there does the same, as Keras keeps no trace of which it was.
-* **JAX**: :mod:`xentfast.jax` (``jax.custom_vjp`` around a host callback).
+* **JAX**: :mod:`xentfast.jax` (``jax.custom_jvp`` around a host call).
 * **torch**: :mod:`xentfast.torch` (a ``torch.library`` custom op with autograd).
 
 ``from_logits=False`` (probabilities): the sparse loss takes ``log(clip(y_pred))`` with
@@ -145,21 +146,66 @@ def _tensorflow_op(logits, labels, *, axis, ignore_index, label_smoothing, proba
         batch_shape = [d for i, d in enumerate(x.shape) if i != axis % len(x.shape)]
         loss.set_shape(batch_shape)
         grad.set_shape(x.shape)
-        return loss, _scaled_backward(grad, axis, dtype)
+        return loss, _scaled_backward(x, grad, axis, dtype, labels, ignore_index,
+                                      label_smoothing, probabilities)
 
     return op(logits)
 
 
-def _scaled_backward(grad, axis, dtype):
-    """The backward of a per-row loss whose gradient ``grad`` the forward computed."""
+def _scaled_backward(x, grad, axis, dtype, labels, ignore_index, label_smoothing,
+                     probabilities):
+    """The backward of a per-row loss whose gradient ``grad`` the forward computed.
+
+    The saved gradient enters the backward as ``gradient_of(x)``, an op of ``x`` whose
+    own gradient is the Hessian-vector product: so a tape around the first gradient
+    (a gradient penalty, a Hessian) differentiates it again (see
+    ``_hessian_product``)."""
     import tensorflow as tf
+
+    @tf.custom_gradient
+    def gradient_of(x_in):
+        def hessian_product(v):
+            return _hessian_product(grad, v, axis, labels, ignore_index, label_smoothing,
+                                    probabilities)
+        return tf.identity(grad), hessian_product
 
     def backward(upstream):
         # Row r's loss depends on row r's logits only: the vector-Jacobian product is
         # the cotangent broadcast along the class axis times the saved gradient.
-        return tf.expand_dims(tf.cast(upstream, dtype), axis) * grad
+        return tf.expand_dims(tf.cast(upstream, dtype), axis) * gradient_of(x)
 
     return backward
+
+
+def _hessian_product(grad, v, axis, labels, ignore_index, label_smoothing, probabilities):
+    """H v for H = d grad / d logits, from the gradient alone (as xentfast.torch): per
+    row grad = K p - b with b the smoothed target weights ((1 - eps) onehot(y) + eps/C on
+    kept rows, (1 - eps) t + eps/C for probabilities) and sum p = 1, so K = sum(grad + b),
+    p = (grad + b) / K and H v = K (p v - p (p . v)).  In float64 (float32 for 16-bit
+    would do; float64 costs nothing here), cast back."""
+    import tensorflow as tf
+
+    acc = tf.float64
+    rank = len(grad.shape)
+    ax = axis % rank
+    num_classes = tf.shape(grad)[ax]
+    eps = float(label_smoothing)
+    uniform = eps / tf.cast(num_classes, acc)
+    if probabilities:
+        b = (1 - eps) * tf.cast(labels, acc) + uniform
+    else:
+        y = tf.expand_dims(tf.cast(labels, tf.int64), ax)
+        classes = tf.reshape(tf.range(tf.cast(num_classes, tf.int64)),
+                             [-1 if i == ax else 1 for i in range(rank)])
+        kept = tf.cast(tf.not_equal(y, ignore_index), acc)
+        b = kept * ((1 - eps) * tf.cast(tf.equal(classes, y), acc) + uniform)
+    g = tf.cast(grad, acc)
+    k = tf.reduce_sum(g + b, axis=ax, keepdims=True)
+    safe_k = tf.where(tf.equal(k, 0.0), tf.ones_like(k), k)
+    p = tf.where(tf.equal(k, 0.0), tf.zeros_like(g), (g + b) / safe_k)
+    vv = tf.cast(v, acc)
+    pv = tf.reduce_sum(p * vv, axis=ax, keepdims=True)
+    return tf.cast(k * (p * vv - p * pv), grad.dtype)
 
 
 class XLAFallbackWarning(UserWarning):
@@ -234,7 +280,9 @@ def _tensorflow_xla_op(logits, labels, *, axis, ignore_index, label_smoothing,
             grad = tf.where(kept, tf.where(valid, grad, nan), zero)
             loss = tf.squeeze(loss, ax)
         grad = tf.cast(grad, dtype)
-        return tf.cast(loss, dtype), _scaled_backward(grad, ax, dtype)
+        return tf.cast(loss, dtype), _scaled_backward(x_in, grad, ax, dtype, labels,
+                                                      ignore_index, label_smoothing,
+                                                      probabilities)
 
     return op(logits)
 
