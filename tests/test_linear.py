@@ -286,6 +286,19 @@ def test_torch_op_gradcheck(reduction):
                                                  chunk_size=5), (h, w, b))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_torch_op_refuses_double_backward_instead_of_a_zero(reduction):
+    """create_graph=True: the chunked gradients are constants to autograd, so a second
+    derivative would silently be 0 -- refused with the way out instead."""
+    torch = import_peer("torch")
+    import xentfast.torch as xft
+
+    h, w, b, y = _torch_problem(torch, torch.float64)
+    loss = xft.linear_cross_entropy(h, w, y, linear_bias=b, reduction=reduction).sum()
+    with pytest.raises(RuntimeError, match="linear_cross_entropy has no second derivative"):
+        torch.autograd.grad(loss, h, create_graph=True)
+
+
 def test_torch_op_no_grad_and_16_bit():
     """Without grad the loss-only pass runs; bfloat16 tensors computed in float32 give
     the float32 result rounded once."""

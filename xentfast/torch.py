@@ -1148,7 +1148,19 @@ def _linear_fwd_setup(ctx, inputs, output):
     ctx.has_bias = inputs[3] is not None
 
 
+def _linear_second_derivative_error() -> RuntimeError:
+    return RuntimeError(
+        "xentfast.torch.linear_cross_entropy has no second derivative: its backward "
+        "scales gradients computed chunk by chunk in the forward pass, so "
+        "create_graph=True (double backward) is refused rather than answered with a "
+        "zero. Where you need gradients of gradients, compute the logits and use "
+        "xentfast.torch.cross_entropy(input @ linear_weight.T, target), which has them"
+    )
+
+
 def _linear_fwd_backward(ctx, grad_loss, *unused):
+    if torch.is_grad_enabled() and _is_plain(grad_loss):
+        raise _linear_second_derivative_error()
     d_h, d_w, d_b = ctx.saved_tensors
     scale = grad_loss.to(d_h.dtype)
     grads = [d_h * scale, d_w * scale.to(d_w.dtype),
@@ -1170,8 +1182,9 @@ def _linear_loss_backward(ctx, grad_loss):
     input, linear_weight, target, linear_bias, weight = (
         next(saved) if present else None for present in ctx.present)
     ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size = ctx.options
-    if reduction != "none":
-        raise _second_derivative_error()  # only "none" takes this path (see below)
+    if reduction != "none" or (torch.is_grad_enabled() and _is_plain(grad_loss)):
+        # ("mean" and "sum" never reach the loss-only operator's backward: see below)
+        raise _linear_second_derivative_error()
     d_h, d_w, d_b = torch.ops.xentfast.linear_cross_entropy_bwd(
         input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing,
         z_loss, softcap, chunk_size, grad_loss)
