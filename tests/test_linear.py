@@ -299,6 +299,45 @@ def test_torch_op_refuses_double_backward_instead_of_a_zero(reduction):
         torch.autograd.grad(loss, h, create_graph=True)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_torch_op_under_torch_func_and_forward_ad():
+    """torch.func.grad / hessian and forward-mode dual tensors (which the chunked
+    operator cannot serve) get PyTorch's linear + cross_entropy values, not an error or
+    a missing tangent."""
+    torch = import_peer("torch")
+    import torch.nn.functional as F
+
+    import xentfast.torch as xft
+
+    h, w, b, y = (t.detach() if t is not None else t
+                  for t in _torch_problem(torch, torch.float64))
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=3.0)
+
+    def ours(h, w):
+        return xft.linear_cross_entropy(h, w, y, linear_bias=b, chunk_size=4, **kw)
+
+    def ref(h, w):
+        z = 3.0 * torch.tanh(F.linear(h, w, b) / 3.0)
+        kept = y != -100
+        rows = F.cross_entropy(z, y, label_smoothing=0.1, reduction="none") + (
+            1e-3 * torch.logsumexp(z, -1) ** 2 * kept)
+        return rows.sum() / kept.sum()
+
+    for got, want in [
+            (torch.func.grad(ours, argnums=(0, 1))(h, w), torch.func.grad(ref, argnums=(0, 1))(h, w)),
+            ((torch.func.hessian(lambda a: ours(a, w))(h),),
+             (torch.func.hessian(lambda a: ref(a, w))(h),))]:
+        for g, r in zip(got, want):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13)
+    fw = torch.autograd.forward_ad
+    tangent = torch.randn_like(h)
+    with fw.dual_level():
+        got = fw.unpack_dual(ours(fw.make_dual(h, tangent), w)).tangent
+        want = fw.unpack_dual(ref(fw.make_dual(h, tangent), w)).tangent
+    assert got is not None
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
 def test_torch_op_no_grad_and_16_bit():
     """Without grad the loss-only pass runs; bfloat16 tensors computed in float32 give
     the float32 result rounded once."""

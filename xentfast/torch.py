@@ -36,7 +36,8 @@ What the fused kernels cannot serve -- ``torch.func`` transforms (``grad``, ``vm
 ``jvp``, ``hessian``, per-sample gradients), forward-mode AD (dual tensors), gradients
 with respect to probability targets -- runs the same formulas written with PyTorch's
 differentiable operators (``_composite_cross_entropy``): the same semantics, PyTorch's
-speed and rounding.
+speed and rounding.  ``linear_cross_entropy`` does the same under torch.func and
+forward-mode AD (the logits are then made); its double backward is refused.
 
 The PyTorch operators
 ---------------------
@@ -733,13 +734,20 @@ def _needs_composite(input, target) -> bool:
     and (eagerly) torch.func-transformed tensors or forward-mode dual tensors."""
     if torch.is_grad_enabled() and target.requires_grad:
         return True
+    return _transformed_or_dual(input, target)
+
+
+def _transformed_or_dual(*tensors) -> bool:
+    """Eagerly: a torch.func-transformed tensor, or a forward-mode dual tensor, among
+    ``tensors`` (None entries skipped)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    if _is_transformed(input) or _is_transformed(target):
+    present = [t for t in tensors if t is not None]
+    if any(_is_transformed(t) for t in present):
         return True
     if torch.autograd.forward_ad._current_level >= 0:
         unpack = torch.autograd.forward_ad.unpack_dual
-        return unpack(input).tangent is not None or unpack(target).tangent is not None
+        return any(unpack(t).tangent is not None for t in present)
     return False
 
 
@@ -1224,6 +1232,15 @@ def linear_cross_entropy(
     if target.dtype.is_floating_point:
         raise TypeError("xentfast.torch.linear_cross_entropy takes class indices as target; "
                         f"got dtype {target.dtype}")
+    if _transformed_or_dual(input, linear_weight, linear_bias, target):
+        # torch.func transforms, forward-mode AD: the logits made with PyTorch's
+        # operators, then the same composite as cross_entropy's (classes to dim 1)
+        logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        return _composite_cross_entropy(logits.movedim(-1, 1) if logits.dim() > 2 else logits,
+                                        target, weight, int(ignore_index), reduction,
+                                        float(label_smoothing), float(z_loss))
     args = (input, linear_weight, target, linear_bias, weight, int(ignore_index), reduction,
             float(label_smoothing), float(z_loss),
             None if softcap is None else float(softcap),
