@@ -740,12 +740,15 @@ def _needs_composite(input, target) -> bool:
 def _transformed_or_dual(*tensors) -> bool:
     """Eagerly: a torch.func-transformed tensor, or a forward-mode dual tensor, among
     ``tensors`` (None entries skipped)."""
+    forward_ad = torch.autograd.forward_ad._current_level >= 0
+    if not (forward_ad or torch._C._are_functorch_transforms_active()):
+        return False  # the common case, decided in two flag reads
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     present = [t for t in tensors if t is not None]
     if any(_is_transformed(t) for t in present):
         return True
-    if torch.autograd.forward_ad._current_level >= 0:
+    if forward_ad:
         unpack = torch.autograd.forward_ad.unpack_dual
         return any(unpack(t).tangent is not None for t in present)
     return False
