@@ -153,7 +153,37 @@ def second_derivatives():
             row[who] = {k: _to_numpy(h) for k, h in
                         _hessian_vector(loss, y_true, x, v).items()}
         out[name] = row
+    # d loss / d y_true for probability labels (co-trained teacher), first order
+    row = {}
+    for who, module in (("ours", xk), ("keras", keras.losses)):
+        loss = module.CategoricalCrossentropy(from_logits=True, label_smoothing=0.2,
+                                              dtype="float64")
+        row[who] = {"labels": _to_numpy(_label_gradient(loss, probs, x))}
+    out["categorical_label_gradient"] = row
     return out
+
+
+def _label_gradient(loss_fn, y_true, logits):
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        t = tf.constant(y_true)
+        with tf.GradientTape() as tape:
+            tape.watch(t)
+            value = loss_fn(t, tf.constant(logits))
+        return tape.gradient(value, t)
+    if backend == "jax":
+        import jax
+
+        return jax.grad(lambda t: loss_fn(t, logits))(y_true)
+    import torch
+
+    t = torch.tensor(y_true, requires_grad=True)
+    (grad,) = torch.autograd.grad(loss_fn(t, torch.tensor(logits)), t)
+    return grad
 
 
 def jit_compile_error():

@@ -594,8 +594,15 @@ def test_weight_gradient_is_refused_not_zero():
     y = jnp.zeros(4, jnp.int32)
     with pytest.raises(NotImplementedError, match="class weights"):
         jax.grad(lambda w: xj.cross_entropy(x, y, weight=w))(jnp.ones(3))
-    # a constant weight (not differentiated) is fine
+    # nor the gradient's derivative with respect to them (mixed second derivatives)
+    f = lambda a, w: xj.cross_entropy(a, y, weight=w)  # noqa: E731
+    with pytest.raises(NotImplementedError, match="class weights"):
+        jax.jacfwd(lambda w: jax.grad(f)(x, w))(jnp.ones(3))
+    with pytest.raises(NotImplementedError, match="class weights"):
+        jax.grad(lambda w: (jax.grad(f)(x, w) ** 2).sum())(jnp.ones(3))
+    # a constant weight (not differentiated) is fine, to any order
     jax.grad(lambda a: xj.cross_entropy(a, y, weight=jnp.ones(3)))(x)
+    jax.hessian(lambda a: xj.cross_entropy(a, y, weight=jnp.ones(3)))(x)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -682,6 +682,45 @@ def test_torch_func_transforms_match_pytorch(on_backend, rng, kind):
     assert_close(got, want, rtol=1e-10, atol=1e-13, what="forward AD")
 
 
+def test_weight_derivatives_under_torch_func_are_true_ones(on_backend, rng):
+    """Class weights under torch.func (outside it they are refused, as in PyTorch): the
+    gradient's derivative with respect to them equals central differences (PyTorch's own
+    forward mode gets this one wrong), never a silent zero."""
+    x, y, kw = _case(rng, (5, 4), "weight", "index")
+    x, w = x.detach(), kw["weight"]
+    f = lambda a, ww: xft.cross_entropy(a, y, weight=ww, label_smoothing=0.1)  # noqa: E731
+    mixed = torch.func.jacfwd(lambda ww: torch.func.grad(f)(x, ww))(w)
+    h = 1e-6
+    for k in range(len(w)):
+        step = torch.zeros_like(w)
+        step[k] = h
+        central = (torch.func.grad(f)(x, w + step) - torch.func.grad(f)(x, w - step)) / (2 * h)
+        assert_close(mixed[..., k], central, rtol=1e-6, atol=1e-9, what=f"d grad / d w_{k}")
+    assert mixed.abs().max() > 0.01
+
+
+def test_second_derivative_where_the_gradient_cannot_give_it_is_nan(on_backend):
+    """With a z-loss, K = sum(b) + 2 z' lse vanishes where lse = -1 / (2 z) (one kept row,
+    no weights): p cannot be recovered from g = -b there, so H v is NaN, not 0."""
+    c, z = 4, 0.05
+    x = torch.full((1, c), -10.0 - np.log(c), dtype=torch.float64, requires_grad=True)
+    loss = xft.cross_entropy(x, torch.tensor([0]), z_loss=z)
+    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+    (hv,) = torch.autograd.grad(grad.sum(), x)
+    assert torch.isnan(hv).all()
+
+
+def test_composite_keeps_the_zero_label_at_minus_inf(on_backend):
+    """A probability target that requires grad takes the composite path: same value as
+    the fused one where a zero label meets a -inf logit (0, not 0 * inf = NaN)."""
+    x = torch.tensor([[0.5, -1.0, -float("inf")], [0.1, 0.2, 0.3]], dtype=torch.float64)
+    t = torch.tensor([[0.25, 0.75, 0.0], [0.2, 0.3, 0.5]], dtype=torch.float64)
+    fused = xft.cross_entropy(x, t)
+    composite = xft.cross_entropy(x, t.clone().requires_grad_(True))
+    assert torch.isfinite(fused)
+    assert_close(composite.detach(), fused, rtol=1e-15, atol=0, what="composite")
+
+
 def test_first_order_gradient_holds_no_graph(on_backend, rng):
     """The saved gradient is an output of the autograd node (for second derivatives); a
     plain backward must still hand over a detached tensor, the kernels' own memory."""
@@ -715,11 +754,13 @@ def test_double_backward_refused_where_no_gradient_is_kept(on_backend, rng):
     with pytest.raises(RuntimeError, match="no second derivative here"):
         torch.autograd.grad(loss, x, create_graph=True)
     soft = torch.softmax(torch.randn(4, 5, dtype=torch.float64), dim=1)
-    loss = xft.cross_entropy(x, soft)
-    soft.mul_(0.5)
-    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
-    with pytest.raises(RuntimeError, match="modified in place"):
-        torch.autograd.grad(grad.sum(), x)
+    weight = torch.ones(5, dtype=torch.float64)
+    for modified in (soft, weight):
+        loss = xft.cross_entropy(x, soft, weight=weight)
+        modified.mul_(0.5)
+        (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+        with pytest.raises(RuntimeError, match="modified in place"):
+            torch.autograd.grad(grad.sum(), x)
 
 
 def test_weight_requiring_grad_is_refused():

@@ -605,13 +605,22 @@ def _acc_dtype(dtype):
 
 
 def _contract(opts: _Options, d, t, dtype):
-    """<d, t> along the class axis ("none": one value per row) or over everything
-    (mean, sum): the tangent of the loss when ``d`` is its derivative.  Linear in ``t``;
-    its transpose is the old backward rule, ``expand_dims(ct, axis) * d`` or ``ct * d``."""
-    acc = _acc_dtype(dtype)
-    product = d.astype(acc) * t.astype(acc)
-    axes = opts.axis if opts.reduction == "none" else None
-    return jnp.sum(product, axis=axes).astype(dtype)
+    """<d, t> along the class axis ("none": one value per row, the other axes batch
+    axes) or over everything (mean, sum): the tangent of the loss when ``d`` is its
+    derivative, accumulated in float32/float64.  One ``dot_general``, linear in ``t``:
+    its transpose (reverse mode) is one op too, the cotangent times ``d`` --
+    ``expand_dims(ct, axis) * d`` or ``ct * d`` -- with no full-size broadcast or
+    conversions of its own (which a sum of a product would add, op by op, outside jit)."""
+    t = t.astype(d.dtype)
+    if opts.reduction == "none":
+        contract = ((opts.axis,), (opts.axis,))
+        batch = tuple(i for i in range(d.ndim) if i != opts.axis)
+    else:
+        contract = (tuple(range(d.ndim)), tuple(range(d.ndim)))
+        batch = ()
+    out = jax.lax.dot_general(d, t, (contract, (batch, batch)),
+                              preferred_element_type=_acc_dtype(dtype))
+    return out.astype(dtype)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -627,12 +636,7 @@ def _loss_jvp(opts: _Options, primals, tangents):
     saved ``g``."""
     x, y, w = primals
     dx, dy, dw = tangents
-    if w is not None and not isinstance(dw, SymbolicZero):
-        raise NotImplementedError(
-            "xentfast.jax does not differentiate with respect to the class weights "
-            "(PyTorch does not either); treat them as constants with "
-            "jax.lax.stop_gradient(weight)"
-        )
+    _check_weight_constant(w, dw)
     labels_differentiated = opts.kind == "dense" and not isinstance(dy, SymbolicZero)
     if isinstance(dx, SymbolicZero):
         loss = _loss(opts, x, y, w)
@@ -652,13 +656,23 @@ def _loss_and_grad(opts: _Options, logits, labels, weight):
     return tuple(_bind(opts, "loss_grad", *args))
 
 
+def _check_weight_constant(w, dw) -> None:
+    if w is not None and not isinstance(dw, SymbolicZero):
+        raise NotImplementedError(
+            "xentfast.jax does not differentiate with respect to the class weights "
+            "(PyTorch does not either); treat them as constants with "
+            "jax.lax.stop_gradient(weight)"
+        )
+
+
 def _loss_and_grad_jvp(opts: _Options, primals, tangents):
     """Second derivatives (grad of grad, hessian, jvp of grad): the tangent of ``g`` is
     the Hessian-vector product, taken by JAX through ``_composite_loss`` (the same
     formulas with jnp operators), with respect to the logits and, for probability
     labels, the labels."""
     x, y, w = primals
-    dx, dy, _ = tangents
+    dx, dy, dw = tangents
+    _check_weight_constant(w, dw)  # (the gradient's derivative too: no silent zero)
     loss, g = _loss_and_grad(opts, x, y, w)
     dx = jnp.zeros_like(x) if isinstance(dx, SymbolicZero) else dx
     dloss = _contract(opts, g, dx, loss.dtype)

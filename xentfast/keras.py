@@ -141,15 +141,15 @@ def _tensorflow_op(logits, labels, *, axis, ignore_index, label_smoothing, proba
         return np.asarray(loss), grad
 
     @tf.custom_gradient
-    def op(x):
-        loss, grad = tf.numpy_function(host, [x, labels], [dtype, dtype], stateful=False)
+    def op(x, y):
+        loss, grad = tf.numpy_function(host, [x, y], [dtype, dtype], stateful=False)
         batch_shape = [d for i, d in enumerate(x.shape) if i != axis % len(x.shape)]
         loss.set_shape(batch_shape)
         grad.set_shape(x.shape)
-        return loss, _scaled_backward(x, grad, axis, dtype, labels, ignore_index,
+        return loss, _scaled_backward(x, grad, axis, dtype, y, ignore_index,
                                       label_smoothing, probabilities)
 
-    return op(logits)
+    return op(logits, labels)
 
 
 def _scaled_backward(x, grad, axis, dtype, labels, ignore_index, label_smoothing,
@@ -172,7 +172,14 @@ def _scaled_backward(x, grad, axis, dtype, labels, ignore_index, label_smoothing
     def backward(upstream):
         # Row r's loss depends on row r's logits only: the vector-Jacobian product is
         # the cotangent broadcast along the class axis times the saved gradient.
-        return tf.expand_dims(tf.cast(upstream, dtype), axis) * gradient_of(x)
+        row_ct = tf.expand_dims(tf.cast(upstream, dtype), axis)
+        d_labels = None
+        if probabilities:
+            # loss = -sum_c ((1 - eps) t_c + eps/C) log p_c: d/dt_c = -(1 - eps) log p_c
+            log_p = tf.nn.log_softmax(tf.cast(x, tf.float64), axis=axis)
+            d_labels = tf.cast(-(1.0 - label_smoothing) * log_p * tf.cast(row_ct, tf.float64),
+                               labels.dtype)
+        return row_ct * gradient_of(x), d_labels
 
     return backward
 
@@ -232,7 +239,7 @@ def _tensorflow_xla_op(logits, labels, *, axis, ignore_index, label_smoothing,
     ax = axis % rank
 
     @tf.custom_gradient
-    def op(x_in):
+    def op(x_in, labels):
         x = tf.cast(x_in, acc)
         m = tf.reduce_max(x, axis=ax, keepdims=True)
         d = x - m  # exact for data of fewer bits than float64
@@ -284,7 +291,7 @@ def _tensorflow_xla_op(logits, labels, *, axis, ignore_index, label_smoothing,
                                                       ignore_index, label_smoothing,
                                                       probabilities)
 
-    return op(logits)
+    return op(logits, labels)
 
 
 # --------------------------------------------------------------------------- functions

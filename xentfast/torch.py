@@ -656,8 +656,11 @@ def _hessian_product(ctx, grad, v):
     per row g = K p - b with sum p = 1, so K = sum(g + b) and p = (g + b) / K, and
         H = K (diag p - p p^T) + 2 z' p p^T
     (the softmax Jacobian scaled by the row's weight mass plus its z-loss ``2 z' lse``,
-    and the z-loss's own ``2 z' p p^T``).  Rows with K = 0 (zero weight mass and no
-    z-loss) have g = 0 and H = 0.  Differentiable in ``g``, so it can be taken again."""
+    and the z-loss's own ``2 z' p p^T``).  Rows with K = 0 and no z-loss (zero weight
+    mass) have g = 0 and H = 0.  With a z-loss, K = sum(b) + 2 z' lse is 0 where
+    lse = -sum(b) / (2 z') -- logits near -1/(2 z) or below -- and p cannot be read
+    from g = -b there: such rows get NaN (never a silent 0), and near it p loses the
+    digits that cancel in g + b.  Differentiable in ``g``, so it can be taken again."""
     cdim = ctx.cdim
     dtype = torch.promote_types(grad.dtype, torch.float32)
     g = grad.movedim(cdim, -1).to(dtype)
@@ -665,10 +668,15 @@ def _hessian_product(ctx, grad, v):
     b, zs = _target_weights(ctx.target, ctx.weight, cdim, g.shape[-1], ctx.ignore_index,
                             ctx.label_smoothing, ctx.z_loss, ctx.reduction, dtype)
     k = (g + b).sum(-1, keepdim=True)
-    p = torch.where(k != 0, (g + b) / torch.where(k != 0, k, 1), 0)
+    lost = torch.where(zs.unsqueeze(-1) != 0, torch.nan, 0.0).to(dtype)  # p unknowable
+    p = torch.where(k != 0, (g + b) / torch.where(k != 0, k, 1), lost)
     pv = (p * vv).sum(-1, keepdim=True)
     hv = k * (p * vv - p * pv) + 2 * zs.unsqueeze(-1) * p * pv
     return hv.to(grad.dtype).movedim(-1, cdim)
+
+
+def _versions(*tensors) -> tuple:
+    return tuple(None if t is None else t._version for t in tensors)
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
@@ -696,7 +704,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         # forward breaks nothing.
         ctx.target, ctx.weight = target, weight
         ctx.ignore_index, ctx.label_smoothing, ctx.z_loss = ignore_index, label_smoothing, z_loss
-        ctx.target_version = target._version
+        ctx.versions = _versions(target, weight)
         # Two handles on one memory: ``grad`` itself (no autograd history) is what a
         # first-order backward returns, as before (autograd steals it for .grad, or
         # copies it while a retained graph still holds it); the alias is the output
@@ -719,22 +727,22 @@ class _FusedCrossEntropy(torch.autograd.Function):
         else:
             result = _scale_grad(grad, grad_loss, ctx.reduction, ctx.cdim)
         if grad_grad is not None:
-            if ctx.target._version != ctx.target_version:
+            if _versions(ctx.target, ctx.weight) != ctx.versions:
                 raise RuntimeError(
-                    "the target of xentfast.torch.cross_entropy was modified in place "
-                    "after the forward pass; its second derivative needs the original "
-                    "target: modify a copy (target.clone()) instead")
+                    "the target or weight of xentfast.torch.cross_entropy was modified in "
+                    "place after the forward pass; its second derivative needs the "
+                    "original values: modify a copy (.clone()) instead")
             hv = _hessian_product(ctx, output if graph else grad, grad_grad)
             result = hv if result is None else result + hv
         return (result, None, None, None, None, None, None, None)
 
 
-def _needs_composite(input, target) -> bool:
+def _needs_composite(input, target, weight) -> bool:
     """The calls the fused kernels cannot serve: a probability target that requires grad,
     and (eagerly) torch.func-transformed tensors or forward-mode dual tensors."""
     if torch.is_grad_enabled() and target.requires_grad:
         return True
-    return _transformed_or_dual(input, target)
+    return _transformed_or_dual(input, target, weight)
 
 
 def _transformed_or_dual(*tensors) -> bool:
@@ -769,15 +777,19 @@ def _composite_cross_entropy(input, target, weight, ignore_index, reduction,
     dtype = torch.promote_types(_loss_dtype(input, target, kind), torch.float32)
     x = input.movedim(cdim, -1).to(dtype)
     num_classes = x.shape[-1]
-    w = None if weight is None else weight.detach().to(dtype)
+    # (weight not detached: eagerly it cannot require grad here, and under torch.func
+    # its derivatives -- mixed second ones included -- are then the true ones)
+    w = None if weight is None else weight.to(dtype)
     if w is not None and _is_plain(w):
-        _validate.check_weight_values(w.cpu().numpy())
+        _validate.check_weight_values(w.detach().cpu().numpy())
     eps = float(label_smoothing)
     lse = torch.logsumexp(x, dim=-1)
     neg_logp = lse.unsqueeze(-1) - x
     if kind == "dense":
         q = (1 - eps) * target.movedim(cdim, -1).to(dtype) + eps / num_classes
-        rows = ((q if w is None else w * q) * neg_logp).sum(-1)
+        wq = q if w is None else w * q
+        # a class of weight 0 adds nothing, even at a -inf logit (not 0 * inf = NaN)
+        rows = torch.where(wq == 0, 0, wq * neg_logp).sum(-1)
         kept = None
         den = float(rows.numel())
     else:
@@ -968,7 +980,7 @@ def cross_entropy(
         input = input.float()
         if target.dtype in _HALF_DTYPES:
             target = target.float()
-    if _needs_composite(input, target):
+    if _needs_composite(input, target, weight):
         return _composite_cross_entropy(input, target, weight, ignore_index, reduction,
                                         label_smoothing, z_loss)
     need_grad = torch.is_grad_enabled() and input.requires_grad
