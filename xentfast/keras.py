@@ -53,7 +53,7 @@ import warnings
 import numpy as np
 
 from . import _keras as _numpy_keras
-from . import _validate
+from . import _second_order, _validate
 
 __all__ = [
     "CategoricalCrossentropy",
@@ -185,11 +185,9 @@ def _scaled_backward(x, grad, axis, dtype, labels, ignore_index, label_smoothing
 
 
 def _hessian_product(grad, v, axis, labels, ignore_index, label_smoothing, probabilities):
-    """H v for H = d grad / d logits, from the gradient alone (as xentfast.torch): per
-    row grad = K p - b with b the smoothed target weights ((1 - eps) onehot(y) + eps/C on
-    kept rows, (1 - eps) t + eps/C for probabilities) and sum p = 1, so K = sum(grad + b),
-    p = (grad + b) / K and H v = K (p v - p (p . v)).  In float64 (float32 for 16-bit
-    would do; float64 costs nothing here), cast back."""
+    """H v for H = d grad / d logits, from the gradient alone (``xentfast._second_order``,
+    as xentfast.torch): b the smoothed target weights, (1 - eps) onehot(y) + eps/C on kept
+    rows, (1 - eps) t + eps/C for probabilities; no z-loss here.  In float64, cast back."""
     import tensorflow as tf
 
     acc = tf.float64
@@ -206,13 +204,10 @@ def _hessian_product(grad, v, axis, labels, ignore_index, label_smoothing, proba
                              [-1 if i == ax else 1 for i in range(rank)])
         kept = tf.cast(tf.not_equal(y, ignore_index), acc)
         b = kept * ((1 - eps) * tf.cast(tf.equal(classes, y), acc) + uniform)
-    g = tf.cast(grad, acc)
-    k = tf.reduce_sum(g + b, axis=ax, keepdims=True)
-    safe_k = tf.where(tf.equal(k, 0.0), tf.ones_like(k), k)
-    p = tf.where(tf.equal(k, 0.0), tf.zeros_like(g), (g + b) / safe_k)
-    vv = tf.cast(v, acc)
-    pv = tf.reduce_sum(p * vv, axis=ax, keepdims=True)
-    return tf.cast(k * (p * vv - p * pv), grad.dtype)
+    hv = _second_order.hessian_vector_product(
+        tf.cast(grad, acc), b, tf.cast(v, acc), tf.zeros([], acc),
+        row_sum=lambda a: tf.reduce_sum(a, axis=ax, keepdims=True), where=tf.where)
+    return tf.cast(hv, grad.dtype)
 
 
 class XLAFallbackWarning(UserWarning):

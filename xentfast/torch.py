@@ -28,9 +28,9 @@ call (its version counter is bumped, so autograd refuses any other use of them).
 The saved ``g`` is itself an output of the autograd node (unused by the caller), so
 second derivatives work too (``create_graph=True``, ``gradgradcheck``): differentiating
 ``grad_output * g`` reaches the node again, whose backward then returns the
-Hessian-vector product computed from ``g`` alone (``_hessian_product``: per row
-``g = K p - b`` with ``b`` the target weights, so ``p = (g + b) / K`` and
-``H v = K (p v - p (p . v)) + 2 z' p (p . v)``), with no logits kept for it.
+Hessian-vector product computed from ``g`` alone (``xentfast._second_order``: per row
+``g = K p - b`` with ``b`` the target weights, so ``p = (g + b) / K``), with no logits
+kept for it.
 
 What the fused kernels cannot serve -- ``torch.func`` transforms (``grad``, ``vmap``,
 ``jvp``, ``hessian``, per-sample gradients), forward-mode AD (dual tensors), gradients
@@ -91,7 +91,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
 import numpy as np
 
 import xentfast as _xf
-from . import _api, _arrays, _buffers, _dispatch, _validate
+from . import _api, _arrays, _buffers, _dispatch, _second_order, _validate
 
 __all__ = ["CrossEntropyLoss", "cross_entropy", "linear_cross_entropy"]
 
@@ -652,26 +652,16 @@ def _target_weights(target, weight, cdim, num_classes, ignore_index, label_smoot
 
 
 def _hessian_product(ctx, grad, v):
-    """H v, H = d g / d input, from the saved gradient ``g`` alone (module docstring):
-    per row g = K p - b with sum p = 1, so K = sum(g + b) and p = (g + b) / K, and
-        H = K (diag p - p p^T) + 2 z' p p^T
-    (the softmax Jacobian scaled by the row's weight mass plus its z-loss ``2 z' lse``,
-    and the z-loss's own ``2 z' p p^T``).  Rows with K = 0 and no z-loss (zero weight
-    mass) have g = 0 and H = 0.  With a z-loss, K = sum(b) + 2 z' lse is 0 where
-    lse = -sum(b) / (2 z') -- logits near -1/(2 z) or below -- and p cannot be read
-    from g = -b there: such rows get NaN (never a silent 0), and near it p loses the
-    digits that cancel in g + b.  Differentiable in ``g``, so it can be taken again."""
+    """H v, H = d g / d input, from the saved gradient ``g`` alone: the formula of
+    ``xentfast._second_order`` (rows with the class dimension last)."""
     cdim = ctx.cdim
     dtype = torch.promote_types(grad.dtype, torch.float32)
     g = grad.movedim(cdim, -1).to(dtype)
-    vv = v.movedim(cdim, -1).to(dtype)
     b, zs = _target_weights(ctx.target, ctx.weight, cdim, g.shape[-1], ctx.ignore_index,
                             ctx.label_smoothing, ctx.z_loss, ctx.reduction, dtype)
-    k = (g + b).sum(-1, keepdim=True)
-    lost = torch.where(zs.unsqueeze(-1) != 0, torch.nan, 0.0).to(dtype)  # p unknowable
-    p = torch.where(k != 0, (g + b) / torch.where(k != 0, k, 1), lost)
-    pv = (p * vv).sum(-1, keepdim=True)
-    hv = k * (p * vv - p * pv) + 2 * zs.unsqueeze(-1) * p * pv
+    hv = _second_order.hessian_vector_product(
+        g, b, v.movedim(cdim, -1).to(dtype), 2 * zs.unsqueeze(-1),
+        row_sum=lambda a: a.sum(-1, keepdim=True), where=torch.where)
     return hv.to(grad.dtype).movedim(-1, cdim)
 
 
