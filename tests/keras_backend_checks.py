@@ -160,7 +160,53 @@ def second_derivatives():
                                               dtype="float64")
         row[who] = {"labels": _to_numpy(_label_gradient(loss, probs, x))}
     out["categorical_label_gradient"] = row
+    # d/dt of |d loss / d x|^2: the mixed second derivative (Keras' own loss gives 0 on
+    # TensorFlow, so the reference is the same per-row loss written in keras.ops, under
+    # the same Keras reduction)
+    def per_row(t, z):
+        q = 0.8 * t + 0.2 / 5
+        return -keras.ops.sum(q * keras.ops.log_softmax(z, axis=-1), axis=-1)
+
+    from keras.src.losses.losses import LossFunctionWrapper  # what Keras wraps its own in
+
+    reference = LossFunctionWrapper(per_row, dtype="float64")
+    ours = xk.CategoricalCrossentropy(from_logits=True, label_smoothing=0.2, dtype="float64")
+    out["categorical_mixed_second"] = {
+        who: {"mixed": _to_numpy(_mixed_label_derivative(fn, probs, x))}
+        for who, fn in (("ours", ours), ("keras", reference))}
     return out
+
+
+def _mixed_label_derivative(loss_fn, y_true, logits):
+    """d/d y_true of sum((d loss / d logits)^2), through the backend's autodiff."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        t, x = tf.constant(y_true), tf.constant(logits)
+        with tf.GradientTape() as outer:
+            outer.watch(t)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                value = loss_fn(t, x)
+            grad = inner.gradient(value, x)
+            total = tf.reduce_sum(grad * grad)
+        return outer.gradient(total, t)
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        return jax.grad(lambda t: jnp.sum(jax.grad(lambda x: loss_fn(t, x))(logits) ** 2))(
+            y_true)
+    import torch
+
+    t = torch.tensor(y_true, requires_grad=True)
+    x = torch.tensor(logits, requires_grad=True)
+    (grad,) = torch.autograd.grad(loss_fn(t, x), x, create_graph=True)
+    (mixed,) = torch.autograd.grad((grad * grad).sum(), t)
+    return mixed
 
 
 def _label_gradient(loss_fn, y_true, logits):

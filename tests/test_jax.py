@@ -657,6 +657,18 @@ def test_hessian_jacfwd_jvp_and_per_example_grads_match_optax():
                                            rtol=1e-10, atol=1e-13, err_msg=name)
 
 
+def test_ignored_row_with_nan_logits_has_zero_second_derivatives():
+    """An ignored row is no function of its logits (NaN ones included), in the Hessian
+    as in the gradient."""
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((3, 4)), jnp.float32)
+    x = x.at[1, 2].set(jnp.nan)
+    y = jnp.asarray([0, -100, 3])
+    f = lambda a: xj.cross_entropy(a, y)  # noqa: E731
+    assert np.all(_np(jax.grad(f)(x))[1] == 0)
+    hessian = _np(jax.hessian(f)(x))
+    assert np.all(np.isfinite(hessian)) and np.all(hessian[1] == 0) and np.all(hessian[:, :, 1] == 0)
+
+
 def test_first_derivative_is_one_fused_call():
     """Under grad the jaxpr holds one host call, the fused loss+grad kernel."""
     x = jnp.ones((4, 3))

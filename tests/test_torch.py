@@ -699,6 +699,39 @@ def test_weight_derivatives_under_torch_func_are_true_ones(on_backend, rng):
     assert mixed.abs().max() > 0.01
 
 
+def test_third_derivative_matches_pytorch(on_backend, rng):
+    """The Hessian-vector product is differentiable again: d/dx |H v|^2 equals PyTorch's
+    (no NaN from the guard of the K = 0 rows leaks into it)."""
+    x, y, kw = _case(rng, (3, 4), "all", "index")
+    v = torch.tensor(rng.standard_normal((3, 4)))
+
+    def third(fn):
+        xo = x.detach().clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(fn(xo), xo, create_graph=True)
+        (h,) = torch.autograd.grad((g * v).sum(), xo, create_graph=True)
+        return torch.autograd.grad((h ** 2).sum(), xo)[0]
+
+    assert_close(third(lambda a: xft.cross_entropy(a, y, **kw)),
+                 third(lambda a: _oracle_loss(a, y, kw, "mean")), rtol=1e-9, atol=1e-13,
+                 what="third derivative")
+
+
+def test_ignored_row_with_nan_logits_has_zero_derivatives_everywhere(on_backend, rng):
+    """An ignored row is no function of its logits, NaN ones included: zero gradient on
+    the fused path, under torch.func, and zero second derivatives."""
+    x, y, _ = _case(rng, (3, 4), "plain", "index")
+    x, y = x.detach().clone(), y.clone()
+    x[1, 2], y[1] = float("nan"), -100
+    for name, grad in {
+        "eager": torch.autograd.grad(xft.cross_entropy(x.requires_grad_(True), y), x)[0],
+        "torch.func": torch.func.grad(lambda a: xft.cross_entropy(a, y))(x.detach()),
+        "hessian": torch.func.hessian(lambda a: xft.cross_entropy(a, y))(x.detach())[1],
+    }.items():
+        assert torch.equal(grad[1] if name != "hessian" else grad,
+                           torch.zeros_like(grad[1] if name != "hessian" else grad)), name
+    assert torch.isfinite(torch.func.grad(lambda a: xft.cross_entropy(a, y))(x.detach())).all()
+
+
 def test_second_derivative_where_the_gradient_cannot_give_it_is_nan(on_backend):
     """With a z-loss, K = sum(b) + 2 z' lse vanishes where lse = -1 / (2 z) (one kept row,
     no weights): p cannot be recovered from g = -b there, so H v is NaN, not 0."""

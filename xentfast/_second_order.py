@@ -25,17 +25,25 @@ digits that cancel in g + b.
 from __future__ import annotations
 
 
-def hessian_vector_product(g, b, v, z2, row_sum, where):
-    """H v for rows of softmax cross-entropy (class axis last) from their gradient ``g``.
+def softmax_from_grad(g, b, z2, row_sum, where):
+    """(p, K) of each row (class axis last) from its gradient ``g = K p - b``.
 
     ``b``: the target weights (as ``g``); ``z2``: 2 z' per row with the class axis kept
     (size 1), or 0 without a z-loss; ``row_sum(a)``: the sum over the class axis, kept as
-    size 1; ``where(cond, a, b)``: a select.  Arithmetic only otherwise, so the result is
-    differentiable in ``g`` by the framework (a third derivative goes through it)."""
+    size 1; ``where(cond, a, b)``: a select that takes Python numbers for ``a``/``b``
+    (constants: no NaN enters a derivative through an unselected branch).  Arithmetic
+    only otherwise, so the result is differentiable in ``g`` by the framework (a third
+    derivative goes through it)."""
     gb = g + b
     k = row_sum(gb)
-    one = k * 0 + 1
-    unknowable = (k == 0) & (z2 * one != 0)  # K = 0 by the z-loss: p is not in g
-    p = where(k == 0, where(unknowable, one * float("nan"), gb * 0), gb / where(k == 0, one, k))
+    unknowable = (k == 0) & (k * 0 + z2 != 0)  # K = 0 by the z-loss: p is not in g
+    p = where(k == 0, where(unknowable, float("nan"), 0.0), gb / where(k == 0, 1.0, k))
+    return p, k
+
+
+def hessian_vector_product(g, b, v, z2, row_sum, where):
+    """H v for rows of softmax cross-entropy (class axis last) from their gradient ``g``
+    (arguments as :func:`softmax_from_grad`; ``v`` as ``g``)."""
+    p, k = softmax_from_grad(g, b, z2, row_sum, where)
     pv = row_sum(p * v)
     return k * (p * v - p * pv) + z2 * p * pv

@@ -701,6 +701,13 @@ def _composite_loss(opts: _Options, x, y, w):
     xl = jnp.moveaxis(xc, opts.axis, -1)
     num_classes = xl.shape[-1]
     eps = opts.label_smoothing
+    kept = None
+    if opts.kind == "sparse":
+        info = np.iinfo(np.dtype(y.dtype))
+        if info.min <= opts.ignore_index <= info.max:  # else no label can equal it
+            kept = y != jnp.asarray(opts.ignore_index, y.dtype)
+            # an ignored row is no function of its logits (NaN included)
+            xl = jnp.where(kept[..., None], xl, 0)
     lse = jax.nn.logsumexp(xl, axis=-1)
     neg_log_p = lse[..., None] - xl
     wv = jnp.ones(num_classes, acc) if w is None else w.astype(acc)
@@ -710,10 +717,7 @@ def _composite_loss(opts: _Options, x, y, w):
         kept = jnp.ones(rows.shape, bool)
         den = jnp.asarray(rows.size, acc)
     else:
-        info = np.iinfo(np.dtype(y.dtype))
-        if info.min <= opts.ignore_index <= info.max:  # else no label can equal it
-            kept = y != jnp.asarray(opts.ignore_index, y.dtype)
-        else:
+        if kept is None:
             kept = jnp.ones(y.shape, bool)
         safe = jnp.where(kept, y, 0)
         w_y = wv[safe]

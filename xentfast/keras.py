@@ -163,7 +163,7 @@ def _scaled_backward(x, grad, axis, dtype, labels, ignore_index, label_smoothing
     import tensorflow as tf
 
     @tf.custom_gradient
-    def gradient_of(x_in):
+    def gradient_of(x_in, labels_in):
         def hessian_product(v):
             return _hessian_product(grad, v, axis, labels, ignore_index, label_smoothing,
                                     probabilities)
@@ -179,15 +179,17 @@ def _scaled_backward(x, grad, axis, dtype, labels, ignore_index, label_smoothing
             log_p = tf.nn.log_softmax(tf.cast(x, tf.float64), axis=axis)
             d_labels = tf.cast(-(1.0 - label_smoothing) * log_p * tf.cast(row_ct, tf.float64),
                                labels.dtype)
-        return row_ct * gradient_of(x), d_labels
+        return row_ct * gradient_of(x, labels), d_labels
 
     return backward
 
 
 def _hessian_product(grad, v, axis, labels, ignore_index, label_smoothing, probabilities):
-    """H v for H = d grad / d logits, from the gradient alone (``xentfast._second_order``,
-    as xentfast.torch): b the smoothed target weights, (1 - eps) onehot(y) + eps/C on kept
-    rows, (1 - eps) t + eps/C for probabilities; no z-loss here.  In float64, cast back."""
+    """(d/d logits, d/d labels) of <grad, v>, from the gradient alone
+    (``xentfast._second_order``, as xentfast.torch): b the smoothed target weights,
+    (1 - eps) onehot(y) + eps/C on kept rows, (1 - eps) t + eps/C for probabilities; no
+    z-loss here.  For probabilities grad = (sum b) p - b, so d/dt_c <grad, v> =
+    (1 - eps) (p . v - v_c); class ids get none.  In float64, cast back."""
     import tensorflow as tf
 
     acc = tf.float64
@@ -204,10 +206,20 @@ def _hessian_product(grad, v, axis, labels, ignore_index, label_smoothing, proba
                              [-1 if i == ax else 1 for i in range(rank)])
         kept = tf.cast(tf.not_equal(y, ignore_index), acc)
         b = kept * ((1 - eps) * tf.cast(tf.equal(classes, y), acc) + uniform)
-    hv = _second_order.hessian_vector_product(
-        tf.cast(grad, acc), b, tf.cast(v, acc), tf.zeros([], acc),
-        row_sum=lambda a: tf.reduce_sum(a, axis=ax, keepdims=True), where=tf.where)
-    return tf.cast(hv, grad.dtype)
+
+    def row_sum(a):
+        return tf.reduce_sum(a, axis=ax, keepdims=True)
+
+    def where(cond, a, b):
+        return tf.where(cond, tf.cast(a, acc), tf.cast(b, acc))
+
+    g, vv, z2 = tf.cast(grad, acc), tf.cast(v, acc), tf.zeros([], acc)
+    hv = _second_order.hessian_vector_product(g, b, vv, z2, row_sum, where)
+    d_labels = None
+    if probabilities:
+        p, _ = _second_order.softmax_from_grad(g, b, z2, row_sum, where)
+        d_labels = tf.cast((1 - eps) * (row_sum(p * vv) - vv), labels.dtype)
+    return tf.cast(hv, grad.dtype), d_labels
 
 
 class XLAFallbackWarning(UserWarning):

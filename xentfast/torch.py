@@ -773,6 +773,9 @@ def _composite_cross_entropy(input, target, weight, ignore_index, reduction,
     if w is not None and _is_plain(w):
         _validate.check_weight_values(w.detach().cpu().numpy())
     eps = float(label_smoothing)
+    kept = None if kind == "dense" else target != ignore_index
+    if kept is not None:  # an ignored row is no function of its logits (NaN included)
+        x = torch.where(kept.unsqueeze(-1), x, 0)
     lse = torch.logsumexp(x, dim=-1)
     neg_logp = lse.unsqueeze(-1) - x
     if kind == "dense":
@@ -780,10 +783,8 @@ def _composite_cross_entropy(input, target, weight, ignore_index, reduction,
         wq = q if w is None else w * q
         # a class of weight 0 adds nothing, even at a -inf logit (not 0 * inf = NaN)
         rows = torch.where(wq == 0, 0, wq * neg_logp).sum(-1)
-        kept = None
         den = float(rows.numel())
     else:
-        kept = target != ignore_index
         _check_composite_labels(target, kept, num_classes, ignore_index)
         y = torch.where(kept, target, 0).long()
         w_y = torch.ones_like(lse) if w is None else w[y]
