@@ -174,7 +174,29 @@ def second_derivatives():
     out["categorical_mixed_second"] = {
         who: {"mixed": _to_numpy(_mixed_label_derivative(fn, probs, x))}
         for who, fn in (("ours", ours), ("keras", reference))}
+    if keras.backend.backend() == "tensorflow":  # (torch and JAX: their own test suites)
+        out["categorical_third"] = {
+            who: {"third": _to_numpy(_third_derivative(fn, probs, x, v))}
+            for who, fn in (("ours", ours), ("keras", reference))}
     return out
+
+
+def _third_derivative(loss_fn, y_true, logits, v):
+    """d/dx |H v|^2 on TensorFlow: three nested tapes."""
+    import tensorflow as tf
+
+    x, t = tf.constant(logits), tf.constant(y_true)
+    with tf.GradientTape() as third:
+        third.watch(x)
+        with tf.GradientTape() as second:
+            second.watch(x)
+            with tf.GradientTape() as first:
+                first.watch(x)
+                value = loss_fn(t, x)
+            dot = tf.reduce_sum(first.gradient(value, x) * v)
+        hv = second.gradient(dot, x)
+        total = tf.reduce_sum(hv * hv)
+    return third.gradient(total, x)
 
 
 def _mixed_label_derivative(loss_fn, y_true, logits):

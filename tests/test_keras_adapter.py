@@ -60,9 +60,10 @@ def test_losses_and_gradients_equal_keras(backend):
 @pytest.mark.parametrize("backend", _backends())
 def test_second_derivatives_equal_keras(backend):
     """A gradient differentiated again (gradient penalties, Hessian-vector products):
-    nested GradientTapes (eager and tf.function), grad of grad, create_graph=True; and
-    the gradient with respect to probability labels; the same values as Keras' own loss
-    in float64."""
+    nested GradientTapes (eager and tf.function), grad of grad, create_graph=True; the
+    gradient with respect to probability labels, the mixed second derivative and (on
+    TensorFlow) the third derivative; the same values as Keras' own loss (or the same
+    loss in keras.ops where Keras' is wrong) in float64."""
     results = _run(backend, "second")
     for name, row in results.items():
         assert row["ours"].keys() == row["keras"].keys()

@@ -165,8 +165,10 @@ def _scaled_backward(x, grad, axis, dtype, labels, ignore_index, label_smoothing
     @tf.custom_gradient
     def gradient_of(x_in, labels_in):
         def hessian_product(v):
-            return _hessian_product(grad, v, axis, labels, ignore_index, label_smoothing,
-                                    probabilities)
+            # from gradient_of itself, not the captured tensor: a tape around this
+            # backward (a third derivative) differentiates it once more, as in torch
+            return _hessian_product(gradient_of(x_in, labels_in), v, axis, labels,
+                                    ignore_index, label_smoothing, probabilities)
         return tf.identity(grad), hessian_product
 
     def backward(upstream):
