@@ -114,6 +114,12 @@ cdef enum:
     # (512 KiB rows), prefetching gained 1.3x without a gradient and lost 1.1x with one.
     _PF_MAX_BYTES_LOSS = 1048576
     _PF_MAX_BYTES_GRAD = 262144
+    # Fuse a long row's pass 1 into the previous row's pass 2 (_run_*) from this many
+    # bytes a row: measured on one thread (AMD Zen 4), it gained 7-10% (loss) and 3-15%
+    # (loss+grad) at 8000-128000 float32 classes, but lost 25% for loss+grad at 1000
+    # (4 KiB rows: pass 2's loads of the next row, its prefetch and the gradient's
+    # stores then contend within one loop; apart, pass 1 reads an L2-resident row).
+    _FUSE_MIN_BYTES = 16384
 
 # Fork safety.  GNU OpenMP (libgomp) is not fork-safe: a child forked after the parent
 # ran a parallel region -- here, or in the cpu backend, which uses the same runtime --
@@ -165,6 +171,7 @@ MULTIVERSIONED = bool(XF_MULTIVERSIONED)
 SMALL_C = XF_SMALL_C
 TILE_ROWS = XF_TILE
 PAR_MIN_ELEMS = _PAR_MIN_ELEMS
+FUSE_MIN_BYTES = _FUSE_MIN_BYTES
 
 
 

@@ -349,16 +349,32 @@ XF_INLINE void XF_FN(xfi_exp_store_tail_)(const XF_T *XF_RESTRICT x, XF_T *XF_RE
     }
 }
 
+/* Pass 1 of the next row, fused into this row's pass 2: km[j] = the largest key of
+ * lane j (XF_KEY_OF, as xfi_rowmax: the max is exact in any order, so the fused max is
+ * bitwise the max pass 1 would take).  Pass 2 is exp-bound with its load ports and
+ * integer lanes mostly idle, pass 1 load-bound with its FMA units idle; run apart, a
+ * long row pays for both (pass 1 was 20% of a 1000-class loss call's CPU time). */
+XF_INLINE void XF_FN(xfi_max_step_)(const XF_T *x, XF_KEY *XF_RESTRICT km)
+{
+    XF_SIMD
+    for (int j = 0; j < XF_L; j++) {
+        XF_KEY k = XF_KEY_OF(x[j]);
+        km[j] = k > km[j] ? k : km[j];
+    }
+}
+
 /* The driver of the pass-2 variants (mode: 0 sum only, 1 store e_j into e, 2 in
  * place, e == x, 3 in place prefetching two rows of 16-bit data, pf and pw, instead of
  * one of XF_T (the 16-bit path: the next row of logits and this row's gradient); comp: the stored e_j by xf_exp*_diff, compensated for the rounding of
- * x_j - m; always inlined with constant mode and comp, so each variant is its own loop):
+ * x_j - m; fuse: also take the max of nx, n elements, into *nx_max (xfi_max_step_);
+ * always inlined with constant mode, comp and fuse, so each variant is its own loop):
  * blocks of XF_BLK elements, the tail step into the last block; u returned (the four
  * sets' lanes added into the double block totals, folded by xfi_dfold_), t stored (the
  * sum of the integer lane counts). */
 XF_INLINE XF_T XF_FN(xfi_expsum_)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
                                   const XF_T *pf, XF_T *t_out, int mode, int comp,
-                                  const char *pw)
+                                  const char *pw, int fuse, const XF_T *nx,
+                                  XF_T *nx_max)
 {
     /* four accumulator sets, step k of a block into set k mod 4: each lane of a set
      * adds 64 / 4 = 16 terms per full block (set 0 up to 4 more in the last, partial
@@ -366,6 +382,7 @@ XF_INLINE XF_T XF_FN(xfi_expsum_)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
      * four add chains overlap */
     XF_ALIGNED XF_T au[XF_L] = {0}, au1[XF_L] = {0}, au2[XF_L] = {0}, au3[XF_L] = {0};
     XF_ALIGNED XF_KEY at[XF_L] = {0};           /* tie counts: need no blocks */
+    XF_ALIGNED XF_KEY km[XF_L];                 /* nx: the lanes' max keys (pass 1) */
     XF_ALIGNED double du[2 * XF_L];             /* set at the first block end */
     XF_ALIGNED XF_T buf[XF_L];
     XF_ALIGNED XF_T ebuf[XF_L];
@@ -373,6 +390,7 @@ XF_INLINE XF_T XF_FN(xfi_expsum_)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
     if (mode >= 2 && nv < n)                    /* the tail window, before it changes */
         for (int j = 0; j < XF_L; j++) buf[j] = (n >= XF_L) ? x[n - XF_L + j]
                                                            : ((j < n) ? x[j] : -INFINITY);
+    for (int j = 0; j < XF_L; j++) km[j] = XF_KEY_OF(-INFINITY);
     pf = pf ? pf : x;
     pw = pw ? pw : (const char *)pf;
 #define XF_STEP_(k, acc)                                                              \
@@ -384,6 +402,7 @@ XF_INLINE XF_T XF_FN(xfi_expsum_)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
         } else {                                                                      \
             XF_PREFETCH(pf + i_);                                                     \
         }                                                                             \
+        if (fuse) XF_FN(xfi_max_step_)(nx + i_, km);                                  \
         if (mode == 0) XF_FN(xfi_exp_step_)(x + i_, m, acc, at);                      \
         else if (mode == 1) XF_FN(xfi_exp_store_step_)(x + i_, e + i_, m, acc, at, comp); \
         else XF_FN(xfi_exp_inplace_step_)(e + i_, m, acc, at, comp);                  \
@@ -421,6 +440,16 @@ XF_INLINE XF_T XF_FN(xfi_expsum_)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
         if (mode != 0)
             for (int j = 0; j < XF_L; j++)
                 if (j < n) e[j] = ebuf[j];
+    }
+    if (fuse) {                 /* the rest of nx: its last window (max: overlap is free) */
+        XF_KEY mk = XF_KEY_OF(-INFINITY);
+        if (i < n && n >= XF_L) XF_FN(xfi_max_step_)(nx + n - XF_L, km);
+        else for (ptrdiff_t q = nv; q < n; q++) {
+            XF_KEY k = XF_KEY_OF(nx[q]);
+            mk = k > mk ? k : mk;
+        }
+        for (int j = 0; j < XF_L; j++) mk = km[j] > mk ? km[j] : mk;
+        *nx_max = XF_FROM_KEY(mk);
     }
     *t_out = XF_FN(xfi_count_)(at);
     if (nv <= XF_BLK)         /* one block (n <= XF_BLK + L - 1): no totals were kept */
@@ -912,18 +941,35 @@ XF_MV XF_T XF_FN(xf_rowmax)(const XF_T *x, ptrdiff_t n)
  * exp-bound while the memory bus idles: prefetching the next row during pass 2
  * overlaps the two (one prefetch per 64-byte step = one cache line per line done). */
 XF_MV XF_T XF_FN(xf_expsum)(const XF_T *x, ptrdiff_t n, XF_T m, const XF_T *pf, XF_T *t)
-{ return XF_FN(xfi_expsum_)(x, NULL, n, m, pf, t, 0, 0, NULL); }
+{ return XF_FN(xfi_expsum_)(x, NULL, n, m, pf, t, 0, 0, NULL, 0, NULL, NULL); }
 /* e may be x itself (inplace=True) but must not overlap it otherwise; comp: store the
  * compensated exp(x_j - m) (xf_exp*_diff) */
 XF_MV XF_T XF_FN(xf_expsum_store)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
                                   const XF_T *pf, XF_T *t, int comp)
 {
     if (comp) {
-        if (e == x) return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 2, 1, NULL);
-        return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 1, 1, NULL);
+        if (e == x) return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 2, 1, NULL, 0, NULL, NULL);
+        return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 1, 1, NULL, 0, NULL, NULL);
     }
-    if (e == x) return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 2, 0, NULL);
-    return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 1, 0, NULL);
+    if (e == x) return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 2, 0, NULL, 0, NULL, NULL);
+    return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 1, 0, NULL, 0, NULL, NULL);
+}
+/* The same two passes, each also taking the max of nx (n elements: the next row of a
+ * run, see xfi_max_step_) into *nx_max: the values of xf_expsum / xf_expsum_store and of
+ * xf_rowmax(nx, n), bitwise. */
+XF_MV XF_T XF_FN(xf_expsum_max)(const XF_T *x, ptrdiff_t n, XF_T m, const XF_T *pf,
+                                XF_T *t, const XF_T *nx, XF_T *nx_max)
+{ return XF_FN(xfi_expsum_)(x, NULL, n, m, pf, t, 0, 0, NULL, 1, nx, nx_max); }
+XF_MV XF_T XF_FN(xf_expsum_store_max)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
+                                      const XF_T *pf, XF_T *t, int comp, const XF_T *nx,
+                                      XF_T *nx_max)
+{
+    if (comp) {
+        if (e == x) return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 2, 1, NULL, 1, nx, nx_max);
+        return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 1, 1, NULL, 1, nx, nx_max);
+    }
+    if (e == x) return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 2, 0, NULL, 1, nx, nx_max);
+    return XF_FN(xfi_expsum_)(x, e, n, m, pf, t, 1, 0, NULL, 1, nx, nx_max);
 }
 /* Pass 2 in place (e_j into x) for the 16-bit path, prefetching the 16-bit rows pf (the
  * next row of logits) and pw (this row's gradient, written after pass 3), either NULL:
@@ -932,8 +978,10 @@ XF_MV XF_T XF_FN(xf_expsum_inplace_h16)(XF_T *x, ptrdiff_t n, XF_T m, const uint
                                         const uint16_t *pw, XF_T *t, int comp)
 {
     if (comp)
-        return XF_FN(xfi_expsum_)(x, x, n, m, (const XF_T *)pf, t, 3, 1, (const char *)pw);
-    return XF_FN(xfi_expsum_)(x, x, n, m, (const XF_T *)pf, t, 3, 0, (const char *)pw);
+        return XF_FN(xfi_expsum_)(x, x, n, m, (const XF_T *)pf, t, 3, 1, (const char *)pw,
+                                  0, NULL, NULL);
+    return XF_FN(xfi_expsum_)(x, x, n, m, (const XF_T *)pf, t, 3, 0, (const char *)pw,
+                              0, NULL, NULL);
 }
 /* softmax pass 2: e (may be x itself) gets the compensated e_j; returns 1 / s */
 XF_MV XF_T XF_FN(xf_softmax_sum)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,

@@ -1,0 +1,123 @@
+"""The cython backend's long-row runs: a row's max (pass 1) is taken by the previous
+row's pass 2 when rows are at least _FUSE_MIN_BYTES long (_cython_kernels.pxi.in,
+_run_*).  The max is exact in any order, so every row of a batch must come out bitwise
+as it does alone (a one-row call has no previous row: its own pass 1), whatever its
+neighbours hold -- NaN, infinities, signed zeros, ties, bad and ignored labels -- and at
+any thread count (a run ends where a thread's rows end)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import xentfast as xf
+from helpers import assert_bitwise_equal
+
+pytestmark = pytest.mark.skipif("cython" not in xf.available_backends(),
+                                reason="the cython extension is not built")
+
+# Rows at and above the fusing threshold (16 KiB: 4096 float32 / 2048 float64 classes),
+# a length that is not a multiple of the vector width, and one just below it.
+CASES = [(np.float32, 4096), (np.float32, 4103), (np.float32, 4000),
+         (np.float64, 2048), (np.float64, 2053)]
+
+
+def _rows(dtype, c, seed=0):
+    """Ten rows whose maxima are hard to get right, each next to the others."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((10, c)) * 5).astype(dtype)
+    x[1, c - 1] = 40                              # the max in the last element (tail)
+    x[2, :] = 0.0
+    x[2, ::2] = -0.0                              # signed-zero ties at the max
+    x[3, 5] = np.nan                              # NaN row
+    x[4, :] = -np.inf                             # an all -inf row
+    x[5, 17] = np.inf                             # +inf row
+    x[6, :] = x[6, :] + 1e30                      # large offset, ties by rounding
+    x[7, c // 2] = np.finfo(dtype).max
+    x[8, :] = -x[8, :] - 1e4                      # every logit far below 0
+    y = rng.integers(0, c, 10)
+    y[3] = 5
+    y[6] = -100                                   # ignored
+    return x, y
+
+
+def _alone_and_batched(fn, x, *args):
+    whole = fn(x, *args)
+    alone = [fn(x[r:r + 1], *(a[r:r + 1] for a in args)) for r in range(len(x))]
+    return whole, alone
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype,c", CASES)
+def test_every_row_as_alone(dtype, c, threads):
+    from xentfast.backends import _cython
+    fused = c * np.dtype(dtype).itemsize >= _cython.FUSE_MIN_BYTES
+    assert fused == (c * np.dtype(dtype).itemsize >= 16384)   # the cases straddle it
+    previous = _cython.max_threads()
+    _cython.set_max_threads(threads)
+    try:
+        x, y = _rows(dtype, c)
+        x = np.tile(x, (8, 1))                    # 80 rows: several per thread, parallel
+        y = np.tile(y, 8)
+
+        def sparse_loss(xx, yy):
+            return xf.cross_entropy(xx, yy, reduction="none", backend="cython")
+
+        def sparse_grad(xx, yy):
+            return xf.cross_entropy_with_grad(xx, yy, reduction="none", return_lse=True,
+                                              backend="cython")
+
+        def smoothed_grad(xx, yy):
+            return xf.cross_entropy_with_grad(xx, yy, reduction="none", label_smoothing=0.1,
+                                              backend="cython")
+
+        def dense_grad(xx, tt):
+            return xf.cross_entropy_with_grad(xx, tt, reduction="none", backend="cython")
+
+        def lse(xx):
+            return xf.logsumexp(xx, backend="cython")
+
+        def log_softmax(xx):
+            return xf.log_softmax(xx, backend="cython")
+
+        probs = np.random.default_rng(1).dirichlet(np.ones(c), size=len(x)).astype(dtype)
+        checks = [(sparse_loss, (x, y)), (sparse_grad, (x, y)), (smoothed_grad, (x, np.where(y < 0, 0, y))),
+                  (dense_grad, (x, probs)), (lse, (x,)), (log_softmax, (x,))]
+        for fn, args in checks:
+            whole, alone = _alone_and_batched(fn, *args)
+            if not isinstance(whole, tuple):
+                whole, alone = (whole,), [(a,) for a in alone]
+            for k, part in enumerate(whole):
+                joined = np.concatenate([np.atleast_1d(a[k]) for a in alone])
+                assert_bitwise_equal(np.atleast_1d(part).reshape(joined.shape), joined)
+    finally:
+        _cython.set_max_threads(previous)
+
+
+@pytest.mark.parametrize("dtype,c", [(np.float32, 4096), (np.float64, 2053)])
+def test_bad_label_inside_a_run(dtype, c):
+    """A row whose label is out of range skips its passes (loss and lse NaN, gradient
+    0): the row after it must take its own max.  The kernel itself, since the public
+    functions refuse such labels before it runs."""
+    from xentfast.backends import _cython
+    x, y = _rows(dtype, c)
+    x = np.tile(x, (8, 1))
+    y = np.tile(y, 8)
+    y[8::10] = c + 3
+    y[9::10] = -7
+
+    def kernel(xx, yy):
+        n = len(xx)
+        loss, lse = np.empty(n, dtype), np.empty(n, dtype)
+        grad = np.empty_like(xx)
+        bad = _cython.sparse(xx, yy, np.empty(0, dtype), -100, 0.0, 0.0, 1.0, loss, lse,
+                             grad)
+        return bad, loss, lse, grad
+
+    bad, loss, lse, grad = kernel(x, y)
+    assert bad == 16
+    alone = [kernel(x[r:r + 1], y[r:r + 1]) for r in range(len(x))]
+    assert sum(a[0] for a in alone) == 16
+    for k, part in enumerate((loss, lse, grad), start=1):
+        assert_bitwise_equal(part, np.concatenate([a[k] for a in alone]))
+    assert np.isnan(loss[8::10]).all() and not grad[8::10].any()
