@@ -121,3 +121,30 @@ def test_bad_label_inside_a_run(dtype, c):
     for k, part in enumerate((loss, lse, grad), start=1):
         assert_bitwise_equal(part, np.concatenate([a[k] for a in alone]))
     assert np.isnan(loss[8::10]).all() and not grad[8::10].any()
+
+
+@pytest.mark.parametrize("dtype,n,c", [(np.float32, 520, 16400), (np.float64, 1040, 4100)])
+def test_streamed_gradient_as_alone(dtype, n, c):
+    """Gradients beyond the caches in mid-length rows are written by streaming stores
+    from a per-run buffer (_cython._stream_buffer): the same values, bitwise, as a row
+    alone gives (too small to stream), the true-class entry included; the buffer's
+    rows and the neighbours' do not leak into each other."""
+    from xentfast.backends import _cython
+    if _cython._stream_buffer(n, c, np.dtype(dtype).itemsize, False, dtype) is None:
+        pytest.skip("this CPU has no streaming stores (x86-64 AVX) or this build none")
+    assert _cython._stream_buffer(1, c, np.dtype(dtype).itemsize, False, dtype) is None
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((n, c)) * 6).astype(dtype)
+    y = rng.integers(0, c, n)
+    x[7, y[7]] = 80                                  # a confident row: g_y = -(tiny)
+    y[11] = -100                                     # ignored: a zero row
+    loss, grad = xf.cross_entropy_with_grad(x, y, reduction="sum", backend="cython")
+    for r in (0, 1, 7, 11, n // 2, n - 2, n - 1):
+        _, g_r = xf.cross_entropy_with_grad(x[r:r + 1], y[r:r + 1], reduction="sum",
+                                            backend="cython")
+        assert_bitwise_equal(grad[r:r + 1], g_r, f"row {r}")
+    assert not grad[11].any()
+    assert grad[7, y[7]] < 0
+    ref_loss, ref_grad = xf.cross_entropy_with_grad(x, y, reduction="sum", backend="numpy")
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-30)

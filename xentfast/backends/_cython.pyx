@@ -103,6 +103,8 @@ cdef extern from "_xfrows.h" nogil:
     float xf_bf16_to_f32(unsigned int h)
     unsigned int xf_f32_to_bf16(float f)
     int xf_max_threads()
+    int xf_can_stream()
+    void xf_stream_fence()
     void xf_set_max_threads(int k)
 
 
@@ -120,6 +122,15 @@ cdef enum:
     # (4 KiB rows: pass 2's loads of the next row, its prefetch and the gradient's
     # stores then contend within one loop; apart, pass 1 reads an L2-resident row).
     _FUSE_MIN_BYTES = 16384
+    # Index-label gradients of at least _STREAM_MIN_BYTES in rows of _FUSE_MIN_BYTES to
+    # _PF_MAX_BYTES_GRAD are written by streaming stores (xf_scale_stream, _xfrows.h):
+    # beyond the caches, the gradient's write-allocate reads are a third of the bus
+    # traffic of loss+grad; a gradient that fits a last-level cache stays in it instead.
+    # Measured (AMD Zen 4, float32, min of 12-50 calls): 4096 x 32000 and 8192 x 16000
+    # 9-11% faster on one thread, 12% on two; but 30% slower at 256 x 128000 (the e_j
+    # buffer, this row and the next no longer fit L2 together) and 26% at 65536 x 1000
+    # (4 KiB rows: every row shares a partly streamed line with the next).
+    _STREAM_MIN_BYTES = 33554432
 
 # Fork safety.  GNU OpenMP (libgomp) is not fork-safe: a child forked after the parent
 # ran a parallel region -- here, or in the cpu backend, which uses the same runtime --
@@ -206,6 +217,17 @@ def _scratch(Py_ssize_t n, Py_ssize_t c, Py_ssize_t stride):
     """The 16-bit path's float32 scratch: `stride` floats per thread that may run."""
     threads = xf_max_threads() if n * c >= _PAR_MIN_ELEMS and _threads_ok else 1
     return np.empty(max(threads, 1) * stride, np.float32)
+
+
+def _stream_buffer(Py_ssize_t n, Py_ssize_t c, Py_ssize_t itemsize, bint inplace, dtype):
+    """Per-run buffers of c elements for pass 2's e_j when the gradient is to be
+    streamed (see _STREAM_MIN_BYTES), else None (also in place: the logits' lines are
+    read anyway)."""
+    if (inplace or c * itemsize < _FUSE_MIN_BYTES or c * itemsize > _PF_MAX_BYTES_GRAD
+            or n * c * itemsize < _STREAM_MIN_BYTES or not xf_can_stream()):
+        return None
+    runs = xf_max_threads() if n * c >= _PAR_MIN_ELEMS and _threads_ok else 1
+    return np.empty(max(min(runs, n), 1) * c, dtype)
 
 
 def _check_rows(kernel, Py_ssize_t n, Py_ssize_t c, Py_ssize_t n_labels, Py_ssize_t n_loss,

@@ -260,6 +260,85 @@ static void xf_store_h16(const float *x, uint16_t *h, ptrdiff_t n, int kind)
     xf_store_h16_bits(x, h, n, kind);
 }
 
+/* ==== pass 3 with non-temporal stores: g[i] = e[i] * a =============================
+ * A long row's gradient written the plain way costs three trips over the memory bus:
+ * the write-allocate read of each line of g (its old contents), then the write back --
+ * plus the logits' read.  When pass 2 leaves e_j in a per-thread buffer instead (in
+ * cache), pass 3 can write g with streaming stores that skip the read: two trips
+ * instead of three, for calls far bigger than the caches (the kernels choose; see
+ * _STREAM_MIN_BYTES).  Same products, bitwise (one multiply each, as xf_scale).
+ * x86-64 with gcc/clang: AVX-512F (64-byte stores) or AVX (32-byte) picked at run time;
+ * the unaligned head and tail of a row by plain stores.  The caller ends its stores
+ * with xf_stream_fence (an sfence: later reads by any thread see them). */
+#if !defined(XENTFAST_NO_STREAM) && (defined(__GNUC__) || defined(__clang__)) \
+    && defined(__x86_64__)
+#include <immintrin.h>
+#define XF_HAVE_STREAM 1
+#define XF_STREAM_FN(SUF, T, TGT, VT, W, SET1, MUL, LOADU, STREAM)                      \
+__attribute__((target(TGT))) static void                                              \
+xf_scale_stream_##SUF(const T *XF_RESTRICT e, T *XF_RESTRICT g, ptrdiff_t n, T a)      \
+{                                                                                     \
+    ptrdiff_t i = 0, lanes = W / (ptrdiff_t)sizeof(T);                                \
+    const VT va = SET1(a);                                                            \
+    while (i < n && ((uintptr_t)(g + i) & (uintptr_t)(W - 1)) != 0) {                 \
+        g[i] = e[i] * a;                                                              \
+        i++;                                                                          \
+    }                                                                                 \
+    for (; i + lanes <= n; i += lanes)                                                \
+        STREAM(g + i, MUL(LOADU(e + i), va));                                         \
+    for (; i < n; i++) g[i] = e[i] * a;                                               \
+}
+XF_STREAM_FN(f512, float, "avx512f", __m512, 64, _mm512_set1_ps, _mm512_mul_ps,
+             _mm512_loadu_ps, _mm512_stream_ps)
+XF_STREAM_FN(d512, double, "avx512f", __m512d, 64, _mm512_set1_pd, _mm512_mul_pd,
+             _mm512_loadu_pd, _mm512_stream_pd)
+XF_STREAM_FN(f256, float, "avx", __m256, 32, _mm256_set1_ps, _mm256_mul_ps,
+             _mm256_loadu_ps, _mm256_stream_ps)
+XF_STREAM_FN(d256, double, "avx", __m256d, 32, _mm256_set1_pd, _mm256_mul_pd,
+             _mm256_loadu_pd, _mm256_stream_pd)
+#undef XF_STREAM_FN
+
+static int xf_stream_isa = -1;             /* -1 unknown, 0 none, 1 AVX, 2 AVX-512F */
+static int xf_stream_level(void)
+{
+    if (xf_stream_isa < 0) {               /* a benign race: idempotent */
+        __builtin_cpu_init();
+        xf_stream_isa = __builtin_cpu_supports("avx512f") ? 2
+                        : __builtin_cpu_supports("avx") ? 1 : 0;
+    }
+    return xf_stream_isa;
+}
+static void xf_stream_fence(void) { _mm_sfence(); }
+#else
+#define XF_HAVE_STREAM 0
+static int xf_stream_level(void) { return 0; }
+static void xf_stream_fence(void) { }
+#endif
+
+/* 1 where the kernels may stream gradients (above), 0 where xf_scale_stream_f / _d
+ * would be plain stores */
+static int xf_can_stream(void) { return xf_stream_level() > 0; }
+
+static void xf_scale_stream_f(const float *e, float *g, ptrdiff_t n, float a)
+{
+#if XF_HAVE_STREAM
+    int level = xf_stream_level();
+    if (level == 2) { xf_scale_stream_f512(e, g, n, a); return; }
+    if (level == 1) { xf_scale_stream_f256(e, g, n, a); return; }
+#endif
+    for (ptrdiff_t i = 0; i < n; i++) g[i] = e[i] * a;
+}
+
+static void xf_scale_stream_d(const double *e, double *g, ptrdiff_t n, double a)
+{
+#if XF_HAVE_STREAM
+    int level = xf_stream_level();
+    if (level == 2) { xf_scale_stream_d512(e, g, n, a); return; }
+    if (level == 1) { xf_scale_stream_d256(e, g, n, a); return; }
+#endif
+    for (ptrdiff_t i = 0; i < n; i++) g[i] = e[i] * a;
+}
+
 /* The most threads a parallel region started by the calling thread may get (1 without
  * OpenMP): the size of the per-thread scratch of the 16-bit path.  xf_set_max_threads
  * changes it for the calling thread only (OpenMP's nthreads-var is per thread). */
