@@ -66,7 +66,7 @@ row's scalars use the non-cancelling forms of rowmath.py -- r (not s) into log1p
 loss = (m - x_y) + log s, p_y - 1 = -((1 - e_y) + r) / s, the dense gradient
 ((e_j A - wt_j) - wt_j r) gs / s, log_softmax (x_j - m) - log s, softmax e_j (1 / s) --
 so confident rows (loss ~ 1e-8 in float32, 1e-17 in float64), ties at the max and
-+-1e30 logits keep their relative precision.  exp/log are faithfully rounded (~1 ulp,
++-1e30 logits keep their relative precision.  exp/log are within about 1 ulp (1.01,
 see _fastexp.h); on AVX2/AVX-512 machines a*b+c is fused.
 
 Memory safety: shapes are checked here; a class id outside [0, c) that is not
