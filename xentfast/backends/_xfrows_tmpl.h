@@ -390,7 +390,8 @@ XF_INLINE XF_T XF_FN(xfi_expsum_)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
     if (mode >= 2 && nv < n)                    /* the tail window, before it changes */
         for (int j = 0; j < XF_L; j++) buf[j] = (n >= XF_L) ? x[n - XF_L + j]
                                                            : ((j < n) ? x[j] : -INFINITY);
-    for (int j = 0; j < XF_L; j++) km[j] = XF_KEY_OF(-INFINITY);
+    if (fuse)
+        for (int j = 0; j < XF_L; j++) km[j] = XF_KEY_OF(-INFINITY);
     pf = pf ? pf : x;
     pw = pw ? pw : (const char *)pf;
 #define XF_STEP_(k, acc)                                                              \
