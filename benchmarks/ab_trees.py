@@ -29,6 +29,9 @@ import numpy as np
 import xentfast as xf
 backend, n, c, op, dtype, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6])
 rng = np.random.default_rng(0)
+if dtype == "bfloat16":
+    import ml_dtypes
+    dtype = ml_dtypes.bfloat16
 x = rng.standard_normal((n, c), dtype=np.float32).astype(dtype)
 y = rng.integers(0, c, n)
 if op == "loss":
