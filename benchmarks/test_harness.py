@@ -102,12 +102,19 @@ def test_add_ratios() -> None:
     records = [rec("xentfast-cpu", "xentfast", "loss+grad", 1.0, 200, "copy-par"),
                rec("torch", "peer", "loss+grad", 4.0, 200, "copy-par"),
                rec("tf", "peer", "loss+grad", 2.0, 200, "copy-par"),
-               rec("copy-par", "yardstick", "loss+grad", 0.5, 160, "copy-par")]
+               rec("copy-par", "yardstick", "loss+grad", 0.5, 160, "copy-par"),
+               rec("exp-par", "yardstick", "loss+grad", 0.25, 200, "copy-par")]
     harness.add_ratios(records)
-    ours, torch, tf, copy = records
+    ours, torch, tf, copy, floor = records
     assert ours["x_best_peer"] == 2.0 and torch["x_best_peer"] == 0.5
     assert copy["x_best_peer"] is None and copy["pct_of_yardstick"] == 100
     assert ours["pct_of_yardstick"] == pytest.approx(100 * 200 / 1.0 / (160 / 0.5))
+    assert ours["pct_of_exp"] == pytest.approx(25) and tf["pct_of_exp"] == pytest.approx(12.5)
+    assert copy["pct_of_exp"] is None and floor["pct_of_exp"] is None
+    table = harness.format_time_table(records)
+    assert "| 2x3 | loss+grad | xentfast-cpu | 1000 | 2e-07 | 2.00 | 62 | - | 25 |" in table
+    # the floor's own % of copy says which bound is the higher: here memory (250% > 100)
+    assert "| 2x3 | loss+grad | exp-par | 250 | 8e-07 | - | 250 | - | - |" in table
 
 
 # ------------------------------------------------------------- compare.py, plot.py
@@ -132,7 +139,8 @@ def test_compare_and_plot_chain(tmp_path: Path) -> None:
                           capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "| shape | op | contender | ms | GB/s | x best peer | % of copy | % of read |" in out
+    assert ("| shape | op | contender | ms | GB/s | x best peer | % of copy | % of read "
+            "| % of exp |") in out
     assert "| 32x100 | loss+grad | xentfast-numpy:fresh |" in out
     assert "| 32x100 | loss | read-par |" in out and "| 32x100 | loss+grad | copy-par |" in out
     records = json.loads(report.read_text())["results"]

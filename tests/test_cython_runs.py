@@ -148,3 +148,26 @@ def test_streamed_gradient_as_alone(dtype, n, c):
     ref_loss, ref_grad = xf.cross_entropy_with_grad(x, y, reduction="sum", backend="numpy")
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-30)
+
+
+def test_exp_floor_sums_the_exps_of_its_block_on_every_core():
+    """The benchmarks' exp-par yardstick (_cython.exp_floor): `elements` exps of the
+    block d_i = -10 (i + 1) / 4096, split over the threads in whole runs of that block --
+    the sum is the float64 sum of those exps, whatever the thread count."""
+    from xentfast.backends import _cython
+    block = np.exp((-10.0 * np.arange(1, 4097) / 4096).astype(np.float32).astype(np.float64))
+    previous = _cython.max_threads()
+    try:
+        for threads in (1, 2):
+            _cython.set_max_threads(threads)
+            for elements in (1, 4095, 4096, 10_000, 1_000_003):
+                total = _cython.exp_floor(elements)
+                # below the parallel threshold one thread does it all
+                team = threads if elements >= _cython.PAR_MIN_ELEMS else 1
+                runs = [(b + 1) * elements // team - b * elements // team
+                        for b in range(team)]
+                want = sum(block.sum() * (k // 4096) + block[:k % 4096].sum() for k in runs)
+                assert total == pytest.approx(want, rel=1e-6), (elements, threads)
+    finally:
+        _cython.set_max_threads(previous)
+    assert _cython.exp_floor(0) == 0.0

@@ -55,6 +55,10 @@ DEFAULT_SHAPES: tuple[tuple[int, int], ...] = (
 )
 
 Kind = Literal["xentfast", "peer", "yardstick"]
+
+#: The arithmetic yardstick (``% of exp`` in the tables): a call's time is at least the
+#: larger of this one's and its memory yardstick's.
+EXP_FLOOR = "exp-par"
 Builder = Callable[["Case", Any, Any], Callable[[], object]]
 UNSUPPORTED = "does not implement"
 
@@ -308,6 +312,15 @@ def _build_yardstick(kind: str, threads: int | None = None) -> Builder:
     return build
 
 
+def _build_exp_floor(case: Case, x: np.ndarray, y: np.ndarray | None) -> Callable[[], object]:
+    """One float32 exp (pass 2 of the C kernels: summed, ties counted) per logit, from an
+    L1-resident block, on every core the kernels use: the arithmetic floor, no memory."""
+    from xentfast.backends import _cython
+
+    elements = case.elements
+    return lambda: _cython.exp_floor(elements)
+
+
 def cuda_yardstick(kind: str, x: Any, *, sync: bool = True) -> Callable[[], object]:
     """The device yardstick on ``x``'s bytes (a host array is copied over first):
     ``"copy"`` a device-to-device copy, ``"read"`` a grid-stride sum of 64-bit words.
@@ -438,6 +451,8 @@ class Contender:
         return f"{yardstick_for(case.op)}-{suffix}"
 
     def traffic_bytes(self, case: Case) -> int:
+        if self.name == EXP_FLOOR:   # moves nothing: counted as the op's memory
+            return traffic_bytes(yardstick_for(case.op), case.logits_bytes)  # yardstick
         if self.kind == "yardstick":
             return traffic_bytes(self.name.split("-")[0], case.logits_bytes)
         return case.traffic_bytes()
@@ -501,6 +516,11 @@ def contenders() -> dict[str, Contender]:
                   _build_yardstick("copy"), ops=_WRITES),
         Contender("read-par", "yardstick", f"a sum of the logits' bytes on {cores}: read",
                   _build_yardstick("read"), ops=_READS),
+        Contender(EXP_FLOOR, "yardstick", "the C kernels' float32 exp once per logit "
+                  "(their pass 2: summed, ties counted) from an L1-resident block on "
+                  f"{cores}: the arithmetic floor of a call, no memory traffic",
+                  _build_exp_floor, ops=("loss", "loss+grad"), backend="cython",
+                  suite=False),
         Contender("copy-1t", "yardstick", "np.copyto(dst, logits) on one thread (the "
                   "yardstick of the tables before 2026-12)", _build_yardstick("copy", 1),
                   ops=_WRITES, default=False, suite=True),

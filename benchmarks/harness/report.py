@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from .registry import UNSUPPORTED, ITEMSIZE, contenders
+from .registry import EXP_FLOOR, UNSUPPORTED, ITEMSIZE, contenders
 
 Record = dict[str, Any]
 
@@ -20,8 +20,9 @@ def _key(r: Record) -> tuple:
 
 
 def add_ratios(records: Sequence[Record]) -> None:
-    """Fill ``x_best_peer`` (fastest peer's time / this time) and ``pct_of_yardstick``
-    (this GB/s / its yardstick's GB/s, same case, same run) in place."""
+    """Fill ``x_best_peer`` (fastest peer's time / this time), ``pct_of_yardstick``
+    (this GB/s / its yardstick's GB/s, same case, same run) and ``pct_of_exp``
+    (exp-par's time / this time, where the run has it) in place."""
     groups: dict[tuple, list[Record]] = {}
     for r in records:
         groups.setdefault(_key(r), []).append(r)
@@ -29,7 +30,10 @@ def add_ratios(records: Sequence[Record]) -> None:
         ok = [r for r in group if r.get("status", "ok") == "ok" and r.get("median_s")]
         peers = [r["median_s"] for r in ok if r["kind"] == "peer"]
         yardsticks = {r["contender"]: r["gbps"] for r in ok if r["kind"] == "yardstick"}
+        floor = next((r["median_s"] for r in ok if r["contender"] == EXP_FLOOR), None)
         for r in ok:
+            r["pct_of_exp"] = (100 * floor / r["median_s"]
+                               if floor and r["kind"] != "yardstick" else None)
             r["x_best_peer"] = (min(peers) / r["median_s"]
                                 if peers and r["kind"] != "yardstick" else None)
             base = yardsticks.get(r.get("yardstick"))
@@ -61,11 +65,13 @@ def _notes(records: Sequence[Record]) -> list[str]:
 
 
 def format_time_table(records: Sequence[Record]) -> str:
-    """Markdown table: shape, op, contender, ms, GB/s, x best peer, % of copy, % of read.
+    """Markdown table: shape, op, contender, ms, GB/s, x best peer, % of copy, % of read,
+    % of exp.
 
     ``% of copy`` (rows that write an (n, c) output: loss+grad) and ``% of read``
-    (loss-only) are the row's GB/s over its all-core yardstick's on the same bytes.
-    Skipped and failed contenders are listed under the table."""
+    (loss-only) are the row's GB/s over its all-core yardstick's on the same bytes;
+    ``% of exp`` the exp-par yardstick's time over the row's.  Skipped and failed
+    contenders are listed under the table."""
     add_ratios(records)
     rows = []
     for r in records:
@@ -75,18 +81,21 @@ def format_time_table(records: Sequence[Record]) -> str:
         pct = "-" if value is None else f"{value:.0f}" if value >= 10 else f"{value:.2g}"
         copy_side = r.get("yardstick", "").startswith("copy")
         best = r.get("x_best_peer")
+        of_exp = r.get("pct_of_exp")
         rows.append([shape_label(r), r["op"], r["contender"], _fmt(r["median_s"] * 1e3),
                      _fmt(r["gbps"]), f"{best:.2f}" if best else "-",
-                     pct if copy_side else "-", "-" if copy_side else pct])
+                     pct if copy_side else "-", "-" if copy_side else pct,
+                     "-" if of_exp is None else f"{of_exp:.0f}"])
     table = markdown(["shape", "op", "contender", "ms", "GB/s", "x best peer", "% of copy",
-                      "% of read"], rows, "lllrrrrr")
+                      "% of read", "% of exp"], rows, "lllrrrrrr")
     registry = contenders()
     shown = dict.fromkeys(r["contender"] for r in records if r.get("status", "ok") == "ok")
     legend = ("\nms: median across rounds of each process's median; GB/s: (logits read + "
               "labels read + (n, c) output written) / time; x best peer: fastest peer's time "
               "/ this time; % of copy: this GB/s / copy-par's (every core copying the logits: "
               "read + write), for loss+grad; % of read: this GB/s / read-par's (every core "
-              "summing the logits' bytes), for loss-only.")
+              "summing the logits' bytes), for loss-only; % of exp: exp-par's time / this time "
+              "(the arithmetic floor: one exp per logit on every core, no memory).")
     legend += "\n\nContenders:\n" + "\n".join(
         f"- {name}: {registry[name].summary}" for name in shown if name in registry)
     notes = _notes(records)

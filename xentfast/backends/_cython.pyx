@@ -340,3 +340,40 @@ def float_to_half(const float[::1] x, uint16_t[::1] out, int half, bint bits=Fal
     _same_length(x.shape[0], out.shape[0])
     if x.shape[0]:
         (xf_store_h16_bits if bits else xf_store_h16)(&x[0], &out[0], x.shape[0], half)
+
+
+# ---- a benchmark yardstick: the exponential's share, without memory ----
+
+cdef enum:
+    _FLOOR_BLOCK = 4096       # floats of an exp_floor block: 16 KiB, L1-resident
+
+
+cdef double _exp_floor_run(Py_ssize_t count) noexcept nogil:
+    cdef float block[_FLOOR_BLOCK]
+    cdef float ties
+    cdef double total = 0
+    cdef Py_ssize_t i, k, done = 0
+    for i in range(_FLOOR_BLOCK):         # d = x - m in [-10, 0): every exp a full one
+        block[i] = -10.0 * (i + 1) / _FLOOR_BLOCK
+    while done < count:
+        k = count - done if count - done < _FLOOR_BLOCK else _FLOOR_BLOCK
+        total += xf_expsum_f(block, k, 0, block, &ties)
+        done += k
+    return total
+
+
+def exp_floor(Py_ssize_t elements):
+    """Run the float32 pass 2 of a loss call (xf_expsum_f: e_j = exp(x_j - m) summed,
+    ties counted) over `elements` values on every core the kernels may use, reading
+    them from an L1-resident block instead of memory.  Returns the sum (it keeps the
+    work alive).  The benchmarks' ``exp-par`` yardstick: the arithmetic a loss over that
+    many logits cannot avoid (one exp each), with no memory traffic -- a loss call's
+    time is at least the larger of this and ``read-par``'s."""
+    cdef Py_ssize_t nrun = xf_max_threads() if _use_threads(elements) else 1
+    cdef Py_ssize_t b
+    cdef double total = 0
+    if elements <= 0:
+        return 0.0
+    for b in prange(nrun, nogil=True, schedule="static", num_threads=nrun):
+        total += _exp_floor_run((b + 1) * elements // nrun - b * elements // nrun)
+    return total
