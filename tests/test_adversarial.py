@@ -7,7 +7,6 @@ and leave their memory untouched; inplace=True / out= must write the caller's me
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -169,17 +168,21 @@ def test_results_near_underflow_are_not_flushed(backend, dtype_name, c):
     x = np.repeat(d[:, None], c, axis=1)
     x[:, 0] = 0
     y = np.zeros(len(d), np.int64)
-    e = np.array([math.exp(float(v)) for v in d])       # libm, in float64 (its
-    # subnormals for the float64 window, rounded within a step)
+    # exp(d) in extended precision where the platform has it (x86-64: 64-bit mantissa,
+    # no underflow here), else libm's float64 (subnormal for the float64 window,
+    # rounded within a step: the slack below covers that)
+    e = np.exp(d.astype(np.longdouble))
     want = e.astype(dtype)
     step = np.spacing(np.abs(want)).astype(np.float64)  # a subnormal step below tiny
-    half_step = float(np.finfo(dtype).smallest_subnormal) / 2
     total = (c - 1) * e                                 # lse, loss: log1p of it = it
     soft = xf.softmax(x, backend=backend)
     lse = xf.logsumexp(x, backend=backend)
     loss, grad = xf.cross_entropy_with_grad(x, y, reduction="none", backend=backend)
     total_step = np.spacing(np.abs(total.astype(dtype))).astype(np.float64)
-    sums_slack = (c - 1) * half_step
+    # (c - 1) half steps, multiplied before halving: half the smallest float64
+    # subnormal is 0 in float64.  A sum that rounds each term (a subnormal e_j) needs
+    # them; one that sums the terms unrounded and rounds once does not.
+    sums_slack = (c - 1) * float(np.finfo(dtype).smallest_subnormal) / 2
     for what, got, exact, tol in [
             ("softmax", soft[:, 1:], e[:, None], 4 * step[:, None]),
             ("grad", grad[:, 1:], e[:, None], 64 * step[:, None]),
@@ -187,7 +190,7 @@ def test_results_near_underflow_are_not_flushed(backend, dtype_name, c):
             ("lse", lse, total, 32 * total_step + sums_slack),
             ("loss", loss, total, 32 * total_step + sums_slack),
             ("-grad_y", -grad[:, 0], total, 64 * total_step + sums_slack)]:
-        err = np.abs(got.astype(np.float64) - exact)
+        err = np.abs(got.astype(np.longdouble) - exact)
         bad = np.argwhere(~(err <= tol) | (got == 0))
         assert bad.size == 0, (
             f"{backend} {dtype_name} c={c} {what}: d = {d[bad[0][0]]!r} gives "

@@ -141,10 +141,15 @@ XF_INLINE float xf_expf_poly_(float r)
     return p;
 }
 
-/* exp(x) for float, x <= 43 or NaN, and +0 where `zero` is nonzero (a select that
- * costs nothing more than step 1's: pass 2 uses it to leave the ties at the row max out
- * of a sum); see the header comment. */
-XF_INLINE float xf_expf_z(float x, int zero)
+/* exp(x) 2^64 for float, x <= 43 or NaN (step 5 without its last, exact multiply: the
+ * product P(r) 2^(k+64) is exact, a normal number for every x >= LO), and +0 where
+ * `zero` is nonzero (a select that costs nothing more than step 1's: pass 2 uses it to
+ * leave the ties at the row max out of a sum).  Sums of exp in pass 2 add these scaled
+ * terms and scale the total once (XF_EXPF_UNSCALE): one multiply less per element, and
+ * terms whose exp is subnormal keep their full precision; every sum of normal terms is
+ * bitwise the sum of the exp's (a power-of-two factor commutes with each rounding). */
+#define XF_EXPF_UNSCALE 5.42101086242752217e-20f   /* 2^-64 */
+XF_INLINE float xf_expf_z64(float x, int zero)
 {
     const float shifter = 12582912.0f;            /* 1.5 * 2^23 */
     int under = x < -110.0f;                      /* step 1; NaN compares false */
@@ -157,14 +162,19 @@ XF_INLINE float xf_expf_z(float x, int zero)
     p = p * z + r + 1.0f;
     /* step 4: 2^(k+64) */
     float scale = xf_u2f((xf_f2u(t) << 23) + ((uint32_t)(127 + 64) << 23));
-    return xf_self(under | zero, 0.0f, (p * scale) * 5.42101086242752217e-20f); /* 5, 1 */
+    return xf_self(under | zero, 0.0f, p * scale);                  /* steps 5, 1 */
 }
+
+/* exp(x) for float, x <= 43 or NaN, and +0 where `zero` is nonzero; see the header
+ * comment (step 5: exp(x) 2^64 times 2^-64, rounded once). */
+XF_INLINE float xf_expf_z(float x, int zero) { return xf_expf_z64(x, zero) * XF_EXPF_UNSCALE; }
 
 /* exp(x) for float, x <= 43 or NaN; see the header comment. */
 XF_INLINE float xf_expf(float x) { return xf_expf_z(x, 0); }
 
-/* exp(x) for double, x <= 350 or NaN, and +0 where `zero`; see xf_expf_z. */
-XF_INLINE double xf_exp_z(double x, _Bool zero)
+/* exp(x) 2^512 for double, x <= 350 or NaN, and +0 where `zero`; see xf_expf_z64. */
+#define XF_EXP_UNSCALE_D 7.4583407312002067432909653e-155    /* 2^-512 */
+XF_INLINE double xf_exp_z512(double x, _Bool zero)
 {
     const double shifter = 6755399441055744.0;    /* 1.5 * 2^52 */
     _Bool under = x < -760.0;
@@ -187,8 +197,11 @@ XF_INLINE double xf_exp_z(double x, _Bool zero)
     p = p * r + 0.5;
     p = p * z + r + 1.0;
     double scale = xf_u2d((xf_d2u(t) << 52) + ((uint64_t)(1023 + 512) << 52));
-    return xf_seld(under | zero, 0.0, (p * scale) * 7.4583407312002067432909653e-155);
-}                                                 /* 2^-512 */
+    return xf_seld(under | zero, 0.0, p * scale);
+}
+
+/* exp(x) for double, x <= 350 or NaN, and +0 where `zero`; see xf_expf_z. */
+XF_INLINE double xf_exp_z(double x, _Bool zero) { return xf_exp_z512(x, zero) * XF_EXP_UNSCALE_D; }
 
 /* exp(x) for double, x <= 350 or NaN; see the header comment. */
 XF_INLINE double xf_exp(double x) { return xf_exp_z(x, 0); }

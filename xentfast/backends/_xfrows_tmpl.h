@@ -6,6 +6,8 @@
  *     XF_L    number of accumulator lanes (16 for float, 8 for double)
  *     XF_SUF  name suffix (_f | _d)
  *     XF_EXP  the exp of _fastexp.h for XF_T
+ *     XF_EXP_ZS  its e 2^S (exact) with a zero select, the terms pass 2 sums, and
+ *     XF_EXP_UNSCALE, XF_EXP_RESCALE  2^-S and 2^S (S = 64 | 512; see xf_expf_z64)
  *     XF_LOG1P  an accurate log1p for XF_T usable in a vector loop (xf_log1pf_v | log1p)
  *     XF_KEY, XF_KEY_OF, XF_FROM_KEY  the ordered-integer view used by xfi_rowmax
  *
@@ -186,21 +188,21 @@ XF_INLINE void XF_FN(xfi_twosum_acc_)(XF_T *a, XF_T *c, XF_T v)
  * of 300,000 equal float64 terms drifted 86 ulps).  An infinite sum carries no error
  * (TwoSum's would be inf - inf = NaN): a +inf total stays +inf (a masked true class with
  * smoothing), and a NaN stays NaN.  Arrays of totals have 2 * XF_L doubles. */
-XF_INLINE XF_T XF_FN(xfi_dfold_)(const double *tot)
+XF_INLINE XF_T XF_FN(xfi_dfold_)(const double *tot, double scale)
 {
 #if XF_L == 16
     double a[8], b[4];
     for (int j = 0; j < 8; j++) a[j] = tot[j] + tot[j + 8];
     for (int j = 0; j < 4; j++) b[j] = a[j] + a[j + 4];
     double c0 = b[0] + b[2], c1 = b[1] + b[3];
-    return (XF_T)(c0 + c1);
+    return (XF_T)((c0 + c1) * scale);
 #else
     double s = tot[0], c = tot[XF_L];
     for (int j = 1; j < XF_L; j++) {
         XF_FN(xfi_twosum_acc_)(&s, &c, tot[j]);
         c += tot[XF_L + j];
     }
-    return (XF_T)(s + c);
+    return (XF_T)((s + c) * scale);
 #endif
 }
 
@@ -265,9 +267,12 @@ XF_INLINE XF_T XF_FN(xfi_rowmax)(const XF_T *x, ptrdiff_t n)
 /* ---- pass 2: u and t (see the top), optionally storing e_j = exp(x_j - m) ----
  * With d = x_j - m: u collects e_j where d != 0 (NaN != 0: a NaN, a +inf (inf - inf) or
  * an all -inf row (-inf - -inf) makes u NaN), t counts d == 0 (the ties at the max,
- * e_j = 1 each).  Without a store the tie is zeroed inside the exp's own final select
- * (XF_EXP_Z: on AVX-512 the zero-masking of its last multiply); with a store e_j is
- * stored whole and zeroed for u by a select.  t counts in integer lanes (XF_KEY:
+ * e_j = 1 each).  The sums add e_j 2^S (XF_EXP_ZS: the exp without its last multiply,
+ * exact) and xfi_dfold_ scales the total by 2^-S once: bitwise the sum of the e_j
+ * wherever they and the partial sums are normal, more exact where they are not.
+ * Without a store the tie is zeroed inside the exp's own final select (on AVX-512 the
+ * zero-masking of its last multiply); with a store e_j = (e_j 2^S) 2^-S is stored whole
+ * and the scaled term zeroed for u by a select.  t counts in integer lanes (XF_KEY:
  * "t += tie", a subtraction of the compare mask; no blocks needed).  Everything stays
  * branch-free selects: a conditional FP add ("t = tie ? t + 1 : t") is one masked add
  * on AVX-512, but gcc leaves it a scalar branch in the AVX2 and SSE2 clones (the add
@@ -279,9 +284,22 @@ XF_INLINE void XF_FN(xfi_exp_step_)(const XF_T *x, XF_T m, XF_T *XF_RESTRICT au,
     for (int j = 0; j < XF_L; j++) {
         XF_T d = x[j] - m;
         int tie = d == 0;
-        au[j] += XF_EXP_Z(d, tie);
+        au[j] += XF_EXP_ZS(d, tie);
         at[j] += tie;
     }
+}
+
+/* e_j = exp(x - m) (comp: compensated, XF_EXP_DIFF; else the plain exp of d = x - m),
+ * and *scaled = e_j 2^S, exact, the term the sums add (see above). */
+XF_INLINE XF_T XF_FN(xfi_exp_term_)(XF_T x, XF_T m, XF_T d, int comp, XF_T *scaled)
+{
+    if (comp) {
+        XF_T v = XF_EXP_DIFF(x, m);
+        *scaled = v * XF_EXP_RESCALE;
+        return v;
+    }
+    *scaled = XF_EXP_ZS(d, 0);
+    return *scaled * XF_EXP_UNSCALE;
 }
 
 XF_INLINE void XF_FN(xfi_exp_store_step_)(const XF_T *XF_RESTRICT x, XF_T *XF_RESTRICT e,
@@ -289,11 +307,11 @@ XF_INLINE void XF_FN(xfi_exp_store_step_)(const XF_T *XF_RESTRICT x, XF_T *XF_RE
                                           XF_KEY *XF_RESTRICT at, int comp)
 {
     for (int j = 0; j < XF_L; j++) {
-        XF_T d = x[j] - m;
-        XF_T v = comp ? XF_EXP_DIFF(x[j], m) : XF_EXP(d);
+        XF_T d = x[j] - m, vs;
+        XF_T v = XF_FN(xfi_exp_term_)(x[j], m, d, comp, &vs);
         int tie = d == 0;
         e[j] = v;
-        au[j] += XF_SEL(tie, (XF_T)0, v);
+        au[j] += XF_SEL(tie, (XF_T)0, vs);
         at[j] += tie;
     }
 }
@@ -303,11 +321,11 @@ XF_INLINE void XF_FN(xfi_exp_inplace_step_)(XF_T *x, XF_T m, XF_T *XF_RESTRICT a
 {
     for (int j = 0; j < XF_L; j++) {
         XF_T xj = x[j];
-        XF_T d = xj - m;
-        XF_T v = comp ? XF_EXP_DIFF(xj, m) : XF_EXP(d);
+        XF_T d = xj - m, vs;
+        XF_T v = XF_FN(xfi_exp_term_)(xj, m, d, comp, &vs);
         int tie = d == 0;
         x[j] = v;
-        au[j] += XF_SEL(tie, (XF_T)0, v);
+        au[j] += XF_SEL(tie, (XF_T)0, vs);
         at[j] += tie;
     }
 }
@@ -330,7 +348,7 @@ XF_INLINE void XF_FN(xfi_exp_tail_)(const XF_T *x, XF_T m, XF_T *XF_RESTRICT au,
     for (int j = 0; j < XF_L; j++) {
         XF_T d = x[j] - m;
         int tie = d == 0, in = j >= first;
-        au[j] += XF_EXP_Z(d, tie | !in);
+        au[j] += XF_EXP_ZS(d, tie | !in);
         at[j] += in & tie;
     }
 }
@@ -340,11 +358,11 @@ XF_INLINE void XF_FN(xfi_exp_store_tail_)(const XF_T *XF_RESTRICT x, XF_T *XF_RE
                                           XF_KEY *XF_RESTRICT at, int first, int comp)
 {
     for (int j = 0; j < XF_L; j++) {
-        XF_T d = x[j] - m;
-        XF_T v = comp ? XF_EXP_DIFF(x[j], m) : XF_EXP(d);
+        XF_T d = x[j] - m, vs;
+        XF_T v = XF_FN(xfi_exp_term_)(x[j], m, d, comp, &vs);
         int tie = d == 0, in = j >= first;
         e[j] = v;
-        au[j] += XF_SEL(in & !tie, v, (XF_T)0);
+        au[j] += XF_SEL(in & !tie, vs, (XF_T)0);
         at[j] += in & tie;
     }
 }
@@ -460,7 +478,7 @@ XF_INLINE XF_T XF_FN(xfi_expsum_)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
     XF_FN(xfi_flush_)(au1, du);
     XF_FN(xfi_flush_)(au2, du);
     XF_FN(xfi_flush_)(au3, du);
-    return XF_FN(xfi_dfold_)(du);
+    return XF_FN(xfi_dfold_)(du, XF_EXP_UNSCALE);     /* the terms were e_j 2^S */
 }
 
 /* ---- softmax: pass 2 with a compensated sum, returning 1 / s ----
@@ -588,7 +606,7 @@ XF_INLINE XF_T XF_FN(xfi_wdist)(const XF_T *x, const XF_T *w, ptrdiff_t n, XF_T 
             for (; i < n; i++) acc[i] += (w[i] != 0) ? w[i] * (m - x[i]) : (XF_T)0;
     }
     XF_FN(xfi_flush_)(acc, tot);
-    return XF_FN(xfi_dfold_)(tot);
+    return XF_FN(xfi_dfold_)(tot, 1.0);
 }
 
 /* Dense labels: wt_c = w_c (keep t_c + add), keep = 1 - eps, add = eps / C;
@@ -630,8 +648,8 @@ XF_INLINE void XF_FN(xfi_dense_sums)(const XF_T *x, const XF_T *t, const XF_T *w
     }
     XF_FN(xfi_flush_)(a, ta);
     XF_FN(xfi_flush_)(b, tb);
-    *wd = XF_FN(xfi_dfold_)(ta);
-    *t_sum = XF_FN(xfi_dfold_)(tb);
+    *wd = XF_FN(xfi_dfold_)(ta, 1.0);
+    *t_sum = XF_FN(xfi_dfold_)(tb, 1.0);
 }
 
 /* ---- pass 3: turn e (stored in g) into the gradient, in place ---- */
@@ -716,33 +734,41 @@ XF_MV void XF_FN(xf_tile_max)(const XF_T *XF_RESTRICT tile, ptrdiff_t c, XF_T *X
     for (int r = 0; r < XF_TILE; r++) m[r] = XF_FROM_KEY(k[r]);
 }
 
-/* e = exp(tile - m) into the tile; u[r], t[r] as pass 2 (u over d != 0, t counts ties);
- * comp: e by xf_exp*_diff (compensated for the rounding of x - m), as pass 2's comp. */
+/* u[r], t[r] as pass 2 (u over d != 0, t counts ties), and with store e = exp(tile - m)
+ * into the tile; comp: e by xf_exp*_diff (compensated for the rounding of x - m), as
+ * pass 2's comp.  u is the same with or without the store. */
 XF_INLINE void XF_FN(xfi_tile_expsum_)(XF_T *XF_RESTRICT tile, ptrdiff_t c,
                                        const XF_T *XF_RESTRICT m, XF_T *XF_RESTRICT u,
-                                       XF_T *XF_RESTRICT t, int comp)
+                                       XF_T *XF_RESTRICT t, int store, int comp)
 {
     XF_T au[XF_TILE] = {0};
     XF_KEY at[XF_TILE] = {0};
     for (ptrdiff_t j = 0; j < c; j++)
         for (int r = 0; r < XF_TILE; r++) {
             XF_T xv = tile[j * XF_TILE + r];
-            XF_T d = xv - m[r];
-            XF_T v = comp ? XF_EXP_DIFF(xv, m[r]) : XF_EXP(d);
+            XF_T d = xv - m[r], vs;
             int tie = d == 0;
-            tile[j * XF_TILE + r] = v;
-            au[r] += XF_SEL(tie, (XF_T)0, v);
+            if (store) {
+                tile[j * XF_TILE + r] = XF_FN(xfi_exp_term_)(xv, m[r], d, comp, &vs);
+                au[r] += XF_SEL(tie, (XF_T)0, vs);
+            } else {
+                au[r] += XF_EXP_ZS(d, tie);
+            }
             at[r] += tie;
         }
-    for (int r = 0; r < XF_TILE; r++) { u[r] = au[r]; t[r] = (XF_T)at[r]; }
+    for (int r = 0; r < XF_TILE; r++) {     /* the terms were e_j 2^S (see pass 2) */
+        u[r] = au[r] * XF_EXP_UNSCALE;
+        t[r] = (XF_T)at[r];
+    }
 }
 
 XF_MV void XF_FN(xf_tile_expsum)(XF_T *XF_RESTRICT tile, ptrdiff_t c,
                                  const XF_T *XF_RESTRICT m, XF_T *XF_RESTRICT u,
-                                 XF_T *XF_RESTRICT t, int comp)
+                                 XF_T *XF_RESTRICT t, int store, int comp)
 {
-    if (comp) XF_FN(xfi_tile_expsum_)(tile, c, m, u, t, 1);
-    else XF_FN(xfi_tile_expsum_)(tile, c, m, u, t, 0);
+    if (!store) XF_FN(xfi_tile_expsum_)(tile, c, m, u, t, 0, 0);
+    else if (comp) XF_FN(xfi_tile_expsum_)(tile, c, m, u, t, 1, 1);
+    else XF_FN(xfi_tile_expsum_)(tile, c, m, u, t, 1, 0);
 }
 
 /* softmax of 16 rows: e = exp(tile - m) (compensated) into the tile, inv[r] = 1 / s
@@ -1016,6 +1042,9 @@ XF_MV void XF_FN(xf_log_softmax_row)(const XF_T *x, XF_T *out, ptrdiff_t n, XF_T
 #undef XF_SUF
 #undef XF_EXP
 #undef XF_EXP_Z
+#undef XF_EXP_ZS
+#undef XF_EXP_UNSCALE
+#undef XF_EXP_RESCALE
 #undef XF_EXP_DIFF
 #undef XF_LOG1P
 #undef XF_INV1P
