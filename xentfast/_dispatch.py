@@ -111,9 +111,10 @@ class Backend:
 
 
 #: Best first.  Among the host backends ``cython`` comes before ``cpu``: in the table of
-#: record (BENCHMARKS.md, 2026-12-02) it is the fastest host backend at every cell --
-#: float32 loss and loss+grad at 1M x 10, 65_536 x 1_000, 4_096 x 32_000 and
-#: 256 x 128_000 (1.1-1.5x the ``cpu`` backend), and 16-bit (1.1-2.4x) -- and its first
+#: record (BENCHMARKS.md, 2026-12-03) it is the fastest host backend, or within 5% of
+#: it, at every cell -- float32 loss and loss+grad at 1M x 10, 65_536 x 1_000,
+#: 4_096 x 32_000 and 256 x 128_000 (0.97-1.8x the ``cpu`` backend), and 16-bit
+#: (1.1-2.4x) -- and its first
 #: call in a fresh process takes milliseconds where Numba's import and cache load take
 #: most of a second.  ``cpu`` is the choice where the extension was not built.
 _REGISTRY: tuple[Backend, ...] = (
