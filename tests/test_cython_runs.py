@@ -130,9 +130,14 @@ def test_streamed_gradient_as_alone(dtype, n, c):
     alone gives (too small to stream), the true-class entry included; the buffer's
     rows and the neighbours' do not leak into each other."""
     from xentfast.backends import _cython
-    if _cython._stream_buffer(n, c, np.dtype(dtype).itemsize, False, dtype) is None:
+    size = np.dtype(dtype).itemsize
+    if _cython._stream_buffer(n, c, size, False, False, dtype) is None:
         pytest.skip("this CPU has no streaming stores (x86-64 AVX) or this build none")
-    assert _cython._stream_buffer(1, c, np.dtype(dtype).itemsize, False, dtype) is None
+    assert _cython._stream_buffer(1, c, size, False, False, dtype) is None
+    # in place, or with label smoothing (pass 3 then scales and subtracts in g itself),
+    # no buffer is made
+    assert _cython._stream_buffer(n, c, size, True, False, dtype) is None
+    assert _cython._stream_buffer(n, c, size, False, True, dtype) is None
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((n, c)) * 6).astype(dtype)
     y = rng.integers(0, c, n)

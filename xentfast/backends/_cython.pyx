@@ -222,11 +222,12 @@ def _scratch(Py_ssize_t n, Py_ssize_t c, Py_ssize_t stride):
     return np.empty(max(threads, 1) * stride, np.float32)
 
 
-def _stream_buffer(Py_ssize_t n, Py_ssize_t c, Py_ssize_t itemsize, bint inplace, dtype):
+def _stream_buffer(Py_ssize_t n, Py_ssize_t c, Py_ssize_t itemsize, bint inplace,
+                   bint smoothing, dtype):
     """Per-run buffers of c elements for pass 2's e_j when the gradient is to be
     streamed (see _STREAM_MIN_BYTES), else None (also in place: the logits' lines are
-    read anyway)."""
-    if (inplace or c * itemsize < _FUSE_MIN_BYTES or c * itemsize > _PF_MAX_BYTES_GRAD
+    read anyway; and with label smoothing, whose pass 3 reads the weights instead)."""
+    if (inplace or smoothing or c * itemsize < _FUSE_MIN_BYTES or c * itemsize > _PF_MAX_BYTES_GRAD
             or n * c * itemsize < _STREAM_MIN_BYTES or not xf_can_stream()):
         return None
     runs = xf_max_threads() if n * c >= _PAR_MIN_ELEMS and _threads_ok else 1
