@@ -103,9 +103,12 @@ def test_add_ratios() -> None:
                rec("torch", "peer", "loss+grad", 4.0, 200, "copy-par"),
                rec("tf", "peer", "loss+grad", 2.0, 200, "copy-par"),
                rec("copy-par", "yardstick", "loss+grad", 0.5, 160, "copy-par"),
-               rec("exp-par", "yardstick", "loss+grad", 0.25, 200, "copy-par")]
+               rec("exp-par", "yardstick", "loss+grad", 0.25, 200, "copy-par"),
+               dict(rec("xentfast-cuda", "xentfast", "loss+grad", 0.1, 200, "copy-cuda"),
+                    device="cuda")]
     harness.add_ratios(records)
-    ours, torch, tf, copy, floor = records
+    ours, torch, tf, copy, floor, device = records
+    assert device["pct_of_exp"] is None          # the host's floor is no device's
     assert ours["x_best_peer"] == 2.0 and torch["x_best_peer"] == 0.5
     assert copy["x_best_peer"] is None and copy["pct_of_yardstick"] == 100
     assert ours["pct_of_yardstick"] == pytest.approx(100 * 200 / 1.0 / (160 / 0.5))

@@ -105,6 +105,27 @@ assert codes == [0, 0], codes
     assert "[0, 0]" in out
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+@pytest.mark.skipif("cython" not in xf.available_backends(), reason="needs the extension")
+def test_fork_after_the_exp_yardstick():
+    """The benchmarks' exp-par yardstick runs an OpenMP team as the kernels do: a child
+    forked after it (the harness imports nothing else first) runs the kernels."""
+    out = _run_python("""
+import os
+import numpy as np
+from xentfast.backends import cython_shim
+cython_shim.exp_floor(10**6)                     # a parallel team in the parent
+pid = os.fork()
+if pid == 0:
+    import xentfast as xf
+    x = np.random.default_rng(0).standard_normal((2048, 600)).astype(np.float32)
+    loss = xf.cross_entropy(x, np.zeros(2048, np.int64), backend="cython")
+    os._exit(0 if np.isfinite(loss) and cython_shim.exp_floor(10**6) > 0 else 3)
+print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+""", timeout=120)
+    assert out.strip() == "0", out
+
+
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
 def test_process_pool_executor(method):
     if method not in __import__("multiprocessing").get_all_start_methods():

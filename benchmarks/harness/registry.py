@@ -314,11 +314,14 @@ def _build_yardstick(kind: str, threads: int | None = None) -> Builder:
 
 def _build_exp_floor(case: Case, x: np.ndarray, y: np.ndarray | None) -> Callable[[], object]:
     """One float32 exp (pass 2 of the C kernels: summed, ties counted) per logit, from an
-    L1-resident block, on every core the kernels use: the arithmetic floor, no memory."""
-    from xentfast.backends import _cython
+    L1-resident block, on every core the kernels use: the arithmetic floor, no memory.
+    (float32 arithmetic: the floor of float32 and 16-bit calls, not of float64 ones.)"""
+    if case.dtype == "float64":
+        raise Skip("exp-par times the float32 exp: it is no floor of a float64 call")
+    from xentfast.backends import cython_shim   # (registers the fork guard)
 
     elements = case.elements
-    return lambda: _cython.exp_floor(elements)
+    return lambda: cython_shim.exp_floor(elements)
 
 
 def cuda_yardstick(kind: str, x: Any, *, sync: bool = True) -> Callable[[], object]:

@@ -22,7 +22,7 @@ def _key(r: Record) -> tuple:
 def add_ratios(records: Sequence[Record]) -> None:
     """Fill ``x_best_peer`` (fastest peer's time / this time), ``pct_of_yardstick``
     (this GB/s / its yardstick's GB/s, same case, same run) and ``pct_of_exp``
-    (exp-par's time / this time, where the run has it) in place."""
+    (exp-par's time / this time, host rows, where the run has it) in place."""
     groups: dict[tuple, list[Record]] = {}
     for r in records:
         groups.setdefault(_key(r), []).append(r)
@@ -31,9 +31,9 @@ def add_ratios(records: Sequence[Record]) -> None:
         peers = [r["median_s"] for r in ok if r["kind"] == "peer"]
         yardsticks = {r["contender"]: r["gbps"] for r in ok if r["kind"] == "yardstick"}
         floor = next((r["median_s"] for r in ok if r["contender"] == EXP_FLOOR), None)
-        for r in ok:
-            r["pct_of_exp"] = (100 * floor / r["median_s"]
-                               if floor and r["kind"] != "yardstick" else None)
+        for r in ok:   # (exp-par is the host's floor: no ratio for device rows)
+            r["pct_of_exp"] = (100 * floor / r["median_s"] if floor and r["kind"] != "yardstick"
+                               and r.get("device", "host") == "host" else None)
             r["x_best_peer"] = (min(peers) / r["median_s"]
                                 if peers and r["kind"] != "yardstick" else None)
             base = yardsticks.get(r.get("yardstick"))

@@ -370,11 +370,12 @@ def exp_floor(Py_ssize_t elements):
     work alive).  The benchmarks' ``exp-par`` yardstick: the arithmetic a loss over that
     many logits cannot avoid (one exp each), with no memory traffic -- a loss call's
     time is at least the larger of this and ``read-par``'s."""
-    cdef Py_ssize_t nrun = xf_max_threads() if _use_threads(elements) else 1
+    cdef bint par = _use_threads(elements)     # as the kernels: fork-safe, one team
+    cdef Py_ssize_t nrun = xf_max_threads() if par else 1
     cdef Py_ssize_t b
     cdef double total = 0
     if elements <= 0:
         return 0.0
-    for b in prange(nrun, nogil=True, schedule="static", num_threads=nrun):
+    for b in prange(nrun, nogil=True, schedule="static", use_threads_if=par):
         total += _exp_floor_run((b + 1) * elements // nrun - b * elements // nrun)
     return total

@@ -225,8 +225,10 @@ XF_INLINE double xf_exp(double x) { return xf_exp_z(x, 0); }
  * About 10 operations more than exp(d).  Measured against expl / expq (gcc 12, with
  * and without FMA; normal results): float, 5e7 random (x, m) with x - m in [-103, 0]:
  * max 0.81 ulp (exp(x - m): 64.5); double, 2e7 pairs with x - m in [-740, 0]: max
- * 0.79 ulp (exp(x - m): 512). */
-XF_INLINE float xf_expf_diff(float x, float m)
+ * 0.79 ulp (exp(x - m): 512).
+ * xf_expf_diff64 / xf_exp_diff512 return the value times 2^64 / 2^512 before its last,
+ * exact multiply (as xf_expf_z64): the terms pass 2 sums. */
+XF_INLINE float xf_expf_diff64(float x, float m)
 {
     const float shifter = 12582912.0f;
     float d = x - m;
@@ -245,10 +247,14 @@ XF_INLINE float xf_expf_diff(float x, float m)
     float c = err * (hi + y) + y;
     p = hi + c;
     float scale = xf_u2f((xf_f2u(t) << 23) + ((uint32_t)(127 + 64) << 23));
-    return xf_self(under, 0.0f, (p * scale) * 5.42101086242752217e-20f);
+    return xf_self(under, 0.0f, p * scale);
 }
 
-XF_INLINE double xf_exp_diff(double x, double m)
+/* exp(x - m), compensated: xf_expf_diff64's exp(x - m) 2^64 times 2^-64 (see
+ * xf_expf_z64: the same split, so that sums can add the exact scaled terms). */
+XF_INLINE float xf_expf_diff(float x, float m) { return xf_expf_diff64(x, m) * XF_EXPF_UNSCALE; }
+
+XF_INLINE double xf_exp_diff512(double x, double m)
 {
     const double shifter = 6755399441055744.0;
     double d = x - m;
@@ -278,8 +284,10 @@ XF_INLINE double xf_exp_diff(double x, double m)
     double c = err * (hi + y) + y;
     p = hi + c;
     double scale = xf_u2d((xf_d2u(t) << 52) + ((uint64_t)(1023 + 512) << 52));
-    return xf_seld(under, 0.0, (p * scale) * 7.4583407312002067432909653e-155);
+    return xf_seld(under, 0.0, p * scale);
 }
+
+XF_INLINE double xf_exp_diff(double x, double m) { return xf_exp_diff512(x, m) * XF_EXP_UNSCALE_D; }
 
 /* log(s) for float, s normal positive, +inf, 0, negative or NaN; see above. */
 XF_INLINE float xf_logf(float s)

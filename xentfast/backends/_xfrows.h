@@ -475,7 +475,7 @@ static float xf_load_h16_max(const uint16_t *h, float *x, ptrdiff_t n, int kind)
 #define XF_EXP_Z xf_expf_z
 #define XF_EXP_ZS xf_expf_z64
 #define XF_EXP_UNSCALE XF_EXPF_UNSCALE
-#define XF_EXP_RESCALE 18446744073709551616.0f      /* 2^64 */
+#define XF_EXP_DIFF_S xf_expf_diff64
 #define XF_EXP_DIFF xf_expf_diff
 #define XF_LOG1P xf_log1pf_v
 #define XF_INV1P xf_inv1p_f_
@@ -492,7 +492,7 @@ static float xf_load_h16_max(const uint16_t *h, float *x, ptrdiff_t n, int kind)
 #define XF_EXP_Z xf_exp_z
 #define XF_EXP_ZS xf_exp_z512
 #define XF_EXP_UNSCALE XF_EXP_UNSCALE_D
-#define XF_EXP_RESCALE 1.3407807929942597099574024998205846e154   /* 2^512 */
+#define XF_EXP_DIFF_S xf_exp_diff512
 #define XF_EXP_DIFF xf_exp_diff
 #define XF_LOG1P xf_log1p_d_
 #define XF_INV1P xf_inv1p_d_

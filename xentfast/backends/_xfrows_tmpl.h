@@ -6,8 +6,9 @@
  *     XF_L    number of accumulator lanes (16 for float, 8 for double)
  *     XF_SUF  name suffix (_f | _d)
  *     XF_EXP  the exp of _fastexp.h for XF_T
- *     XF_EXP_ZS  its e 2^S (exact) with a zero select, the terms pass 2 sums, and
- *     XF_EXP_UNSCALE, XF_EXP_RESCALE  2^-S and 2^S (S = 64 | 512; see xf_expf_z64)
+ *     XF_EXP_ZS, XF_EXP_DIFF_S  its e 2^S (exact) with a zero select, and the
+ *             compensated exp's, the terms pass 2 sums; XF_EXP_UNSCALE = 2^-S
+ *             (S = 64 | 512; see xf_expf_z64)
  *     XF_LOG1P  an accurate log1p for XF_T usable in a vector loop (xf_log1pf_v | log1p)
  *     XF_KEY, XF_KEY_OF, XF_FROM_KEY  the ordered-integer view used by xfi_rowmax
  *
@@ -290,15 +291,10 @@ XF_INLINE void XF_FN(xfi_exp_step_)(const XF_T *x, XF_T m, XF_T *XF_RESTRICT au,
 }
 
 /* e_j = exp(x - m) (comp: compensated, XF_EXP_DIFF; else the plain exp of d = x - m),
- * and *scaled = e_j 2^S, exact, the term the sums add (see above). */
+ * and *scaled = e_j 2^S before its last rounding, the term the sums add (see above). */
 XF_INLINE XF_T XF_FN(xfi_exp_term_)(XF_T x, XF_T m, XF_T d, int comp, XF_T *scaled)
 {
-    if (comp) {
-        XF_T v = XF_EXP_DIFF(x, m);
-        *scaled = v * XF_EXP_RESCALE;
-        return v;
-    }
-    *scaled = XF_EXP_ZS(d, 0);
+    *scaled = comp ? XF_EXP_DIFF_S(x, m) : XF_EXP_ZS(d, 0);
     return *scaled * XF_EXP_UNSCALE;
 }
 
@@ -1044,7 +1040,7 @@ XF_MV void XF_FN(xf_log_softmax_row)(const XF_T *x, XF_T *out, ptrdiff_t n, XF_T
 #undef XF_EXP_Z
 #undef XF_EXP_ZS
 #undef XF_EXP_UNSCALE
-#undef XF_EXP_RESCALE
+#undef XF_EXP_DIFF_S
 #undef XF_EXP_DIFF
 #undef XF_LOG1P
 #undef XF_INV1P
