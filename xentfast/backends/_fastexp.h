@@ -165,12 +165,10 @@ XF_INLINE float xf_expf_z64(float x, int zero)
     return xf_self(under | zero, 0.0f, p * scale);                  /* steps 5, 1 */
 }
 
-/* exp(x) for float, x <= 43 or NaN, and +0 where `zero` is nonzero; see the header
- * comment (step 5: exp(x) 2^64 times 2^-64, rounded once). */
-XF_INLINE float xf_expf_z(float x, int zero) { return xf_expf_z64(x, zero) * XF_EXPF_UNSCALE; }
-
-/* exp(x) for float, x <= 43 or NaN; see the header comment. */
-XF_INLINE float xf_expf(float x) { return xf_expf_z(x, 0); }
+/* exp(x) for float, x <= 43 or NaN; see the header comment (step 5: exp(x) 2^64 times
+ * 2^-64, rounded once).  The values the accuracy figures above are about; the kernels
+ * call xf_expf_z64 and scale where they need e_j itself. */
+XF_INLINE float xf_expf(float x) { return xf_expf_z64(x, 0) * XF_EXPF_UNSCALE; }
 
 /* exp(x) 2^512 for double, x <= 350 or NaN, and +0 where `zero`; see xf_expf_z64. */
 #define XF_EXP_UNSCALE_D 7.4583407312002067432909653e-155    /* 2^-512 */
@@ -200,11 +198,8 @@ XF_INLINE double xf_exp_z512(double x, _Bool zero)
     return xf_seld(under | zero, 0.0, p * scale);
 }
 
-/* exp(x) for double, x <= 350 or NaN, and +0 where `zero`; see xf_expf_z. */
-XF_INLINE double xf_exp_z(double x, _Bool zero) { return xf_exp_z512(x, zero) * XF_EXP_UNSCALE_D; }
-
-/* exp(x) for double, x <= 350 or NaN; see the header comment. */
-XF_INLINE double xf_exp(double x) { return xf_exp_z(x, 0); }
+/* exp(x) for double, x <= 350 or NaN; see the header comment and xf_expf. */
+XF_INLINE double xf_exp(double x) { return xf_exp_z512(x, 0) * XF_EXP_UNSCALE_D; }
 
 /* exp(x - m) for x <= m, within 0.82 ulp, for the e_j that are results themselves
  * (softmax at any precision, float64 gradients); pass 2's sums use the plain exp.

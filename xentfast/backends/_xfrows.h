@@ -471,8 +471,6 @@ static float xf_load_h16_max(const uint16_t *h, float *x, ptrdiff_t n, int kind)
 #define XF_T float
 #define XF_L 16
 #define XF_SUF _f
-#define XF_EXP xf_expf
-#define XF_EXP_Z xf_expf_z
 #define XF_EXP_ZS xf_expf_z64
 #define XF_EXP_UNSCALE XF_EXPF_UNSCALE
 #define XF_EXP_DIFF_S xf_expf_diff64
@@ -488,8 +486,6 @@ static float xf_load_h16_max(const uint16_t *h, float *x, ptrdiff_t n, int kind)
 #define XF_T double
 #define XF_L 8
 #define XF_SUF _d
-#define XF_EXP xf_exp
-#define XF_EXP_Z xf_exp_z
 #define XF_EXP_ZS xf_exp_z512
 #define XF_EXP_UNSCALE XF_EXP_UNSCALE_D
 #define XF_EXP_DIFF_S xf_exp_diff512

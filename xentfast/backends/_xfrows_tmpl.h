@@ -5,10 +5,10 @@
  *     XF_T    element type (float | double), also the accumulation type
  *     XF_L    number of accumulator lanes (16 for float, 8 for double)
  *     XF_SUF  name suffix (_f | _d)
- *     XF_EXP  the exp of _fastexp.h for XF_T
- *     XF_EXP_ZS, XF_EXP_DIFF_S  its e 2^S (exact) with a zero select, and the
- *             compensated exp's, the terms pass 2 sums; XF_EXP_UNSCALE = 2^-S
- *             (S = 64 | 512; see xf_expf_z64)
+ *     XF_EXP_ZS, XF_EXP_DIFF_S  the exp of _fastexp.h for XF_T as e 2^S before its
+ *             last, exact multiply (with a zero select), and the compensated exp's:
+ *             the terms pass 2 sums; XF_EXP_UNSCALE = 2^-S (S = 64 | 512; see
+ *             xf_expf_z64)
  *     XF_LOG1P  an accurate log1p for XF_T usable in a vector loop (xf_log1pf_v | log1p)
  *     XF_KEY, XF_KEY_OF, XF_FROM_KEY  the ordered-integer view used by xfi_rowmax
  *
@@ -1036,8 +1036,6 @@ XF_MV void XF_FN(xf_log_softmax_row)(const XF_T *x, XF_T *out, ptrdiff_t n, XF_T
 #undef XF_T
 #undef XF_L
 #undef XF_SUF
-#undef XF_EXP
-#undef XF_EXP_Z
 #undef XF_EXP_ZS
 #undef XF_EXP_UNSCALE
 #undef XF_EXP_DIFF_S
