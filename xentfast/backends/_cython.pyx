@@ -82,6 +82,8 @@ from libc.math cimport NAN, log1p, log1pf
 
 import numpy as np
 
+from xentfast import _forkguard
+
 
 cdef extern from "_xfrows.h" nogil:
     int XF_MULTIVERSIONED
@@ -138,8 +140,9 @@ cdef enum:
 # Fork safety.  GNU OpenMP (libgomp) is not fork-safe: a child forked after the parent
 # ran a parallel region -- here, or in the cpu backend, which uses the same runtime --
 # deadlocks in its first parallel region (the team's threads do not exist in the
-# child).  The shim registers ran_parallel / disable_threads with xentfast._forkguard,
-# so such a child runs every kernel on its one thread instead.
+# child).  This module registers ran_parallel / disable_threads with xentfast._forkguard
+# when it is imported (through cython_shim or directly), so such a child runs every
+# kernel on its one thread instead.
 cdef bint _threads_ok = True
 cdef bint _ran_parallel = False
 
@@ -153,6 +156,9 @@ def disable_threads():
     """Run every later kernel on the calling thread (a forked child; _forkguard)."""
     global _threads_ok
     _threads_ok = False
+
+
+_forkguard.register(ran_parallel, disable_threads)
 
 
 cdef inline bint _use_threads(Py_ssize_t elems) noexcept nogil:

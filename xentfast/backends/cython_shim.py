@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from xentfast import _forkguard
 
 try:
     from xentfast.backends import _cython as _ext
@@ -30,8 +29,8 @@ except ImportError as exc:  # pragma: no cover - depends on how xentfast was ins
     ) from exc
 
 # A child forked after any OpenMP region ran (this backend's or the cpu backend's)
-# must not enter one (libgomp would deadlock): it runs the kernels single-threaded.
-_forkguard.register(_ext.ran_parallel, _ext.disable_threads)
+# must not enter one (libgomp would deadlock): it runs the kernels single-threaded --
+# the extension registers itself with xentfast._forkguard when imported.
 
 NAME = "cython"
 NATIVE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -48,8 +47,7 @@ MULTIVERSIONED = _ext.MULTIVERSIONED
 max_threads = _ext.max_threads
 set_max_threads = _ext.set_max_threads
 #: The benchmarks' ``exp-par`` yardstick (``exp_floor(elements)``: the kernels' float32
-#: pass 2 over that many values from an L1-resident block, on every core), reached
-#: through this module so that the fork guard above is registered.
+#: pass 2 over that many values from an L1-resident block, on every core).
 exp_floor = _ext.exp_floor
 
 
