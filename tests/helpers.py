@@ -598,11 +598,22 @@ def common_offsets(dtype) -> list[float]:
 
 
 def confident_margins(rng, n: int, dtype) -> np.ndarray:
-    """Margins 8..40; for float64 half of them 37..100 (1 + e^-37 rounds to 1)."""
+    """Margins 8..40; for float64 half of them 37..100 (1 + e^-37 rounds to 1) and a
+    quarter 100..700; for float32 a third 40..85 (the loss down to e^-85, still a
+    normal float32).  A far margin puts the other logits far below the maximum, where
+    x_j - m rounds by up to |x_j - m| / 2 ulps of exp: a kernel that exponentiates the
+    rounded difference has a confident row's loss (log1p of the sum of those terms)
+    that far off -- 41 ulps for the float32 row [72.164894, 4.7841673]."""
     margins = rng.uniform(8.0, 40.0, n)
+    pick = rng.random(n)
     if np.dtype(dtype) == np.float64:
-        far = rng.random(n) < 0.5
+        far = pick < 0.5
         margins[far] = rng.uniform(37.0, 100.0, int(far.sum()))
+        farther = pick >= 0.75
+        margins[farther] = rng.uniform(100.0, 700.0, int(farther.sum()))
+    elif np.dtype(dtype) == np.float32:
+        far = pick < 1 / 3
+        margins[far] = rng.uniform(40.0, 85.0, int(far.sum()))
     return margins
 
 
@@ -631,6 +642,9 @@ def _rows_of_kind(rng, kind: str, n: int, c: int, dtype) -> tuple[np.ndarray, np
         margins = confident_margins(rng, n, dtype)
         for i in range(n):
             top = int(rng.integers(0, c))
+            if i % 2 == 0 and c > 2:  # a runner-up 4 above the rest: one term dominates
+                second = (top + 1 + int(rng.integers(0, c - 1))) % c  # r, its rounding
+                x[i, second] = np.max(np.delete(x[i], top)) + 4.0  # is not averaged away
             x[i, top] = np.max(np.delete(x[i], top)) + margins[i] if c > 1 else x[i, top]
             # three rows in four are labelled with the confident class (tiny loss,
             # true-class gradient ~ -e^-margin); the others far from it (loss ~ margin)

@@ -327,6 +327,12 @@ PINS = [
         [[37.43, 0.0]], [[1.0, 0.0]], "float64"),
     Pin("f32_margin_30_onehot", "float32 dense one-hot at a confident max: -wt r / s",
         [[30.0, 0.0, -1.0]], [[1.0, 0.0, 0.0]], "float32"),
+    Pin("f32_72.16_4.78", "x_j - m = -67.38 rounds by 3.8e-6: exp of the rounded "
+        "difference made the loss e^-67.38 41 ulps off (5.456585e-30, exact "
+        "5.45660049e-30)", [[72.164894, 4.7841673]], [0], "float32"),
+    Pin("f64_745.3_40.7_onehot", "the same in float64 at a spread of 704.6 (500 ulps "
+        "of e_1 from the rounding of x_1 - m), through probability labels",
+        [[745.3, 40.7]], [[1.0, 0.0]], "float64"),
 ]
 
 
@@ -381,9 +387,10 @@ def test_log_softmax_of_logits_offset_by_1e7(backend_name):
 
 
 def _mp_reference(x, y, t, w, eps, z):
-    """Textbook formulas at 300 bits (cancellation is harmless at that precision)."""
+    """Textbook formulas at 1200 bits: cancellation is harmless at that precision (lse - x_y
+    of a confident float64 row loses up to ~1000 bits: e^-700 next to 700)."""
     mpmath = pytest.importorskip("mpmath")
-    with mpmath.workprec(300):
+    with mpmath.workprec(1200):
         c = len(x)
         X = [mpmath.mpf(v) for v in x]
         W = [mpmath.mpf(1)] * c if w is None else [mpmath.mpf(v) for v in w]

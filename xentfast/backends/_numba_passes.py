@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from ._numba_math import (_JIT, _acc, _dense_grad, _exp, _exp_diff, _exp_grad, _ld,
+from ._numba_math import (_JIT, _acc, _dense_grad, _exp_diff, _ld,
                           _log_softmax, _log_sum_exp, _maxnum, _prefer_wide_vectors,
                           _prefetch, _rest_mass, _smoothed_weight, _softmax, _st, _stub,
                           _two_sum_add)
@@ -131,10 +131,8 @@ def _pass_b_t(xr, m, tr, w, one_m_eps, eps_c, gr, lab, store):
             bd = zero
             for j in range(xb.shape[0]):
                 xj = _ld(xb, j)
-                if STORE == 0:
-                    e = _exp(xj - m)
-                else:
-                    e = _exp_grad(xj, m)
+                e = _exp_diff(xj, m)
+                if STORE != 0:
                     gb[j] = e
                 d = xj - m
                 eu = zero if d == zero else e
@@ -207,11 +205,9 @@ def _wide_ab_t(xr, xnext, prefetch, gr, store):
             bt = zero
             for j in range(xb.shape[0]):
                 xj = _ld(xb, j)
+                e = _exp_diff(xj, m)
                 if STORE == 1:
-                    e = _exp_grad(xj, m)
                     gb[j] = e
-                else:
-                    e = _exp(xj - m)
                 d = xj - m
                 eu = zero if d == zero else e
                 tie = one if d == zero else zero
@@ -229,7 +225,7 @@ def _wide_ab_t(xr, xnext, prefetch, gr, store):
             bt = zero
             for j in range(64):
                 xj = _ld(window, j)
-                e = _exp_grad(xj, m)
+                e = _exp_diff(xj, m)
                 if STORE == 1:
                     gw[j] = e
                 fresh = j >= counted               # lanes [0, counted) were summed above:
@@ -331,9 +327,9 @@ def _pass_c_t(xr, gr, m, a, bvec, tr, w, one_m_eps, eps_c, r, coef, gos, kind, g
         one = _acc(gr)(1)
         for j in range(gr.shape[0]):
             if GRAD == G_HALF:
-                e = _exp_grad(_ld(xr, j), m)
+                e = _exp_diff(_ld(xr, j), m)
             elif GRAD == G_HALF_INPLACE:
-                e = _exp_grad(_ld(gr, j), m)
+                e = _exp_diff(_ld(gr, j), m)
             elif GRAD == E_SCRATCH:
                 e = xr[j]
             else:

@@ -471,7 +471,7 @@ static float xf_load_h16_max(const uint16_t *h, float *x, ptrdiff_t n, int kind)
 #define XF_T float
 #define XF_L 16
 #define XF_SUF _f
-#define XF_EXP_ZS xf_expf_z64
+#define XF_EXP_XM xf_expf_xm64
 #define XF_EXP_UNSCALE XF_EXPF_UNSCALE
 #define XF_EXP_DIFF_S xf_expf_diff64
 #define XF_EXP_DIFF xf_expf_diff
@@ -486,7 +486,7 @@ static float xf_load_h16_max(const uint16_t *h, float *x, ptrdiff_t n, int kind)
 #define XF_T double
 #define XF_L 8
 #define XF_SUF _d
-#define XF_EXP_ZS xf_exp_z512
+#define XF_EXP_XM xf_exp_xm512
 #define XF_EXP_UNSCALE XF_EXP_UNSCALE_D
 #define XF_EXP_DIFF_S xf_exp_diff512
 #define XF_EXP_DIFF xf_exp_diff

@@ -5,8 +5,9 @@
  *     XF_T    element type (float | double), also the accumulation type
  *     XF_L    number of accumulator lanes (16 for float, 8 for double)
  *     XF_SUF  name suffix (_f | _d)
- *     XF_EXP_ZS, XF_EXP_DIFF_S  the exp of _fastexp.h for XF_T as e 2^S before its
- *             last, exact multiply (with a zero select), and the compensated exp's:
+ *     XF_EXP_XM, XF_EXP_DIFF_S  the exp of _fastexp.h for XF_T of x - m (the rounding
+ *             of d = x - m compensated: XF_EXP_XM in the reduced argument, with a zero
+ *             select; XF_EXP_DIFF_S fully) as e 2^S before its last, exact multiply:
  *             the terms pass 2 sums; XF_EXP_UNSCALE = 2^-S (S = 64 | 512; see
  *             xf_expf_z64)
  *     XF_LOG1P  an accurate log1p for XF_T usable in a vector loop (xf_log1pf_v | log1p)
@@ -268,7 +269,7 @@ XF_INLINE XF_T XF_FN(xfi_rowmax)(const XF_T *x, ptrdiff_t n)
 /* ---- pass 2: u and t (see the top), optionally storing e_j = exp(x_j - m) ----
  * With d = x_j - m: u collects e_j where d != 0 (NaN != 0: a NaN, a +inf (inf - inf) or
  * an all -inf row (-inf - -inf) makes u NaN), t counts d == 0 (the ties at the max,
- * e_j = 1 each).  The sums add e_j 2^S (XF_EXP_ZS: the exp without its last multiply,
+ * e_j = 1 each).  The sums add e_j 2^S (XF_EXP_XM: the exp without its last multiply,
  * exact) and xfi_dfold_ scales the total by 2^-S once: bitwise the sum of the e_j
  * wherever they and the partial sums are normal, more exact where they are not.
  * Without a store the tie is zeroed inside the exp's own final select (on AVX-512 the
@@ -285,16 +286,16 @@ XF_INLINE void XF_FN(xfi_exp_step_)(const XF_T *x, XF_T m, XF_T *XF_RESTRICT au,
     for (int j = 0; j < XF_L; j++) {
         XF_T d = x[j] - m;
         int tie = d == 0;
-        au[j] += XF_EXP_ZS(d, tie);
+        au[j] += XF_EXP_XM(x[j], m, tie);
         at[j] += tie;
     }
 }
 
-/* e_j = exp(x - m) (comp: compensated, XF_EXP_DIFF; else the plain exp of d = x - m),
+/* e_j = exp(x - m) (comp: fully compensated, XF_EXP_DIFF; else XF_EXP_XM's reduction),
  * and *scaled = e_j 2^S before its last rounding, the term the sums add (see above). */
 XF_INLINE XF_T XF_FN(xfi_exp_term_)(XF_T x, XF_T m, XF_T d, int comp, XF_T *scaled)
 {
-    *scaled = comp ? XF_EXP_DIFF_S(x, m) : XF_EXP_ZS(d, 0);
+    *scaled = comp ? XF_EXP_DIFF_S(x, m) : XF_EXP_XM(x, m, 0);
     return *scaled * XF_EXP_UNSCALE;
 }
 
@@ -344,7 +345,7 @@ XF_INLINE void XF_FN(xfi_exp_tail_)(const XF_T *x, XF_T m, XF_T *XF_RESTRICT au,
     for (int j = 0; j < XF_L; j++) {
         XF_T d = x[j] - m;
         int tie = d == 0, in = j >= first;
-        au[j] += XF_EXP_ZS(d, tie | !in);
+        au[j] += XF_EXP_XM(x[j], m, tie | !in);
         at[j] += in & tie;
     }
 }
@@ -748,7 +749,7 @@ XF_INLINE void XF_FN(xfi_tile_expsum_)(XF_T *XF_RESTRICT tile, ptrdiff_t c,
                 tile[j * XF_TILE + r] = XF_FN(xfi_exp_term_)(xv, m[r], d, comp, &vs);
                 au[r] += XF_SEL(tie, (XF_T)0, vs);
             } else {
-                au[r] += XF_EXP_ZS(d, tie);
+                au[r] += XF_EXP_XM(xv, m[r], tie);
             }
             at[r] += tie;
         }
@@ -1036,7 +1037,7 @@ XF_MV void XF_FN(xf_log_softmax_row)(const XF_T *x, XF_T *out, ptrdiff_t n, XF_T
 #undef XF_T
 #undef XF_L
 #undef XF_SUF
-#undef XF_EXP_ZS
+#undef XF_EXP_XM
 #undef XF_EXP_UNSCALE
 #undef XF_EXP_DIFF_S
 #undef XF_EXP_DIFF

@@ -123,7 +123,7 @@ from ._numba_passes import (DENSE, E_SCRATCH, G_HALF, G_HALF_INPLACE, G_INPLACE,
                             _row_logsm, _row_max, _row_max_sumexp_wide, _row_scalars,
                             _row_softmax_exp, _template)
 from ._numba_math import (_JIT, _PJIT, _acc, _dense_coef, _dense_grad, _dense_loss, _exp,  # noqa: F401
-                          _exp_diff, _exp_grad, _grad_over_sum, _ld, _log1p, _log_sum_exp,
+                          _exp_diff, _grad_over_sum, _ld, _log1p, _log_sum_exp,
                           _maxnum, _rest_mass, _smoothed_weight, _softmax, _sparse_loss,
                           _sparse_scale, _sparse_true_grad, _st, _stub, _two_sum_add,
                           bits_view, exp_array, log1p_array, log_array)
@@ -306,9 +306,9 @@ _blk_sumexp = _stub("_blk_sumexp", "Pass B of a small-C block; see the template.
 @_template(_blk_sumexp)
 def _blk_sumexp_t(buf, nb, mv, rv, tv, lv, uh, ul, store):
     """Pass B of a block: rv[b] = r = u + (t - 1) of row b, lv[b] = log1p r (tv is
-    scratch for the tie counts).  STORE: 0 sums only; 1 buf[j, b] <- e_jb as the
-    gradient passes store it (_exp_grad); 2 as softmax stores it (_exp_diff, 4 ulps: see
-    _row_softmax_exp), rv[b] = u in float64, and lv[b] = r, no log.
+    scratch for the tie counts).  STORE: 0 sums only; 1 buf[j, b] <- e_jb (_exp_diff,
+    as every pass); 2 as softmax stores it (see _row_softmax_exp), rv[b] = u in float64,
+    and lv[b] = r, no log.
     u is summed in float64 lanes uh (float32 terms exactly: a row of <= 64 equal terms
     summed in float32 drifted 5.8 ulps of its lse), float64 terms with their rounding
     errors carried in ul (TwoSum), then rounded once."""
@@ -334,13 +334,8 @@ def _blk_sumexp_t(buf, nb, mv, rv, tv, lv, uh, ul, store):
             bj = buf[j, :nb]
             for b in range(nb):
                 d = bj[b] - mb[b]
-                if STORE == 0:
-                    e = _exp(d)
-                elif STORE == 1:
-                    e = _exp_grad(bj[b], mb[b])
-                    bj[b] = e
-                else:
-                    e = _exp_diff(bj[b], mb[b])
+                e = _exp_diff(bj[b], mb[b])
+                if STORE != 0:
                     bj[b] = e
                 eu = zero if d == zero else e
                 tie = one if d == zero else zero
@@ -650,7 +645,7 @@ def _split_sparse(labels, w, ignore_index, z, gs, m, r, log_s, xy, loss, a, g, e
             loss[i] = _sparse_loss(m[i], log_s[i], xy[i], wy, one, zero, zero, zero, z)
             a[i] = _sparse_scale(one, r[i], ls, wy, one, zero, zero, z, gs)
         else:
-            e = _exp_grad(ey[i], m[i]) if fix == 2 else ey[i]
+            e = _exp_diff(ey[i], m[i]) if fix == 2 else ey[i]
             _st(g[i], y, _sparse_true_grad(one, e, r[i], ls, wy, one, zero, zero, z, gs))
 
 
