@@ -82,6 +82,54 @@ def test_int_labels_with_logits_shape(backend):
         ce(backend, labels=np.eye(5, dtype=np.int64)[Y])
 
 
+@pytest.mark.parametrize("onehot", [np.eye(5, dtype=np.int64)[Y], np.eye(5, dtype=np.float32)[Y]],
+                         ids=["int", "float"])
+def test_one_hot_labels_to_a_sparse_function_say_argmax(backend, onehot):
+    """One-hot rows handed to a function that takes class ids: one message that says
+    what to do (argmax, or the probability function) -- not advice to cast them to
+    float, which the sparse function then rejects in turn."""
+    with pytest.raises(ValueError, match=r"logits' shape, but this function takes class "
+                                         r"indices.*argmax.*softmax_cross_entropy_with_logits"):
+        xf.sparse_softmax_cross_entropy_with_logits(onehot, X, backend=backend)
+    with pytest.raises(ValueError, match=r"takes class ids.*argmax.*categorical_crossentropy"):
+        xf.SparseCategoricalCrossentropy(from_logits=True, backend=backend)(onehot, X)
+    with pytest.raises(ValueError, match=r"takes class ids.*argmax"):
+        xf.sparse_categorical_crossentropy(onehot, X, from_logits=True, backend=backend)
+
+
+def test_labels_that_fit_another_class_axis_name_it(backend):
+    """(N, C, d) logits with (N, d) labels: PyTorch's layout, the class axis is 1."""
+    x = np.zeros((4, 5, 7), np.float32)
+    with pytest.raises(ValueError, match=r"class axis 2.*They fit class axis 1: pass axis=1"):
+        ce(backend, x, np.zeros((4, 7), np.int64))
+    assert ce(backend, x, np.zeros((4, 7), np.int64), axis=1) == pytest.approx(np.log(5))
+
+
+@pytest.mark.parametrize("name", ["inplace", "return_lse", "check_labels"])
+@pytest.mark.parametrize("value", ["False", 1, None, np.float32(0)])
+def test_switches_must_be_bools(backend, name, value):
+    """inplace="False" is truthy: it must raise, not overwrite the caller's logits."""
+    x = np.ones((4, 5), np.float32)
+    with pytest.raises(TypeError, match=rf"{name} must be True or False; got {re.escape(repr(value))}"):
+        ceg(backend, x, **{name: value})
+    assert np.all(x == 1)
+
+
+def test_z_loss_that_overflows_the_dtype(backend):
+    with pytest.raises(ValueError, match=r"z_loss = 1e\+39 overflows float32.*scale it down"):
+        ce(backend, z_loss=1e39)
+    assert np.isfinite(ce(backend, X.astype(np.float64), z_loss=1e39))  # fits float64
+
+
+def test_masked_arrays_are_refused(backend):
+    """A mask would be silently ignored: refuse, and say how to apply it."""
+    masked = np.ma.masked_array(X, mask=np.eye(4, 5, dtype=bool))
+    with pytest.raises(TypeError, match=r"masked arrays are not supported.*filled\(-np.inf\)"):
+        ce(backend, masked)
+    with pytest.raises(TypeError, match=r"masked arrays are not supported"):
+        ce(backend, X, np.ma.masked_array(Y, mask=[0, 1, 0, 0]))
+
+
 def test_bool_labels(backend):
     with pytest.raises(TypeError, match=r"integer class ids or float probabilities; got dtype bool"):
         ce(backend, labels=np.ones(4, bool))
@@ -383,3 +431,12 @@ def test_check_labels_false_still_checks_on_the_host(backend):
     else:
         with pytest.raises(ValueError, match=r"label value of 7 at labels\[2\]"):
             ce(backend, labels=labels, check_labels=False)
+
+
+@pytest.mark.parametrize("make", ["requires_grad", "bfloat16"])
+def test_torch_tensors_numpy_cannot_read_point_to_the_torch_adapter(backend, make):
+    torch = pytest.importorskip("torch")
+    t = torch.zeros(4, 5, requires_grad=True) if make == "requires_grad" else \
+        torch.zeros(4, 5, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"cannot read the torch tensor.*xentfast.torch.cross_entropy"):
+        ce(backend, t)

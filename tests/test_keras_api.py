@@ -305,3 +305,25 @@ def test_sparse_singleton_label_axis_is_squeezed(backend, axis, true_shape, rng)
     expected, _, _ = naive.cross_entropy(x, squeezed, axis=axis, reduction="none")
     assert got.shape == (4, 5)
     assert_close(got, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", ["SparseCategoricalCrossentropy", "CategoricalCrossentropy"])
+def test_loss_classes_take_keras_positional_order(name):
+    """xf.SparseCategoricalCrossentropy(True, None, "sum") must mean what Keras' does:
+    the same parameters in the same order (xentfast's backend= is keyword-only)."""
+    keras = pytest.importorskip("keras")
+    import inspect
+    ours = [p.name for p in inspect.signature(getattr(xf, name)).parameters.values()
+            if p.kind is p.POSITIONAL_OR_KEYWORD]
+    theirs = [p.name for p in inspect.signature(getattr(keras.losses, name)).parameters.values()
+              if p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"]
+    assert ours == theirs
+
+
+def test_sparse_bool_labels_are_class_ids_0_and_1():
+    """Keras reads bool y_true as the class ids 0 and 1 (the core API refuses bool)."""
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    flags = np.array([True, False, True, False])
+    got = xf.sparse_categorical_crossentropy(flags, x, from_logits=True)
+    np.testing.assert_array_equal(got, xf.sparse_categorical_crossentropy(
+        flags.astype(np.int64), x, from_logits=True))

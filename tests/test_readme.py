@@ -1,7 +1,8 @@
 """The README's Python examples run, and print what their comments say.
 
-Each ```python block of README.md is executed in order in one namespace (illustrative
-snippets that would change global state, such as set_backend, are fenced ```py).  A line of
+Each ```python block of README.md is executed on its own, in a fresh namespace, as a
+reader pasting it into a new interpreter would (illustrative snippets that would change
+global state, such as set_backend, are fenced ```py).  A line of
 the form ``print(EXPR)  # NUMBERS`` is also checked: EXPR is evaluated and compared
 with the numbers in the comment (to the digits the comment shows), or with a comment
 ``True`` / ``False``.
@@ -40,9 +41,9 @@ def test_readme_has_examples():
 
 
 def test_readme_examples_run_and_print_what_they_say(capsys):
-    namespace: dict = {}
     checked = 0
     for block in _blocks():
+        namespace: dict = {}
         exec(compile(block, str(README), "exec"), namespace)
         for expr, value in _checked_prints(block):
             if value in ("True", "False"):

@@ -128,10 +128,21 @@ def _cross_entropy(
     ignore_index = _validate.check_ignore_index(ignore_index)
     label_smoothing = _validate.check_fraction(label_smoothing, "label_smoothing")
     z_loss = _validate.check_nonnegative(z_loss, "z_loss")
+    inplace = _validate.check_flag(inplace, "inplace")
+    return_lse = _validate.check_flag(return_lse, "return_lse")
+    check_labels = _validate.check_flag(check_labels, "check_labels")
     x, call = _resolve(logits, labels, out, backend=backend, half_ok=softcap is None,
                        half_bits=half_bits)
+    _validate.check_representable(z_loss, "z_loss", call.acc_dtype)
     arrays = call.arrays
     y = arrays.asarray(labels)
+    if labels_as_indices and tuple(y.shape) == tuple(x.shape) and len(x.shape) > 1:
+        raise ValueError(
+            f"labels of shape {tuple(y.shape)} have the logits' shape, but this function "
+            "takes class indices, one per row (shape of the logits without the class "
+            "axis). For one-hot rows pass labels.argmax(axis=-1); for probabilities use "
+            "softmax_cross_entropy_with_logits / categorical_crossentropy"
+        )
     if half_bits is not None and (softcap is not None or np.dtype(y.dtype).kind not in "iu"):
         raise TypeError("raw 16-bit logits take index labels and no softcap; convert "
                         "probability labels and the logits to float32 first")

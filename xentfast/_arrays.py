@@ -37,7 +37,20 @@ class HostArrays:
 
     @staticmethod
     def asarray(obj) -> np.ndarray:
-        return np.asarray(obj)
+        if isinstance(obj, np.ma.MaskedArray):
+            raise TypeError(
+                "masked arrays are not supported: their mask would be silently ignored. "
+                "Pass the values with the mask applied -- logits.filled(-np.inf) masks "
+                "classes out, and rows to skip take the label ignore_index")
+        try:
+            return np.asarray(obj)
+        except (RuntimeError, TypeError) as exc:
+            if type(obj).__module__.partition(".")[0] != "torch":
+                raise
+            raise TypeError(
+                f"this NumPy function cannot read the torch tensor ({exc}). For autograd "
+                "and every torch dtype use xentfast.torch.cross_entropy (F.cross_entropy's "
+                "signature), or pass tensor.detach().float().numpy()") from exc
 
     @staticmethod
     def to_rows(x: np.ndarray, axis: int, dtype: np.dtype) -> np.ndarray:

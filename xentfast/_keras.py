@@ -186,10 +186,17 @@ def sparse_categorical_crossentropy(
     dtype = _validate.check_float_dtype(pred.dtype, "y_pred")
     true = y_true if is_device_array(y_true) else np.asarray(y_true)
     true = _squeeze_class_axis(true, tuple(pred.shape), axis)
+    if tuple(true.shape) == tuple(pred.shape) and len(pred.shape) > 1 and pred.shape[axis] > 1:
+        raise ValueError(
+            f"y_true of shape {tuple(true.shape)} has y_pred's shape, but "
+            "sparse_categorical_crossentropy takes class ids (one per sample). For one-hot "
+            "rows pass y_true.argmax(axis=-1), or use categorical_crossentropy")
     if np.dtype(true.dtype).kind == "f":
         if not is_device_array(true):
             _check_float_class_ids(true)
         true = true.astype(np.int64)  # Keras casts float labels to int64 (truncation)
+    elif np.dtype(true.dtype).kind == "b":
+        true = true.astype(np.int64)  # as Keras: bool labels are the class ids 0 and 1
     if np.dtype(true.dtype).kind not in "iu":
         raise TypeError(f"y_true must hold integer class ids; got dtype {true.dtype}")
     ignore = _validate.NO_IGNORE if ignore_class is None else _validate.check_ignore_index(ignore_class)
@@ -361,7 +368,7 @@ class SparseCategoricalCrossentropy(_KerasLoss):
     ``SparseCategoricalCrossentropy(from_logits=True)(labels, logits)``."""
 
     def __init__(self, from_logits: bool = False, ignore_class: int | None = None,
-                 axis: int = -1, reduction: str | None = "sum_over_batch_size",
+                 reduction: str | None = "sum_over_batch_size", axis: int = -1,
                  name: str = "sparse_categorical_crossentropy", dtype=None, *,
                  backend: str | None = None):
         super().__init__(reduction, name, dtype)

@@ -138,6 +138,15 @@ def _real_scalar(value: Any, name: str, expected: str) -> float:
     )
 
 
+def check_flag(value: Any, name: str) -> bool:
+    """A switch: True or False (a Python or NumPy bool), nothing merely truthy --
+    ``inplace="False"`` must not overwrite the caller's logits."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {value!r} of type "
+                        f"{type(value).__name__}")
+    return bool(value)
+
+
 def check_fraction(value: Any, name: str) -> float:
     """A real number in [0, 1] (label smoothing)."""
     value = _real_scalar(value, name, "a real number in [0, 1]")
@@ -152,6 +161,15 @@ def check_nonnegative(value: Any, name: str) -> float:
     if not (math.isfinite(value) and value >= 0.0):
         raise ValueError(f"{name} must be a finite real number >= 0; got {value}")
     return value
+
+
+def check_representable(value: float, name: str, dtype: np.dtype) -> None:
+    """A finite option that overflows the accumulation dtype (z_loss=1e39 in float32)
+    would make every loss inf without a word."""
+    limit = float(np.finfo(dtype).max)
+    if abs(value) > limit:
+        raise ValueError(f"{name} = {value} overflows {np.dtype(dtype).name}, the dtype the "
+                         f"losses are computed in (largest {limit:.4g}); scale it down")
 
 
 def check_softcap(value: Any) -> float | None:
@@ -188,7 +206,8 @@ def label_kind(
         raise TypeError(
             f"labels of shape {labels_shape} match the logits, so they are read as "
             f"probabilities, but their dtype is {labels_dtype}; expected {expected}. "
-            "Cast one-hot labels to float, e.g. labels.astype(np.float32)"
+            "Cast one-hot labels to float, e.g. labels.astype(np.float32), or pass their "
+            f"class ids, labels.argmax(axis={axis})"
         )
     if kind == "f" and labels_shape == batch_shape:
         raise TypeError(
@@ -211,8 +230,20 @@ def label_kind(
         raise TypeError(f"labels must be integer class ids or float probabilities; got dtype {labels_dtype}")
     raise ValueError(
         f"labels of shape {labels_shape} do not fit logits of shape {logits_shape} with "
-        f"class axis {axis}; expected {expected}"
+        f"class axis {axis}; expected {expected}{_axis_hint(labels_shape, logits_shape, axis)}"
     )
+
+
+def _axis_hint(labels_shape, logits_shape, axis: int) -> str:
+    """'. They fit class axis k: pass axis=k' when the labels are the logits' shape
+    without another axis (PyTorch's class axis is 1; xentfast's, TensorFlow's and
+    Keras' default is -1)."""
+    fits = [k for k in range(len(logits_shape))
+            if k != axis and logits_shape[:k] + logits_shape[k + 1:] == labels_shape]
+    if not fits:
+        return ""
+    return (f". They fit class axis {fits[0]}: pass axis={fits[0]} (PyTorch puts the "
+            "classes on axis 1; the default here is -1, as in TensorFlow and Keras)")
 
 
 def check_weight_shape(shape: tuple[int, ...], num_classes: int) -> None:
