@@ -529,12 +529,14 @@ class DeviceArrays:
     def asarray(self, obj):
         """NumPy arrays and CuPy/Numba device arrays as they are (so ``x is logits``
         holds for ``inplace``); other CUDA arrays (PyTorch) as Numba views; anything
-        else through ``np.asarray``."""
-        if isinstance(obj, np.ndarray) or _is_numba(obj) or _is_cupy(obj):
+        else as the host layer reads it (masked arrays and tensors NumPy cannot read are
+        refused there, with the reason)."""
+        if ((isinstance(obj, np.ndarray) and not isinstance(obj, np.ma.MaskedArray))
+                or _is_numba(obj) or _is_cupy(obj)):
             return obj
         if _exports_interface(obj):
             return as_numba(obj)
-        return np.asarray(obj)
+        return HOST.asarray(obj)
 
     def to_rows(self, x, axis: int, dtype):
         dtype = np.dtype(dtype)
