@@ -572,8 +572,10 @@ def to_numpy(t) -> np.ndarray:
 ACCURACY_KINDS = {
     "normal": "standard normal x 3: neither uniform nor one-hot (the everyday row)",
     "confident": "the label's logit ahead of all others by a margin of 8..40 (the loss "
-                 "~ e^-margin is far below ulp(1); float64 margins to 100, beyond the 37 "
-                 "where 1 + r == 1): log s must be log1p(r), p_y - 1 = -(sum_{j!=y} e_j)/s",
+                 "~ e^-margin is far below ulp(1); float32 margins to 85, float64 to 700, "
+                 "beyond the 37 where 1 + r == 1; every other row with a runner-up that "
+                 "dominates r): log s must be log1p(r), p_y - 1 = -(sum_{j!=y} e_j)/s, "
+                 "e_j = exp(x_j - m) without the rounding of x_j - m",
     "ties": "two or more equal maxima, all-equal rows, ties at +-H (H = 1e30): r holds "
             "whole ones",
     "offset": "a common offset 1e4, 1e7 or -1e4: lse ~ offset, x_j - m exact, "

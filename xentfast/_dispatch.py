@@ -111,10 +111,10 @@ class Backend:
 
 
 #: Best first.  Among the host backends ``cython`` comes before ``cpu``: in the table of
-#: record (BENCHMARKS.md, 2026-12-03) it is the fastest host backend, or within 5% of
-#: it, at every cell -- float32 loss and loss+grad at 1M x 10, 65_536 x 1_000,
-#: 4_096 x 32_000 and 256 x 128_000 (1.0-1.7x the ``cpu`` backend in that run, 0.97x
-#: at worst in the one before), and 16-bit (1.1-2.4x) -- and its first
+#: record (BENCHMARKS.md, 2026-12-03 evening) it is the fastest host backend, or within
+#: 5% of it, at every cell -- float32 loss and loss+grad at 1M x 10, 65_536 x 1_000,
+#: 4_096 x 32_000 and 256 x 128_000 (1.06-1.57x the ``cpu`` backend in that run, 0.97x
+#: at worst in an earlier one), and 16-bit (1.01-2.2x) -- and its first
 #: call in a fresh process takes milliseconds where Numba's import and cache load take
 #: most of a second.  ``cpu`` is the choice where the extension was not built.
 _REGISTRY: tuple[Backend, ...] = (
