@@ -141,6 +141,24 @@ XF_INLINE float xf_expf_poly_(float r)
     return p;
 }
 
+/* d = x - m, rounded, and *err = (x - m) - d exactly (Knuth's TwoSum: bb = d - x,
+ * err = (x - (d - bb)) + (-m - bb); no ordering of |x|, |m| needed): the rounding of
+ * the difference that xf_expf_xm64 / xf_expf_diff64 (and the double ones) put back. */
+XF_INLINE float xf_diff_err_f(float x, float m, float *err)
+{
+    float d = x - m;
+    float bb = d - x;
+    *err = (x - (d - bb)) + (-m - bb);
+    return d;
+}
+XF_INLINE double xf_diff_err_d(double x, double m, double *err)
+{
+    double d = x - m;
+    double bb = d - x;
+    *err = (x - (d - bb)) + (-m - bb);
+    return d;
+}
+
 /* exp(x) 2^64 for float, x <= 43 or NaN (step 5 without its last, exact multiply: the
  * product P(r) 2^(k+64) is exact, a normal number for every x >= LO), and +0 where
  * `zero` is nonzero (a select that costs nothing more than step 1's: pass 2 uses it to
@@ -175,8 +193,8 @@ XF_INLINE float xf_expf_z64(float x, int zero) { return xf_expf_red64_(x, -0.0f,
  * exp(d) alone is up to |x - m| / 2 ulps from exp(x - m) (44 ulps at float32's spread
  * of 87), and a confident row's loss, log1p of the sum of such terms, inherited it
  * (41 ulps for the row [72.164894, 4.7841673]: d = -67.38 carries 3.8e-6).  So the
- * rounding error err = (x - m) - d, exact in floating point (Knuth's TwoSum, as
- * xf_expf_diff64), is added to the reduced argument: r = (d - k ln2) + err is the
+ * rounding error err = (x - m) - d, exact in floating point (xf_diff_err_f), is
+ * added to the reduced argument: r = (d - k ln2) + err is the
  * reduced argument of x - m itself, with one rounding more (|r| < 0.35: at most
  * 2^-26 relative in the result).  Five additions more than exp(d), none on the FMA
  * pipes.  A tie (x = m) gives d = err = 0 and e = 1 exactly; a masked x = -inf gives
@@ -187,9 +205,7 @@ XF_INLINE float xf_expf_z64(float x, int zero) { return xf_expf_red64_(x, -0.0f,
  * more time in an exp-bound pass (25 vector operations an element instead of 19). */
 XF_INLINE float xf_expf_xm64(float x, float m, int zero)
 {
-    float d = x - m;
-    float bb = d - x;
-    float err = (x - (d - bb)) + (-m - bb);
+    float err, d = xf_diff_err_f(x, m, &err);
     return xf_expf_red64_(d, err, zero);
 }
 
@@ -235,9 +251,7 @@ XF_INLINE double xf_exp_z512(double x, _Bool zero) { return xf_exp_red512_(x, -0
  * FMA, 1.13 without (exp of the rounded d: 512). */
 XF_INLINE double xf_exp_xm512(double x, double m, _Bool zero)
 {
-    double d = x - m;
-    double bb = d - x;
-    double err = (x - (d - bb)) + (-m - bb);
+    double err, d = xf_diff_err_d(x, m, &err);
     return xf_exp_red512_(d, err, zero);
 }
 
@@ -270,9 +284,7 @@ XF_INLINE double xf_exp(double x) { return xf_exp_z512(x, 0) * XF_EXP_UNSCALE_D;
 XF_INLINE float xf_expf_diff64(float x, float m)
 {
     const float shifter = 12582912.0f;
-    float d = x - m;
-    float bb = d - x;
-    float err = (x - (d - bb)) + (-m - bb);
+    float err, d = xf_diff_err_f(x, m, &err);
     int under = d < -110.0f;
     float t = d * 1.44269504088896341f + shifter;
     float k = t - shifter;
@@ -296,9 +308,7 @@ XF_INLINE float xf_expf_diff(float x, float m) { return xf_expf_diff64(x, m) * X
 XF_INLINE double xf_exp_diff512(double x, double m)
 {
     const double shifter = 6755399441055744.0;
-    double d = x - m;
-    double bb = d - x;
-    double err = (x - (d - bb)) + (-m - bb);
+    double err, d = xf_diff_err_d(x, m, &err);
     _Bool under = d < -760.0;
     double t = d * 1.4426950408889634074 + shifter;
     double k = t - shifter;
