@@ -109,7 +109,7 @@ def _mib(b: float) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--gigabytes", type=float, default=0.004,
                         help="size of the logits (float32), in GB (default: a quick check)")
     parser.add_argument("--vocab", type=int, default=1000, help="vocabulary size (classes)")

@@ -51,6 +51,22 @@ def test_info_names_every_backend_and_its_state() -> None:
     assert "numpy " + np.__version__ in proc.stdout
 
 
+def test_info_into_a_pipe_closed_early_ends_quietly() -> None:
+    """``python -m xentfast info | head -1``: the reader leaves after one line; the
+    command ends without a BrokenPipeError traceback (exit 141, as for SIGPIPE)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.Popen([sys.executable, "-m", "xentfast", "info"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    assert proc.stdout.read(1)  # one byte, then the reader goes away
+    proc.stdout.close()
+    with proc.stderr:
+        stderr = proc.stderr.read().decode()
+    code = proc.wait(timeout=300)
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    assert code in (0, 141), (code, stderr)  # 0: it had written everything already
+
+
 def test_check_passes_on_every_available_backend() -> None:
     proc = _run("check")
     assert proc.returncode == 0, proc.stdout + proc.stderr

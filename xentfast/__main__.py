@@ -607,5 +607,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if passed else 1
 
 
+def _main_piped() -> int:
+    """main() whose output may go to a pipe that closes early (``... | head``): a
+    closed pipe ends the command quietly, as for any Unix tool, not with a traceback."""
+    try:
+        code = main()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # the reader is gone: point stdout at devnull so the interpreter's final flush
+        # does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for such a pipeline
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main_piped())
