@@ -159,15 +159,15 @@ XF_INLINE double xf_diff_err_d(double x, double m, double *err)
     return d;
 }
 
-/* exp(x) 2^64 for float, x <= 43 or NaN (step 5 without its last, exact multiply: the
- * product P(r) 2^(k+64) is exact, a normal number for every x >= LO), and +0 where
+/* exp(x) 2^64 for float, x <= 43 or NaN, with `err` added to the reduced argument (the
+ * rounding of x = fl(x_j - m), see xf_expf_xm64; err = -0 adds nothing: r + -0 = r for
+ * every r, and the compiler drops it) -- step 5 without its last, exact multiply: the
+ * product P(r) 2^(k+64) is exact, a normal number for every x >= LO -- and +0 where
  * `zero` is nonzero (a select that costs nothing more than step 1's: pass 2 uses it to
  * leave the ties at the row max out of a sum).  Sums of exp in pass 2 add these scaled
  * terms and scale the total once (XF_EXPF_UNSCALE): one multiply less per element, and
  * terms whose exp is subnormal keep their full precision; every sum of normal terms is
- * bitwise the sum of the exp's (a power-of-two factor commutes with each rounding).
- * xf_expf_red64_ is the same with `err` added to the reduced argument (err = -0 adds
- * nothing: r + -0 = r for every r, and the compiler drops it). */
+ * bitwise the sum of the exp's (a power-of-two factor commutes with each rounding). */
 #define XF_EXPF_UNSCALE 5.42101086242752217e-20f   /* 2^-64 */
 XF_INLINE float xf_expf_red64_(float x, float err, int zero)
 {
@@ -185,7 +185,6 @@ XF_INLINE float xf_expf_red64_(float x, float err, int zero)
     float scale = xf_u2f((xf_f2u(t) << 23) + ((uint32_t)(127 + 64) << 23));
     return xf_self(under | zero, 0.0f, p * scale);                  /* steps 5, 1 */
 }
-XF_INLINE float xf_expf_z64(float x, int zero) { return xf_expf_red64_(x, -0.0f, zero); }
 
 /* exp(x - m) 2^64 for float, x <= m or NaN, and +0 where `zero`: the terms of every sum
  * of exponentials (pass 2: the loss, lse, log_softmax) and float32 gradients' e_j.
@@ -213,9 +212,10 @@ XF_INLINE float xf_expf_xm64(float x, float m, int zero)
  * 2^-64, rounded once).  The values the accuracy figures above are about; the kernels
  * exponentiate x_j - m with xf_expf_xm64 (the rounding of the difference put back) and
  * scale where they need e_j itself. */
-XF_INLINE float xf_expf(float x) { return xf_expf_z64(x, 0) * XF_EXPF_UNSCALE; }
+XF_INLINE float xf_expf(float x) { return xf_expf_red64_(x, -0.0f, 0) * XF_EXPF_UNSCALE; }
 
-/* exp(x) 2^512 for double, x <= 350 or NaN, and +0 where `zero`; see xf_expf_z64. */
+/* exp(x) 2^512 for double, x <= 350 or NaN, and +0 where `zero`, with `err` added to
+ * the reduced argument; see xf_expf_red64_. */
 #define XF_EXP_UNSCALE_D 7.4583407312002067432909653e-155    /* 2^-512 */
 XF_INLINE double xf_exp_red512_(double x, double err, _Bool zero)
 {
@@ -243,7 +243,6 @@ XF_INLINE double xf_exp_red512_(double x, double err, _Bool zero)
     double scale = xf_u2d((xf_d2u(t) << 52) + ((uint64_t)(1023 + 512) << 52));
     return xf_seld(under | zero, 0.0, p * scale);
 }
-XF_INLINE double xf_exp_z512(double x, _Bool zero) { return xf_exp_red512_(x, -0.0, zero); }
 
 /* exp(x - m) 2^512 for double, x <= m or NaN, and +0 where `zero`: xf_expf_xm64's
  * compensated reduction (exp(d) alone: up to 350 ulps at float64's spread of 700).
@@ -256,7 +255,7 @@ XF_INLINE double xf_exp_xm512(double x, double m, _Bool zero)
 }
 
 /* exp(x) for double, x <= 350 or NaN; see the header comment and xf_expf. */
-XF_INLINE double xf_exp(double x) { return xf_exp_z512(x, 0) * XF_EXP_UNSCALE_D; }
+XF_INLINE double xf_exp(double x) { return xf_exp_red512_(x, -0.0, 0) * XF_EXP_UNSCALE_D; }
 
 /* exp(x - m) for x <= m, within 0.82 ulp, for the e_j that are results themselves
  * (softmax at any precision, float64 gradients); pass 2's sums and float32 gradients
@@ -280,7 +279,7 @@ XF_INLINE double xf_exp(double x) { return xf_exp_z512(x, 0) * XF_EXP_UNSCALE_D;
  * max 0.81 ulp (exp(x - m): 64.5); double, 2e7 pairs with x - m in [-740, 0]: max
  * 0.79 ulp (exp(x - m): 512).
  * xf_expf_diff64 / xf_exp_diff512 return the value times 2^64 / 2^512 before its last,
- * exact multiply (as xf_expf_z64): the terms pass 2 sums. */
+ * exact multiply (as xf_expf_red64_): the terms pass 2 sums. */
 XF_INLINE float xf_expf_diff64(float x, float m)
 {
     const float shifter = 12582912.0f;
@@ -302,7 +301,7 @@ XF_INLINE float xf_expf_diff64(float x, float m)
 }
 
 /* exp(x - m), compensated: xf_expf_diff64's exp(x - m) 2^64 times 2^-64 (see
- * xf_expf_z64: the same split, so that sums can add the exact scaled terms). */
+ * xf_expf_red64_: the same split, so that sums can add the exact scaled terms). */
 XF_INLINE float xf_expf_diff(float x, float m) { return xf_expf_diff64(x, m) * XF_EXPF_UNSCALE; }
 
 XF_INLINE double xf_exp_diff512(double x, double m)

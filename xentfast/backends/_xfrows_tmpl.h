@@ -9,7 +9,7 @@
  *             of d = x - m compensated: XF_EXP_XM in the reduced argument, with a zero
  *             select; XF_EXP_DIFF_S fully) as e 2^S before its last, exact multiply:
  *             the terms pass 2 sums; XF_EXP_UNSCALE = 2^-S (S = 64 | 512; see
- *             xf_expf_z64)
+ *             xf_expf_red64_)
  *     XF_LOG1P  an accurate log1p for XF_T usable in a vector loop (xf_log1pf_v | log1p)
  *     XF_KEY, XF_KEY_OF, XF_FROM_KEY  the ordered-integer view used by xfi_rowmax
  *
@@ -293,7 +293,7 @@ XF_INLINE void XF_FN(xfi_exp_step_)(const XF_T *x, XF_T m, XF_T *XF_RESTRICT au,
 
 /* e_j = exp(x - m) (comp: fully compensated, XF_EXP_DIFF; else XF_EXP_XM's reduction),
  * and *scaled = e_j 2^S before its last rounding, the term the sums add (see above). */
-XF_INLINE XF_T XF_FN(xfi_exp_term_)(XF_T x, XF_T m, XF_T d, int comp, XF_T *scaled)
+XF_INLINE XF_T XF_FN(xfi_exp_term_)(XF_T x, XF_T m, int comp, XF_T *scaled)
 {
     *scaled = comp ? XF_EXP_DIFF_S(x, m) : XF_EXP_XM(x, m, 0);
     return *scaled * XF_EXP_UNSCALE;
@@ -305,7 +305,7 @@ XF_INLINE void XF_FN(xfi_exp_store_step_)(const XF_T *XF_RESTRICT x, XF_T *XF_RE
 {
     for (int j = 0; j < XF_L; j++) {
         XF_T d = x[j] - m, vs;
-        XF_T v = XF_FN(xfi_exp_term_)(x[j], m, d, comp, &vs);
+        XF_T v = XF_FN(xfi_exp_term_)(x[j], m, comp, &vs);
         int tie = d == 0;
         e[j] = v;
         au[j] += XF_SEL(tie, (XF_T)0, vs);
@@ -319,7 +319,7 @@ XF_INLINE void XF_FN(xfi_exp_inplace_step_)(XF_T *x, XF_T m, XF_T *XF_RESTRICT a
     for (int j = 0; j < XF_L; j++) {
         XF_T xj = x[j];
         XF_T d = xj - m, vs;
-        XF_T v = XF_FN(xfi_exp_term_)(xj, m, d, comp, &vs);
+        XF_T v = XF_FN(xfi_exp_term_)(xj, m, comp, &vs);
         int tie = d == 0;
         x[j] = v;
         au[j] += XF_SEL(tie, (XF_T)0, vs);
@@ -356,7 +356,7 @@ XF_INLINE void XF_FN(xfi_exp_store_tail_)(const XF_T *XF_RESTRICT x, XF_T *XF_RE
 {
     for (int j = 0; j < XF_L; j++) {
         XF_T d = x[j] - m, vs;
-        XF_T v = XF_FN(xfi_exp_term_)(x[j], m, d, comp, &vs);
+        XF_T v = XF_FN(xfi_exp_term_)(x[j], m, comp, &vs);
         int tie = d == 0, in = j >= first;
         e[j] = v;
         au[j] += XF_SEL(in & !tie, vs, (XF_T)0);
@@ -746,7 +746,7 @@ XF_INLINE void XF_FN(xfi_tile_expsum_)(XF_T *XF_RESTRICT tile, ptrdiff_t c,
             XF_T d = xv - m[r], vs;
             int tie = d == 0;
             if (store) {
-                tile[j * XF_TILE + r] = XF_FN(xfi_exp_term_)(xv, m[r], d, comp, &vs);
+                tile[j * XF_TILE + r] = XF_FN(xfi_exp_term_)(xv, m[r], comp, &vs);
                 au[r] += XF_SEL(tie, (XF_T)0, vs);
             } else {
                 au[r] += XF_EXP_XM(xv, m[r], tie);
