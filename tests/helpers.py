@@ -843,6 +843,9 @@ SPARSE_OPTIONS = {
 #: Probability-label options.
 DENSE_OPTIONS = {
     "onehot": {},                                  # dense p_y - 1 = -q_y / s
+    "onehot_smooth": {"label_smoothing": 0.01},    # Keras' smoothed categorical: at a
+                                                   # confident max, p_y T - wt_y ~ eps
+                                                   # from terms ~ 1 (T's rounding)
     "soft": {},                                    # p_j T - wt_j crossings
     "soft_all": {"weight": "w", "label_smoothing": 0.1, "z_loss": 1e-4},
 }
@@ -867,7 +870,8 @@ def accuracy_inputs(rng, kind: str, shape, dtype, label: str, option: str):
         if opts.pop("ignore", None) and len(labels) > 1:
             labels[1::4] = -100
     else:
-        labels = accuracy_probabilities(rng, case, "onehot" if option == "onehot" else "soft")
+        labels = accuracy_probabilities(rng, case, "onehot" if option.startswith("onehot")
+                                        else "soft")
         labels = labels.astype(dtype)
     kwargs.update(opts)
     for a in (case.x, labels):

@@ -95,7 +95,7 @@ SIM_SHAPES = {
     "huge": (3, 16), "masked": (3, 40), "mixed": (6, 16), "long": (1, 300),
 }
 
-LONG_OPTIONS = {"sparse": ["plain", "smooth"], "dense": ["onehot"]}
+LONG_OPTIONS = {"sparse": ["plain", "smooth"], "dense": ["onehot", "onehot_smooth"]}
 
 
 def _shape(kind: str, backend: str, dtype_name: str = "float32") -> tuple[int, int]:

@@ -435,7 +435,7 @@ def grad_rows_numpy(x: np.ndarray, y: np.ndarray, kind: str, class_offset: int,
                                              1.0 - eps, eps_c)
                 coef = rowmath.dense_coef(lb, sums[r0:r1], z)
                 gos = rowmath.grad_over_sum(1.0, rb, gs)
-                g = rowmath.dense_grad(g, wt, rb[:, None], coef[:, None], gos[:, None])
+                g = rowmath.dense_grad(g, wt, rb[:, None], coef[:, None], 0.0, gos[:, None])
             out[r0:r1] = g
 
 

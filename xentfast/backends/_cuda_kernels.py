@@ -67,7 +67,9 @@ The numbered steps (cached paths; x = row, C classes, acc = accumulation dtype)
                    p_y - 1 after rounding p_y (a confident row's p_y rounds to 1);
                    stored once, after the loop, by the lane holding e_y (one copy of
                    its code instead of VPT);
-   dense:          ``dense_grad = ((e_j A - wt_j) - wt_j r) gs / s``, A = T + 2 z lse;
+   dense:          ``dense_grad = ((e_j coef + (e_j T_tie - wt_j)) - wt_j r) gs / s``,
+                   coef = T_off + 2 z lse, T = T_off + T_tie split at the ties of the max
+                   (rowmath: a smoothed row's maximum keeps its precision);
    softmax:        ``softmax = e_j / s`` (a division: one rounding fewer than e_j (1/s));
    log_softmax:    ``log_softmax = (x_j - m) - log s`` (never x_j - lse).
    All in acc (float32 for float16 input), rounded once, on the store, to the output
@@ -543,12 +545,13 @@ def block_rest(u, uc, top, buf, nwarps):
 
 
 @_device
-def block_rest_labels(u, uc, top, q1, q2, buf, nwarps):
-    """``block_rest`` and the plain sums q1, q2 in the same exchange."""
+def block_rest_labels(u, uc, top, q1, q2, q3, buf, nwarps):
+    """``block_rest`` and the plain sums q1, q2, q3 in the same exchange."""
     u, uc = warp_sum_c(u, uc, WARP)
     top = warp_sum(top, WARP)
     q1 = warp_sum(q1, WARP)
     q2 = warp_sum(q2, WARP)
+    q3 = warp_sum(q3, WARP)
     lane = cuda.threadIdx.x % WARP
     if lane == 0:
         w = cuda.threadIdx.x // WARP
@@ -557,13 +560,31 @@ def block_rest_labels(u, uc, top, q1, q2, buf, nwarps):
         buf[2, w] = top
         buf[3, w] = q1
         buf[4, w] = q2
+        buf[5, w] = q3
     cuda.syncthreads()
     k = lane % nwarps
     u, uc = warp_sum_c(buf[0, k], buf[1, k], nwarps)
     top = warp_sum(buf[2, k], nwarps)
     q1 = warp_sum(buf[3, k], nwarps)
     q2 = warp_sum(buf[4, k], nwarps)
-    return u + uc, top, q1, q2
+    q3 = warp_sum(buf[5, k], nwarps)
+    return u + uc, top, q1, q2, q3
+
+
+@_device
+def block_sum2(a, b, buf, nwarps):
+    """Block sums of a and b (``block_sum1`` for two values, one barrier), exchanged
+    through rows 2 and 3 of ``buf``: a later ``block_sum1`` on the same buffer (row 0)
+    cannot overwrite them while a slow warp still reads."""
+    a = warp_sum(a, WARP)
+    b = warp_sum(b, WARP)
+    lane = cuda.threadIdx.x % WARP
+    if lane == 0:
+        buf[2, cuda.threadIdx.x // WARP] = a
+        buf[3, cuda.threadIdx.x // WARP] = b
+    cuda.syncthreads()
+    k = lane % nwarps
+    return warp_sum(buf[2, k], nwarps), warp_sum(buf[3, k], nwarps)
 
 
 @_device
@@ -639,7 +660,7 @@ def make_cached_kernel(op: str, acc, team: int, vpt: int, threads: int, with_gra
         smooth = eps != zero
         tid = cuda.threadIdx.x
         red_max = cuda.shared.array(WARP, ACC)
-        red_sum = cuda.shared.array((5, WARP), ACC)
+        red_sum = cuda.shared.array((6, WARP), ACC)
         v = cuda.local.array(VPT, ACC)
         wt_reg = cuda.local.array(VPT, ACC)
 
@@ -703,7 +724,8 @@ def make_cached_kernel(op: str, acc, team: int, vpt: int, threads: int, with_gra
         # Step 3: e_k, the lane's u (four partials) and t, and the label sums (which
         # need x_k and m); team sums (u compensated).
         q1 = zero  # wd
-        q2 = zero  # W (sparse smoothing) or T (dense)
+        q2 = zero  # W (sparse smoothing) or T_off (dense)
+        q3 = zero  # T_tie (dense): the label mass on the ties at the max
         u0 = zero  # four interleaved partials of u (k mod 4): VPT / 4 terms each
         u1 = zero
         u2 = zero
@@ -723,7 +745,8 @@ def make_cached_kernel(op: str, acc, team: int, vpt: int, threads: int, with_gra
                 wt = wt_reg[k]
                 if wt != zero:
                     q1 += wt * (m - val)
-                q2 += wt
+                q2 += wt if val < m else zero
+                q3 += zero if val < m else wt
             e = exp_diff(val, m)
             # Selects, not branches (branches here cost the unrolled loop its
             # immediates); m is never -inf here, so -inf gives e = 0 and goes to u.
@@ -743,13 +766,15 @@ def make_cached_kernel(op: str, acc, team: int, vpt: int, threads: int, with_gra
         uc = zero
         if LABEL_SUMS:
             if BLOCK:
-                u, top, q1, q2 = block_rest_labels(u, uc, top, q1, q2, red_sum, NWARPS)
+                u, top, q1, q2, q3 = block_rest_labels(u, uc, top, q1, q2, q3, red_sum,
+                                                       NWARPS)
             else:
                 u, uc = warp_sum_c(u, uc, WIDTH)
                 u = u + uc
                 top = warp_sum(top, WIDTH)
                 q1 = warp_sum(q1, WIDTH)
                 q2 = warp_sum(q2, WIDTH)
+                q3 = warp_sum(q3, WIDTH)
         else:
             if BLOCK:
                 u, top = block_rest(u, uc, top, red_sum, NWARPS)
@@ -785,7 +810,7 @@ def make_cached_kernel(op: str, acc, team: int, vpt: int, threads: int, with_gra
                                        q1 if smooth else zero, z)
                 out_vec[r] = loss
             if DENSE:
-                out_vec[r] = dense_loss(m, log_s, q2, q1, z)
+                out_vec[r] = dense_loss(m, log_s, q2 + q3, q1, z)
 
         # Step 6: the row output (gradient, softmax or log_softmax).
         if WRITE_MAT:
@@ -823,7 +848,7 @@ def make_cached_kernel(op: str, acc, team: int, vpt: int, threads: int, with_gra
                 for k in range(VPT):
                     j = lane + np.uint64(k * TEAM)
                     if j < limit:
-                        orow[j] = dense_grad(v[k], wt_reg[k], rest, coef, gs_over_s)
+                        orow[j] = dense_grad(v[k], wt_reg[k], rest, coef, q3, gs_over_s)
             if SOFTMAX:
                 for k in range(VPT):
                     j = lane + np.uint64(k * TEAM)
@@ -889,12 +914,16 @@ def make_stream_kernel(op: str, acc, threads: int, unroll: int, with_grad: bool)
                     x_y = ACC(xr[yu])  # before the barrier, before any store
 
         # Pass 1: online (m, u, t) per thread, U loads in flight per step; q = W
-        # (sparse smoothing) or T (dense).
+        # (sparse smoothing) or T_off (dense), qt = T_tie (dense: the label mass on the
+        # ties at the thread's running max; off the max once the max moves on).
         m = ninf
         u = zero
         uc = zero
         top = zero
         q = zero
+        qc = zero  # dense: the rounding errors of q and qt (comp_add: smoothing adds
+        qt = zero  # C / T equal terms eps/C per thread, whose plain sum errs alike)
+        qtc = zero
         for c in range(nchunks):
             base = c * chunk + tid
             cm = ninf
@@ -909,6 +938,9 @@ def make_stream_kernel(op: str, acc, threads: int, unroll: int, with_grad: bool)
                 u = (u + top) * f
                 uc = uc * f
                 top = zero
+                q, qc = comp_add(q, qc, qt + qtc)
+                qt = zero
+                qtc = zero
                 m = cm
             for k in range(U):
                 val = buf[k]
@@ -931,9 +963,21 @@ def make_stream_kernel(op: str, acc, threads: int, unroll: int, with_grad: bool)
                         t = ACC(lr[j])
                         if smooth:
                             t = (one - eps) * t + eps / Cf
-                        q += weight[j] * t if has_w else t
+                        wt = weight[j] * t if has_w else t
+                        if buf[k] == m:
+                            qt, qtc = comp_add(qt, qtc, wt)
+                        else:
+                            q, qc = comp_add(q, qc, wt)
         u = u + uc
+        q = q + qc
+        qt = qt + qtc
+        m_own = m
         m, u, top, q = block_combine(m, u, top, q, red_a, NWARPS)
+        if DENSE:  # the ties of a thread whose max is not the row's are off the max
+            at_max = m_own == m
+            moved, qt = block_sum2(zero if at_max else qt, qt if at_max else zero, red_b,
+                                   NWARPS)
+            q += moved
         if not m > ninf:
             m = nan
         rest = rest_mass(u, top, one)
@@ -952,7 +996,7 @@ def make_stream_kernel(op: str, acc, threads: int, unroll: int, with_grad: bool)
             keep[1] = w_y
             keep[2] = log_s
             keep[3] = rest
-            keep[4] = q
+            keep[4] = q + qt if DENSE else q
 
         # Pass 2 (backwards: the chunks read last are the likeliest still in L2).
         wd = zero  # sum_{w != 0} w (m - x): dense wt_c, sparse smoothing w_c
@@ -1000,7 +1044,8 @@ def make_stream_kernel(op: str, acc, threads: int, unroll: int, with_grad: bool)
                             if wt != zero:
                                 wd += wt * (m - val)
                             if WRITE_MAT:
-                                orow[j] = dense_grad(exp_diff(val, m), wt, rest, coef, gs_over_s)
+                                orow[j] = dense_grad(exp_diff(val, m), wt, rest, coef,
+                                                     qt, gs_over_s)
                         if SOFTMAX:
                             orow[j] = row_softmax(exp_diff(val, m), one, rest)
                         if LOGSM:

@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from ._numba_math import (_JIT, _acc, _dense_grad, _exp_diff, _ld,
+from ._numba_math import (_JIT, _STRICT_JIT, _acc, _dense_grad, _exp_diff, _ld,
                           _log_softmax, _log_sum_exp, _maxnum, _prefer_wide_vectors,
                           _prefetch, _rest_mass, _smoothed_weight, _softmax, _st, _stub,
                           _two_sum_add)
@@ -91,15 +91,18 @@ def _row_scalars(x, m, u, t):
     return r, log_s, _log_sum_exp(m, log_s)
 
 
-_pass_b = _stub("_pass_b", "Pass B of a row: (u, t, coef_sum, dist); see the template.")
+_pass_b = _stub("_pass_b", "Pass B of a row: (u, t, coef_off, coef_tie, dist); see the "
+                           "template.")
 
 
 @_template(_pass_b)
 def _pass_b_t(xr, m, tr, w, one_m_eps, eps_c, gr, lab, store):
     """e_j = exp(x_j - m) summed into (u, t); with LAB 1 also dist = sum_{w_j != 0}
     w_j (m - x_j) (m - x_j >= 0: a zero weight skips even x_j = -inf); with LAB 2, wt_j =
-    w_j ((1 - eps) t_j + eps/C), coef_sum = sum_j wt_j and dist = sum_{wt_j != 0} wt_j
-    (m - x_j).  STORE 1 writes e_j (as the gradient passes use it) into gr, 2 in place
+    w_j ((1 - eps) t_j + eps/C), dist = sum_{wt_j != 0} wt_j (m - x_j) and T = sum_j wt_j
+    in two parts (rowmath.py): coef_tie over the ties at the max, coef_off over the rest,
+    added in float64 (float32 terms: within 2**-53 of exact; float64 rows take
+    ``_label_mass``'s compensated sums instead).  STORE 1 writes e_j (as the gradient passes use it) into gr, 2 in place
     (gr is the row: x_j read before written)."""
     if (k := _literals(lab, store)) is None:
         return None
@@ -112,8 +115,9 @@ def _pass_b_t(xr, m, tr, w, one_m_eps, eps_c, gr, lab, store):
         u = 0.0
         u_lo = 0.0
         t = 0.0
-        coef_sum = 0.0
         dist = 0.0
+        coef_off = 0.0
+        coef_tie = 0.0
         for j0 in range(0, xr.shape[0], 256):
             if STORE != 0:
                 gb = gr[j0:j0 + 256]
@@ -127,8 +131,9 @@ def _pass_b_t(xr, m, tr, w, one_m_eps, eps_c, gr, lab, store):
                 tb = tr[j0:j0 + 256]
             bu = zero
             bt = zero
-            bc = zero
             bd = zero
+            bc = 0.0
+            bct = 0.0
             for j in range(xb.shape[0]):
                 xj = _ld(xb, j)
                 e = _exp_diff(xj, m)
@@ -144,13 +149,15 @@ def _pass_b_t(xr, m, tr, w, one_m_eps, eps_c, gr, lab, store):
                     bd += wj * (m - xj) if wj != zero else zero
                 if LAB == 2:
                     wt = _smoothed_weight(wb[j], _ld(tb, j), one_m_eps, eps_c)
-                    bc += wt
                     bd += wt * (m - xj) if wt != zero else zero
+                    bc += 0.0 if d == zero else np.float64(wt)
+                    bct += np.float64(wt) if d == zero else 0.0
             u, u_lo = _two_sum_add(u, u_lo, bu)
+            coef_off += bc
+            coef_tie += bct
             t += bt
-            coef_sum += bc
             dist += bd
-        return u + u_lo, t, coef_sum, dist
+        return u + u_lo, t, coef_off, coef_tie, dist
 
     return impl
 
@@ -249,18 +256,52 @@ def _row_max_sumexp_wide(xr, xnext, prefetch, gr, store):
     return _wide_ab(xr, xnext, prefetch, gr, 0)
 
 
-_pass_ab = _stub("_pass_ab", "Passes A and B of row i: (m, u, t, coef_sum, dist).")
+@njit(**_STRICT_JIT)
+def _label_mass(xr, m, tr, w, one_m_eps, eps_c):
+    """(T_off, T_tie) of a row of probability labels (rowmath.py): the sums of wt_j =
+    w_j ((1 - eps) t_j + eps/C) off and on the ties at the max m, in float64 with the
+    rounding errors kept (TwoSum, four chains; strict flags): the gradient at the max
+    is T_off itself, and smoothing adds C equal terms eps/C, whose plain sum errs the
+    same way at every step (72 ulps of a float64 T_off ~ 1 at C = 1000).  A scalar
+    pass over a float64 row before pass B (which may overwrite x in place); pass B's
+    float64 lanes are exact enough for float32 terms."""
+    n = xr.shape[0]
+    T = _acc(xr)
+    off = np.zeros(4)
+    off_lo = np.zeros(4)
+    tie = np.zeros(4)
+    tie_lo = np.zeros(4)
+    for j in range(n):
+        k = j & 3
+        wt = np.float64(T(_smoothed_weight(w[j], _ld(tr, j), one_m_eps, eps_c)))
+        if _ld(xr, j) - m == 0:
+            tie[k], tie_lo[k] = _two_sum_add(tie[k], tie_lo[k], wt)
+        else:
+            off[k], off_lo[k] = _two_sum_add(off[k], off_lo[k], wt)
+    hi, lo = _two_sum_add(off[0], off_lo[0] + off_lo[1] + off_lo[2] + off_lo[3], off[1])
+    hi, lo = _two_sum_add(hi, lo, off[2])
+    hi, lo = _two_sum_add(hi, lo, off[3])
+    thi, tlo = _two_sum_add(tie[0], tie_lo[0] + tie_lo[1] + tie_lo[2] + tie_lo[3], tie[1])
+    thi, tlo = _two_sum_add(thi, tlo, tie[2])
+    thi, tlo = _two_sum_add(thi, tlo, tie[3])
+    return hi + lo, thi + tlo
+
+
+_pass_ab = _stub("_pass_ab", "Passes A and B of row i: (m, u, t, coef_off, coef_tie, "
+                             "dist).")
 
 
 @_template(_pass_ab)
 def _pass_ab_t(x, i, r1, wide, prefetch, tr, w, one_m_eps, eps_c, gr, lab, store):
-    """(m, u, t, coef_sum, dist) of row i of x (pass B's sums and stores as ``_pass_b``):
+    """(m, u, t, coef_off, coef_tie, dist) of row i of x (pass B's sums and stores as
+    ``_pass_b``):
     the wide passes for long rows (``wide``; plain sums or a store into gr, never in
     place), prefetching row i + 1 when it is in [r0, r1) of this thread; else A, B."""
     if (k := _literals(lab, store)) is None:
         return None
     LAB, STORE = k
     WIDE_OK = int(LAB == 0 and STORE != 2)
+    COMPENSATED = int(LAB == 2 and x.dtype == types.float64)
 
     def impl(x, i, r1, wide, prefetch, tr, w, one_m_eps, eps_c, gr, lab, store):
         if WIDE_OK == 1:
@@ -268,10 +309,15 @@ def _pass_ab_t(x, i, r1, wide, prefetch, tr, w, one_m_eps, eps_c, gr, lab, store
                 following = i + 1 < r1
                 m, u, t = _wide_ab(x[i], x[i + 1] if following else x[i],
                                    prefetch and following, gr, STORE)
-                return m, u, t, 0.0, 0.0
+                return m, u, t, 0.0, 0.0, 0.0
         m = _row_max(x[i])
-        u, t, coef_sum, dist = _pass_b(x[i], m, tr, w, one_m_eps, eps_c, gr, LAB, STORE)
-        return m, u, t, coef_sum, dist
+        if COMPENSATED == 1:
+            off, tie = _label_mass(x[i], m, tr, w, one_m_eps, eps_c)
+        u, t, coef_off, coef_tie, dist = _pass_b(x[i], m, tr, w, one_m_eps, eps_c, gr, LAB,
+                                                 STORE)
+        if COMPENSATED == 1:
+            coef_off, coef_tie = off, tie
+        return m, u, t, coef_off, coef_tie, dist
 
     return impl
 
@@ -313,7 +359,8 @@ _pass_c = _stub("_pass_c", "Pass C of a row: the gradient (or softmax) from e_j.
 @_template(_pass_c)
 def _pass_c_t(xr, gr, m, a, bvec, tr, w, one_m_eps, eps_c, r, coef, gos, kind, grad, wide):
     """gr_j <- g(e_j), written in gr's format: KIND 0 e_j a, 1 e_j a - bvec_j, 2
-    rowmath.dense_grad(e_j, wt_j, r, coef, gos) (probability labels), 3 softmax e_j / s.
+    rowmath.dense_grad(e_j, wt_j, r, coef, a, gos) (probability labels: a is T_tie),
+    3 softmax e_j / s.
     e_j is gr_j as pass B stored it (float gradients), xr_j (GRAD E_SCRATCH: 16-bit rows,
     xr the float32 scratch row pass B stored e_j in), or for 16-bit split rows (GRAD 3,
     4) computed again from x_j (4: in place, x is gr).  WIDE: on 512-bit vectors."""
@@ -340,7 +387,7 @@ def _pass_c_t(xr, gr, m, a, bvec, tr, w, one_m_eps, eps_c, r, coef, gos, kind, g
                 v = e * a - bvec[j]
             elif KIND == 2:
                 v = _dense_grad(e, _smoothed_weight(w[j], _ld(tr, j), one_m_eps, eps_c),
-                                r, coef, gos)
+                                r, coef, a, gos)
             else:
                 v = _softmax(e, one, r)
             _st(gr, j, v)

@@ -81,7 +81,7 @@ def _grad_block(x, labels, probs, w, bvec, offset, ignore_index, dense, smooth, 
         gos = _grad_over_sum(one, r, g_s)
         for j in range(xr.shape[0]):
             wt = _smoothed_weight(wb[j], np.float64(pr[j]), one_m_eps, eps_c)
-            gr[j] = _dense_grad(_shard_exp(xr[j], m), wt, r, coef, gos)
+            gr[j] = _dense_grad(_shard_exp(xr[j], m), wt, r, coef, 0.0, gos)
         return
     y = labels[i]
     if y == ignore_index:

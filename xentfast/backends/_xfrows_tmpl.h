@@ -122,17 +122,21 @@ XF_INLINE XF_T XF_FN(xf_sparse_true_grad)(XF_T e_y, XF_T r, XF_T lse, XF_T w_y,
 XF_INLINE XF_T XF_FN(xf_smoothed_weight)(XF_T w, XF_T t, XF_T one_m_eps, XF_T eps_c)
 { return w * (one_m_eps * t + eps_c); }
 
-/* A = T + 2 z lse of the probability-label gradient. */
-XF_INLINE XF_T XF_FN(xf_dense_coef)(XF_T lse, XF_T t_sum, XF_T z)
-{ return t_sum + (z + z) * lse; }
+/* T_off + 2 z lse: the probability-label gradient's coefficient of e_j without the label
+ * mass on the ties at the max (xf_dense_grad adds e_j T_tie apart; rowmath.py). */
+XF_INLINE XF_T XF_FN(xf_dense_coef)(XF_T lse, XF_T t_off, XF_T z)
+{ return t_off + (z + z) * lse; }
 
 /* gs / s, s = 1 + r: the factor of dense_grad. */
 XF_INLINE XF_T XF_FN(xf_grad_over_sum)(XF_T r, XF_T gs)
 { return gs / ((XF_T)1 + r); }
 
-/* g_j = ((e_j A - wt_j) - wt_j r) gs / s, gs_over_s = gs / (1 + r). */
-XF_INLINE XF_T XF_FN(xf_dense_grad)(XF_T e, XF_T wt, XF_T r, XF_T coef, XF_T gs_over_s)
-{ return ((e * coef - wt) - wt * r) * gs_over_s; }
+/* g_j = ((e_j coef + (e_j T_tie - wt_j)) - wt_j r) gs / s = gs (p_j A - wt_j),
+ * coef = xf_dense_coef(lse, T_off, z), gs_over_s = gs / (1 + r): at a unique maximum
+ * e_j T_tie - wt_j is exactly 0 (rowmath.py). */
+XF_INLINE XF_T XF_FN(xf_dense_grad)(XF_T e, XF_T wt, XF_T r, XF_T coef, XF_T t_tie,
+                                    XF_T gs_over_s)
+{ return ((e * coef + (e * t_tie - wt)) - wt * r) * gs_over_s; }
 
 /* log p_j = (x_j - m) - log s. */
 XF_INLINE XF_T XF_FN(xf_log_softmax)(XF_T x, XF_T m, XF_T log_s)
@@ -607,13 +611,23 @@ XF_INLINE XF_T XF_FN(xfi_wdist)(const XF_T *x, const XF_T *w, ptrdiff_t n, XF_T 
 }
 
 /* Dense labels: wt_c = w_c (keep t_c + add), keep = 1 - eps, add = eps / C;
- * *wd = sum_{wt_c != 0} wt_c (m - x_c),  *t_sum = T = sum_c wt_c  (blocks as pass 2). */
+ * *wd = sum_{wt_c != 0} wt_c (m - x_c), and T = sum_c wt_c in two parts (rowmath.py):
+ * *t_tie over the ties at the max (x_c = m), *t_off over the rest (blocks as pass 2).
+ * T_off and T_tie are summed with their rounding errors kept (TwoSum in every lane):
+ * the gradient at the max is T_off itself, and smoothing adds C equal terms eps/C, whose
+ * plain sum errs the same way at every step (23 ulps of a float64 T_off ~ 1 at C = 1000,
+ * a confident row whose label is not its max). */
+#define XF_DENSE_TERM_(wt, xc)                                                         \
+    XF_T dm_ = m - (xc), d_ = (wt) * dm_;                                                \
+    a[j] += XF_SEL((wt) != 0, d_, (XF_T)0);                                            \
+    XF_FN(xfi_twosum_acc_)(&b[j], &bc[j], XF_SEL(dm_ == 0, (XF_T)0, (wt)));             \
+    XF_FN(xfi_twosum_acc_)(&bt[j], &btc[j], XF_SEL(dm_ == 0, (wt), (XF_T)0));
 XF_INLINE void XF_FN(xfi_dense_sums)(const XF_T *x, const XF_T *t, const XF_T *w,
                                      ptrdiff_t n, XF_T m, XF_T keep, XF_T add,
-                                     XF_T *wd, XF_T *t_sum)
+                                     XF_T *wd, XF_T *t_off, XF_T *t_tie)
 {
-    XF_T a[XF_L] = {0}, b[XF_L] = {0};
-    double ta[2 * XF_L] = {0}, tb[2 * XF_L] = {0};
+    XF_T a[XF_L] = {0}, b[XF_L] = {0}, bt[XF_L] = {0}, bc[XF_L] = {0}, btc[XF_L] = {0};
+    double ta[2 * XF_L] = {0}, tb[2 * XF_L] = {0}, tt[2 * XF_L] = {0};
     ptrdiff_t i = 0, nv = n - n % XF_L;
     for (ptrdiff_t k = 0; k < nv; k += XF_BLK) {
         ptrdiff_t end = nv - k > XF_BLK ? k + XF_BLK : nv;
@@ -621,33 +635,36 @@ XF_INLINE void XF_FN(xfi_dense_sums)(const XF_T *x, const XF_T *t, const XF_T *w
             for (i = k; i < end; i += XF_L)
                 for (int j = 0; j < XF_L; j++) {
                     XF_T wt = keep * t[i + j] + add;             /* w_c = 1 */
-                    XF_T d = wt * (m - x[i + j]);
-                    a[j] += XF_SEL(wt != 0, d, (XF_T)0);
-                    b[j] += wt;
+                    XF_DENSE_TERM_(wt, x[i + j])
                 }
         else
             for (i = k; i < end; i += XF_L)
                 for (int j = 0; j < XF_L; j++) {
                     XF_T wt = XF_FN(xf_smoothed_weight)(w[i + j], t[i + j], keep, add);
-                    XF_T d = wt * (m - x[i + j]);
-                    a[j] += XF_SEL(wt != 0, d, (XF_T)0);
-                    b[j] += wt;
+                    XF_DENSE_TERM_(wt, x[i + j])
                 }
         XF_FN(xfi_flush_)(a, ta);
         XF_FN(xfi_flush_)(b, tb);
+        XF_FN(xfi_flush_)(bc, tb);
+        XF_FN(xfi_flush_)(bt, tt);
+        XF_FN(xfi_flush_)(btc, tt);
     }
     for (i = nv; i < n; i++) {     /* < L scalar iterations, no exp: cheap */
         XF_T wt = (w == NULL) ? keep * t[i] + add
                               : XF_FN(xf_smoothed_weight)(w[i], t[i], keep, add);
-        XF_T d = wt * (m - x[i]);
-        a[i % XF_L] += XF_SEL(wt != 0, d, (XF_T)0);
-        b[i % XF_L] += wt;
+        int j = (int)(i % XF_L);
+        XF_DENSE_TERM_(wt, x[i])
     }
     XF_FN(xfi_flush_)(a, ta);
     XF_FN(xfi_flush_)(b, tb);
+    XF_FN(xfi_flush_)(bc, tb);
+    XF_FN(xfi_flush_)(bt, tt);
+    XF_FN(xfi_flush_)(btc, tt);
     *wd = XF_FN(xfi_dfold_)(ta, 1.0);
-    *t_sum = XF_FN(xfi_dfold_)(tb, 1.0);
+    *t_off = XF_FN(xfi_dfold_)(tb, 1.0);
+    *t_tie = XF_FN(xfi_dfold_)(tt, 1.0);
 }
+#undef XF_DENSE_TERM_
 
 /* ---- pass 3: turn e (stored in g) into the gradient, in place ---- */
 XF_INLINE void XF_FN(xfi_scale)(XF_T *g, ptrdiff_t n, XF_T a)
@@ -665,19 +682,20 @@ XF_INLINE void XF_FN(xfi_scale_sub)(XF_T *XF_RESTRICT g, const XF_T *XF_RESTRICT
         for (ptrdiff_t i = 0; i < n; i++) g[i] = g[i] * a - b * w[i];
 }
 
-/* g_j = xf_dense_grad(e_j, wt_j, r, A, gs/s), wt_j = w_j (keep t_j + add) exactly as in
- * xfi_dense_sums. */
+/* g_j = xf_dense_grad(e_j, wt_j, r, coef, T_tie, gs/s), wt_j = w_j (keep t_j + add)
+ * exactly as in xfi_dense_sums. */
 XF_INLINE void XF_FN(xfi_dense_grad)(XF_T *XF_RESTRICT g, const XF_T *XF_RESTRICT t,
                                      const XF_T *XF_RESTRICT w, ptrdiff_t n, XF_T r,
-                                     XF_T coef, XF_T gs_over_s, XF_T keep, XF_T add)
+                                     XF_T coef, XF_T t_tie, XF_T gs_over_s, XF_T keep,
+                                     XF_T add)
 {
     if (w == NULL)
         for (ptrdiff_t i = 0; i < n; i++)
-            g[i] = XF_FN(xf_dense_grad)(g[i], keep * t[i] + add, r, coef, gs_over_s);
+            g[i] = XF_FN(xf_dense_grad)(g[i], keep * t[i] + add, r, coef, t_tie, gs_over_s);
     else
         for (ptrdiff_t i = 0; i < n; i++)
             g[i] = XF_FN(xf_dense_grad)(g[i], XF_FN(xf_smoothed_weight)(w[i], t[i], keep, add),
-                                        r, coef, gs_over_s);
+                                        r, coef, t_tie, gs_over_s);
 }
 
 /* out_j = (x_j - m) - log s  (log_softmax); out must not overlap x unless it IS x. */
@@ -808,25 +826,34 @@ XF_MV void XF_FN(xf_tile_wdist)(const XF_T *XF_RESTRICT tile, const XF_T *XF_RES
     for (int r = 0; r < XF_TILE; r++) wd[r] = acc[r];
 }
 
-/* Dense: wt = w_j (keep t + add); wd[r] = sum_{wt != 0} wt (m[r] - x), T[r] = sum wt */
+/* Dense: wt = w_j (keep t + add); wd[r] = sum_{wt != 0} wt (m[r] - x), and T[r] =
+ * sum wt in two parts, t_tie[r] over the ties at the max and t_off[r] over the rest,
+ * each with its rounding errors kept (as xfi_dense_sums). */
 XF_MV void XF_FN(xf_tile_dense_sums)(const XF_T *XF_RESTRICT tx, const XF_T *XF_RESTRICT tt,
                                      const XF_T *XF_RESTRICT w, ptrdiff_t c,
                                      const XF_T *XF_RESTRICT m, XF_T keep, XF_T add,
-                                     XF_T *XF_RESTRICT wd, XF_T *XF_RESTRICT t_sum)
+                                     XF_T *XF_RESTRICT wd, XF_T *XF_RESTRICT t_off,
+                                     XF_T *XF_RESTRICT t_tie)
 {
-    XF_T a[XF_TILE] = {0}, b[XF_TILE] = {0};
+    XF_T a[XF_TILE] = {0}, b[XF_TILE] = {0}, bt[XF_TILE] = {0};
+    XF_T bc[XF_TILE] = {0}, btc[XF_TILE] = {0};     /* their rounding errors (TwoSum) */
     for (ptrdiff_t j = 0; j < c; j++) {
         XF_T wj = (w == NULL) ? (XF_T)1 : w[j];
         XF_NO_UNROLL
         for (int r = 0; r < XF_TILE; r++) {
             XF_T wt = XF_FN(xf_smoothed_weight)(wj, tt[j * XF_TILE + r], keep, add);
                                                          /* wj = 1: exact */
-            XF_T d = wt * (m[r] - tx[j * XF_TILE + r]);
-            a[r] += XF_SEL(wt != 0, d, (XF_T)0);
-            b[r] += wt;
+            XF_T dm = m[r] - tx[j * XF_TILE + r];
+            a[r] += XF_SEL(wt != 0, wt * dm, (XF_T)0);
+            XF_FN(xfi_twosum_acc_)(&b[r], &bc[r], XF_SEL(dm == 0, (XF_T)0, wt));
+            XF_FN(xfi_twosum_acc_)(&bt[r], &btc[r], XF_SEL(dm == 0, wt, (XF_T)0));
         }
     }
-    for (int r = 0; r < XF_TILE; r++) { wd[r] = a[r]; t_sum[r] = b[r]; }
+    for (int r = 0; r < XF_TILE; r++) {
+        wd[r] = a[r];
+        t_off[r] = b[r] + bc[r];
+        t_tie[r] = bt[r] + btc[r];
+    }
 }
 
 /* r[i] = xf_rest_mass(u, t), log_s[i] = log1p(r), lse[i] = m + log s  for the 16 lanes
@@ -884,11 +911,12 @@ XF_MV void XF_FN(xf_tile_sparse_epilogue)(const XF_T *XF_RESTRICT m, const XF_T 
 }
 
 /* The probability-label epilogue of 16 rows: loss, lse, and (coef != NULL) the
- * pass-3 inputs r, A = coef and gs / s. */
+ * pass-3 inputs r, coef = xf_dense_coef(lse, T_off, z) and gs / s. */
 XF_MV void XF_FN(xf_tile_dense_epilogue)(const XF_T *XF_RESTRICT m, const XF_T *XF_RESTRICT u,
                                          const XF_T *XF_RESTRICT t,
                                          const XF_T *XF_RESTRICT wd,
-                                         const XF_T *XF_RESTRICT t_sum, XF_T z, XF_T gs,
+                                         const XF_T *XF_RESTRICT t_off,
+                                         const XF_T *XF_RESTRICT t_tie, XF_T z, XF_T gs,
                                          XF_T *XF_RESTRICT loss, XF_T *XF_RESTRICT lse,
                                          XF_T *XF_RESTRICT r, XF_T *XF_RESTRICT coef,
                                          XF_T *XF_RESTRICT gs_over_s)
@@ -898,10 +926,10 @@ XF_MV void XF_FN(xf_tile_dense_epilogue)(const XF_T *XF_RESTRICT m, const XF_T *
         XF_T ls = XF_LOG1P(rr);
         XF_T l_se = XF_FN(xf_log_sum_exp)(m[i], ls);
         lse[i] = l_se;
-        loss[i] = XF_FN(xf_dense_loss)(m[i], ls, t_sum[i], wd[i], z);
+        loss[i] = XF_FN(xf_dense_loss)(m[i], ls, t_off[i] + t_tie[i], wd[i], z);
         r[i] = rr;
         if (coef != NULL) {
-            coef[i] = XF_FN(xf_dense_coef)(l_se, t_sum[i], z);
+            coef[i] = XF_FN(xf_dense_coef)(l_se, t_off[i], z);
             gs_over_s[i] = XF_FN(xf_grad_over_sum)(rr, gs);
         }
     }
@@ -928,11 +956,12 @@ XF_MV void XF_FN(xf_tile_store)(const XF_T *XF_RESTRICT tile, XF_T *XF_RESTRICT 
     }
 }
 
-/* Dense pass 3 and write-back: g[r, j] = xf_dense_grad(e[j][r], wt, r[r], A[r], gs/s[r]),
- * wt = w_j (keep t + add) exactly as in xf_tile_dense_sums. */
+/* Dense pass 3 and write-back: g[r, j] = xf_dense_grad(e[j][r], wt, r[r], coef[r],
+ * t_tie[r], gs/s[r]), wt = w_j (keep t + add) exactly as in xf_tile_dense_sums. */
 XF_MV void XF_FN(xf_tile_store_dense)(const XF_T *XF_RESTRICT te, const XF_T *XF_RESTRICT tt,
                                       XF_T *XF_RESTRICT g, ptrdiff_t rows, ptrdiff_t c,
                                       const XF_T *XF_RESTRICT r, const XF_T *XF_RESTRICT coef,
+                                      const XF_T *XF_RESTRICT t_tie,
                                       const XF_T *XF_RESTRICT gs_over_s, XF_T keep,
                                       XF_T add, const XF_T *XF_RESTRICT w)
 {
@@ -941,7 +970,7 @@ XF_MV void XF_FN(xf_tile_store_dense)(const XF_T *XF_RESTRICT te, const XF_T *XF
             XF_T wt = (w == NULL) ? keep * tt[j * XF_TILE + i] + add
                 : XF_FN(xf_smoothed_weight)(w[j], tt[j * XF_TILE + i], keep, add);
             g[i * c + j] = XF_FN(xf_dense_grad)(te[j * XF_TILE + i], wt, r[i], coef[i],
-                                                gs_over_s[i]);
+                                                t_tie[i], gs_over_s[i]);
         }
 }
 
@@ -1014,15 +1043,17 @@ XF_MV XF_T XF_FN(xf_softmax_sum)(const XF_T *x, XF_T *e, ptrdiff_t n, XF_T m,
 XF_MV XF_T XF_FN(xf_wdist)(const XF_T *x, const XF_T *w, ptrdiff_t n, XF_T m)
 { return XF_FN(xfi_wdist)(x, w, n, m); }
 XF_MV void XF_FN(xf_dense_sums)(const XF_T *x, const XF_T *t, const XF_T *w, ptrdiff_t n,
-                                XF_T m, XF_T keep, XF_T add, XF_T *wd, XF_T *t_sum)
-{ XF_FN(xfi_dense_sums)(x, t, w, n, m, keep, add, wd, t_sum); }
+                                XF_T m, XF_T keep, XF_T add, XF_T *wd, XF_T *t_off,
+                                XF_T *t_tie)
+{ XF_FN(xfi_dense_sums)(x, t, w, n, m, keep, add, wd, t_off, t_tie); }
 XF_MV void XF_FN(xf_scale)(XF_T *g, ptrdiff_t n, XF_T a)
 { XF_FN(xfi_scale)(g, n, a); }
 XF_MV void XF_FN(xf_scale_sub)(XF_T *g, const XF_T *w, ptrdiff_t n, XF_T a, XF_T b)
 { XF_FN(xfi_scale_sub)(g, w, n, a, b); }
 XF_MV void XF_FN(xf_dense_grad_row)(XF_T *g, const XF_T *t, const XF_T *w, ptrdiff_t n,
-                                    XF_T r, XF_T coef, XF_T gs_over_s, XF_T keep, XF_T add)
-{ XF_FN(xfi_dense_grad)(g, t, w, n, r, coef, gs_over_s, keep, add); }
+                                    XF_T r, XF_T coef, XF_T t_tie, XF_T gs_over_s,
+                                    XF_T keep, XF_T add)
+{ XF_FN(xfi_dense_grad)(g, t, w, n, r, coef, t_tie, gs_over_s, keep, add); }
 XF_MV void XF_FN(xf_log_softmax_row)(const XF_T *x, XF_T *out, ptrdiff_t n, XF_T m,
                                      XF_T log_s)
 {

@@ -216,13 +216,13 @@ def _rows_t(r0, r1, op, grad, x, t, labels, w, bvec, ii, one_m_eps, eps_c, w_sum
                 continue
             if OP == LOGSM:
                 m = _row_max(xr)
-                u, tt, _, _ = _pass_b(xr, m, tr, w, one_m_eps, eps_c, gr, 0, 0)
+                u, tt, _, _, _ = _pass_b(xr, m, tr, w, one_m_eps, eps_c, gr, 0, 0)
                 _row_logsm(xr, m, _row_scalars(x, m, u, tt)[1], gr)
                 continue
             if IDX == 1:
                 y = labels[i]
                 if y == ii:
-                    m, u, tt, _, _ = _pass_ab(x, i, r1, wide, prefetch, tr, w, one_m_eps,
+                    m, u, tt, _, _, _ = _pass_ab(x, i, r1, wide, prefetch, tr, w, one_m_eps,
                                               eps_c, er, LAB, 0)
                     lse[i] = _row_scalars(x, m, u, tt)[2]
                     loss[i] = zero
@@ -230,22 +230,22 @@ def _rows_t(r0, r1, op, grad, x, t, labels, w, bvec, ii, one_m_eps, eps_c, w_sum
                         _row_fill(gr, zero)
                     continue
                 xy = _ld(xr, y)               # read before pass B overwrites it (in place)
-            m, u, tt, coef_sum, dist = _pass_ab(x, i, r1, wide, prefetch, tr, w, one_m_eps,
-                                                eps_c, er, LAB, STORE)
+            m, u, tt, coef_off, coef_tie, dist = _pass_ab(x, i, r1, wide, prefetch, tr, w,
+                                                          one_m_eps, eps_c, er, LAB, STORE)
             if OP >= STATS0:
                 loss[i] = m
                 aux[0, i] = u
                 aux[1, i] = tt
-                aux[2, i] = coef_sum
+                aux[2, i] = coef_off + coef_tie
                 aux[3, i] = dist
                 continue
             r, log_s, ls = _row_scalars(x, m, u, tt)
             lse[i] = ls
             if OP == DENSE:
-                loss[i] = _dense_loss(m, log_s, T(coef_sum), T(dist), z)
+                loss[i] = _dense_loss(m, log_s, T(coef_off + coef_tie), T(dist), z)
                 if GRAD != G_NONE:
-                    _pass_c(er, gr, m, one, bvec, tr, w, one_m_eps, eps_c, r,
-                            _dense_coef(ls, T(coef_sum), z), _grad_over_sum(one, r, gs),
+                    _pass_c(er, gr, m, T(coef_tie), bvec, tr, w, one_m_eps, eps_c, r,
+                            _dense_coef(ls, T(coef_off), z), _grad_over_sum(one, r, gs),
                             KIND, GRAD_C, False)
             if IDX == 1:
                 wy = w[y] if has_w else one
@@ -406,7 +406,8 @@ def _small_t(r0, r1, op, grad, x, t, labels, w, bvec, ii, one_m_eps, eps_c, w_su
         tv = np.empty(blk, T)
         lv = np.empty(blk, T)
         sv = np.empty(blk, T)   # SMOOTH, DENSE: sum_j a_j (m - x_j)
-        cv = np.empty(blk, T)   # DENSE: sum_j wt_j, then the gradient's coefficient
+        cv = np.empty(blk, T)   # DENSE: T_off = sum of wt_j off the max, then the coef
+        ctv = np.empty(blk, T)  # DENSE: T_tie = sum of wt_j on the ties at the max
         av = np.empty(blk, T)   # gradient: a (SPARSE, SMOOTH), gs / s (DENSE)
         fix = np.empty(blk, T)  # SPARSE, SMOOTH: the true class's gradient
         for b0 in range(r0, r1, blk):
@@ -414,8 +415,9 @@ def _small_t(r0, r1, op, grad, x, t, labels, w, bvec, ii, one_m_eps, eps_c, w_su
             _blk_load_max(x, b0, nb, buf, mv, True)
             if OP == DENSE:
                 _blk_load_max(t, b0, nb, tbuf, lv, False)
-                mb, cb, sb = mv[:nb], cv[:nb], sv[:nb]
+                mb, cb, ctb, sb = mv[:nb], cv[:nb], ctv[:nb], sv[:nb]
                 cb[:] = zero
+                ctb[:] = zero
                 sb[:] = zero
                 for j in range(c):
                     wj = w[j]
@@ -424,8 +426,10 @@ def _small_t(r0, r1, op, grad, x, t, labels, w, bvec, ii, one_m_eps, eps_c, w_su
                     for b in range(nb):
                         wt = _smoothed_weight(wj, tj[b], one_m_eps, eps_c)
                         tj[b] = wt
-                        cb[b] += wt
-                        sb[b] += wt * (mb[b] - bj[b]) if wt != zero else zero
+                        dm = mb[b] - bj[b]
+                        cb[b] += zero if dm == zero else wt
+                        ctb[b] += wt if dm == zero else zero
+                        sb[b] += wt * dm if wt != zero else zero
             if OP == SMOOTH:
                 _blk_wsum(buf, nb, mv, w, sv)
             _blk_sumexp(buf, nb, mv, rv, tv, lv, uh, ul, STORE)
@@ -444,7 +448,7 @@ def _small_t(r0, r1, op, grad, x, t, labels, w, bvec, ii, one_m_eps, eps_c, w_su
                 ls = _log_sum_exp(m, log_s)
                 lse[i] = ls
                 if OP == DENSE:
-                    loss[i] = _dense_loss(m, log_s, cv[b], sv[b], z)
+                    loss[i] = _dense_loss(m, log_s, cv[b] + ctv[b], sv[b], z)
                     cv[b] = _dense_coef(ls, cv[b], z)
                     av[b] = _grad_over_sum(one, rv[b], gs)
                 if IDX == 1:
@@ -468,12 +472,14 @@ def _small_t(r0, r1, op, grad, x, t, labels, w, bvec, ii, one_m_eps, eps_c, w_su
             if OP == DENSE:
                 rb = rv[:nb]
                 cb = cv[:nb]
+                ctb = ctv[:nb]
                 ab = av[:nb]
                 for j in range(c):
                     bj = buf[j, :nb]
                     tj = tbuf[j, :nb]
                     for b in range(nb):
-                        _st(gsl, (b, j), _dense_grad(bj[b], tj[b], rb[b], cb[b], ab[b]))
+                        _st(gsl, (b, j), _dense_grad(bj[b], tj[b], rb[b], cb[b], ctb[b],
+                                                     ab[b]))
                 continue
             # g[i, j] = e_jb * a_b (- b_j), then the label column, one grad row at a time
             # while it is in L1 (b-outer: unit-stride writes of a grad row, 0.95x the
@@ -568,9 +574,10 @@ def _seg_driver(phase, op, grad, parallel):
                     if STORE == 3:
                         u, t = _row_softmax_exp(xs, m[i], g[i, lo:hi])
                     elif STORE == 0:
-                        u, t, _, _ = _pass_b(xs, m[i], m, m, one, one, xs, 0, 0)
+                        u, t, _, _, _ = _pass_b(xs, m[i], m, m, one, one, xs, 0, 0)
                     else:
-                        u, t, _, _ = _pass_b(xs, m[i], m, m, one, one, g[i, lo:hi], 0, STORE)
+                        u, t, _, _, _ = _pass_b(xs, m[i], m, m, one, one, g[i, lo:hi], 0,
+                                                STORE)
                     useg[i, p] = u
                     tseg[i, p] = t
                 elif OP == LOGSM:

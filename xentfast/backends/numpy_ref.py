@@ -54,6 +54,25 @@ def _row_passes(x: np.ndarray):
     return x, e, m, r, log_s, lse, one
 
 
+def _compensated_row_sum(a: np.ndarray) -> np.ndarray:
+    """sum_j a[:, j] with the rounding errors of its pairwise additions added back
+    (TwoSum at every level): within about an ulp of the exact sum, also for C equal
+    terms (label smoothing's eps/C), whose plain sum errs the same way at every step."""
+    hi = a
+    lo = np.zeros(a.shape[0], a.dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        while hi.shape[1] > 1:
+            k = hi.shape[1] // 2
+            x, y = hi[:, :k], hi[:, k:2 * k]
+            s = x + y
+            bb = s - x
+            err = (x - (s - bb)) + (y - bb)
+            lo = lo + np.sum(np.where(np.isfinite(err), err, 0), axis=1, dtype=a.dtype)
+            hi = np.concatenate([s, hi[:, 2 * k:]], axis=1)
+        total = hi[:, 0] if hi.shape[1] else np.zeros(a.shape[0], a.dtype)
+    return total + lo
+
+
 def _weighted_distance(coefficient: np.ndarray, m: np.ndarray, x: np.ndarray, acc):
     """wd = sum_{c_j != 0} c_j (m - x_j): a zero coefficient adds nothing, even where
     x_j = -inf (negative coefficients are real weights, as in PyTorch)."""
@@ -127,17 +146,21 @@ def dense(logits, labels, weight, label_smoothing, z_loss, grad_scale, loss, lse
     t = labels.astype(acc, copy=False)
     wt = rowmath.smoothed_weight(w, t, acc.type(1 - label_smoothing),
                                  acc.type(label_smoothing / c))
-    t_sum = np.sum(wt, axis=1, dtype=acc)
+    with np.errstate(invalid="ignore"):
+        tie = (x - m[:, None]) == 0
+    t_off = _compensated_row_sum(np.where(tie, 0, wt).astype(acc))   # T = T_off + T_tie
+    t_tie = _compensated_row_sum(np.where(tie, wt, 0).astype(acc))
     wd = _weighted_distance(wt, m, x, acc)
     with np.errstate(invalid="ignore", over="ignore"):
-        loss[...] = rowmath.dense_loss(m, log_s, t_sum, wd, z)
+        loss[...] = rowmath.dense_loss(m, log_s, t_off + t_tie, wd, z)
     lse[...] = row_lse
     if grad is None:
         return
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        coef = rowmath.dense_coef(row_lse, t_sum, z)
+        coef = rowmath.dense_coef(row_lse, t_off, z)
         gs_over_s = rowmath.grad_over_sum(one, r, acc.type(grad_scale))
-        grad[...] = rowmath.dense_grad(e, wt, r[:, None], coef[:, None], gs_over_s[:, None])
+        grad[...] = rowmath.dense_grad(e, wt, r[:, None], coef[:, None], t_tie[:, None],
+                                       gs_over_s[:, None])
 
 
 def row_stats(x, coef, probs, one_m_eps, eps_c, m, u, t, coef_sum, dist):
@@ -165,5 +188,5 @@ def row_stats(x, coef, probs, one_m_eps, eps_c, m, u, t, coef_sum, dist):
     if probs.shape[0]:
         a = rowmath.smoothed_weight(a, probs.astype(acc, copy=False), acc.type(one_m_eps),
                                     acc.type(eps_c))
-    coef_sum[...] = np.sum(np.broadcast_to(a, x.shape), axis=1, dtype=acc)
+    coef_sum[...] = _compensated_row_sum(np.broadcast_to(a, x.shape).astype(np.float64))
     dist[...] = _weighted_distance(a, row_max, xa, acc)

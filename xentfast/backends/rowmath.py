@@ -66,10 +66,19 @@ genuine zero crossing of the exact result)
 * Probability labels t (smoothed and weighted wt_c = w_c ((1 - eps) t_c + eps/C)):
       loss = sum_c wt_c (lse - x_c) + z lse^2 = T log s + wd + z lse^2,
       T = sum_c wt_c,  wd = sum_{wt_c != 0} wt_c (m - x_c);
-      g_j = gs (p_j A - wt_j),  A = T + 2 z lse,
-          = ((e_j A - wt_j) - wt_j r) gs / s          (e_j A - wt_j s, with s = 1 + r
-  split so that r is not rounded into s: a one-hot row at its maximum gives
-  -wt_j r gs / s, not the difference of two numbers near wt_j).
+      g_j = gs (p_j A - wt_j),  A = T + 2 z lse.
+  T is summed in two parts, as u and t: T_tie = sum_{x_c = m} wt_c (the label mass on
+  the ties at the max) and T_off = T - T_tie (the rest), and with s = 1 + r
+      g_j s / gs = e_j A - wt_j s
+                 = (e_j (T_off + 2 z lse) + (e_j T_tie - wt_j)) - wt_j r.
+  At a maximum e_j = 1 exactly, and for a unique one T_tie = wt_j: the middle term is
+  exactly 0 and g_j = ((T_off + 2 z lse) - wt_j r) gs / s.  That is the gradient of a
+  confident row's smoothed true class, p_y T - wt_y ~ eps (1 - 1/C), against terms
+  near 1: formed from T_off, which is of its own size, it keeps its precision; from the
+  rounded T (T - wt_y) it inherited T's rounding, an ulp of 1 (75 ulps of the element
+  at eps = 0.1 and C = 32, thousands at eps = 0.001).  Off the maximum nothing cancels
+  but at a genuine zero crossing p_j T = wt_j.  (r is not rounded into s: a one-hot row
+  at its maximum gives -wt_j r gs / s, not the difference of two numbers near wt_j.)
 * log_softmax_j = (x_j - m) - log s  (two terms <= 0), softmax_j = e_j / s.
 
 These forms must not be rewritten by a compiler: with ``reassoc`` LLVM may turn
@@ -124,9 +133,10 @@ def smoothed_weight(w, t, one_m_eps, eps_c):
     return w * (one_m_eps * t + eps_c)
 
 
-def dense_coef(lse, t_sum, z):
-    """A = T + 2 z lse of the probability-label gradient."""
-    return t_sum + (z + z) * lse
+def dense_coef(lse, t_off, z):
+    """T_off + 2 z lse: the probability-label gradient's coefficient of e_j, without the
+    label mass on the ties at the max (dense_grad adds e_j T_tie apart)."""
+    return t_off + (z + z) * lse
 
 
 def grad_over_sum(one, r, gs):
@@ -134,9 +144,10 @@ def grad_over_sum(one, r, gs):
     return gs / (one + r)
 
 
-def dense_grad(e, wt, r, coef, gs_over_s):
-    """g_j = ((e_j A - wt_j) - wt_j r) gs / s, gs_over_s = gs / (1 + r)."""
-    return ((e * coef - wt) - wt * r) * gs_over_s
+def dense_grad(e, wt, r, coef, t_tie, gs_over_s):
+    """g_j = ((e_j coef + (e_j T_tie - wt_j)) - wt_j r) gs / s = gs (p_j A - wt_j),
+    coef = dense_coef(lse, T_off, z), gs_over_s = gs / (1 + r)."""
+    return ((e * coef + (e * t_tie - wt)) - wt * r) * gs_over_s
 
 
 def log_softmax(x, m, log_s):
