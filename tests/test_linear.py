@@ -374,3 +374,9 @@ def test_torch_op_compiles_without_graph_breaks():
     ref.backward()
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(h.grad, eager_h.grad)
+
+
+def test_return_lse_must_be_a_bool():
+    h, w = np.ones((3, 4), np.float32), np.ones((5, 4), np.float32)
+    with pytest.raises(TypeError, match="return_lse must be True or False; got 'False'"):
+        xf.linear_cross_entropy_with_grad(h, w, np.array([0, 1, 2]), return_lse="False")

@@ -724,3 +724,12 @@ def test_numpy_grad_path_meets_the_bounds(dtype_name, label, option):
     grad = _chunk_grads(x, labels, kwargs, _cuts_many(x.shape[1]), "numpy", grad_scale=1.0)
     assert_accurate(grad, exact["grad"], x.dtype, "numpy-path gradient", ULPS["grad"],
                     row_kinds=row_kinds)
+
+
+def test_return_totals_must_be_a_bool():
+    x = np.zeros((3, 6), np.float32)
+    y = np.array([0, 4, 5])
+    stats = [xf.shard_stats(x[:, :3], y, class_offset=0, num_classes=6),
+             xf.shard_stats(x[:, 3:], y, class_offset=3, num_classes=6)]
+    with pytest.raises(TypeError, match="return_totals must be True or False; got 'no'"):
+        xf.merge_shard_stats(stats, return_totals="no")

@@ -1036,3 +1036,16 @@ def test_cuda_side_stream_and_inplace(rng):
     logits = (x.detach() * 1.0).requires_grad_(True)
     xft.cross_entropy(logits, y, inplace_backward=True).backward()
     assert_close(logits.grad.cpu(), ref.cpu(), rtol=2e-5, atol=1e-8, what="inplace grad")
+
+
+@pytest.mark.parametrize("value", ["False", "no", 0, None])
+def test_inplace_backward_must_be_a_bool(value):
+    """A truthy string must raise (as the NumPy API's inplace=), not overwrite the
+    caller's logits with the gradient."""
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    before = x.detach().clone()
+    with pytest.raises(TypeError, match="inplace_backward must be True or False"):
+        xft.cross_entropy(x, torch.tensor([0, 1, 2, 4]), inplace_backward=value)
+    with pytest.raises(TypeError, match="inplace_backward must be True or False"):
+        xft.CrossEntropyLoss(inplace_backward=value)
+    assert torch.equal(x.detach(), before)

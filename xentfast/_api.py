@@ -176,7 +176,7 @@ def _cross_entropy(
     n = math.prod(batch_shape)
     x_rows = arrays.to_rows(x, axis, call.compute_dtype)
     if kind == "sparse":
-        y_rows = arrays.label_rows(y)
+        y_rows = arrays.label_rows(y, num_classes, ignore_index)
         kept_rows = arrays.check_labels(y_rows, batch_shape, num_classes, ignore_index,
                                         check_labels)
         denominator = (

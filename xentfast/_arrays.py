@@ -94,12 +94,14 @@ class HostArrays:
         np.multiply(target, factor, out=target)
 
     @staticmethod
-    def label_rows(labels: np.ndarray) -> np.ndarray:
+    def label_rows(labels: np.ndarray, num_classes: int | None = None,
+                   ignore_index: int | None = None) -> np.ndarray:
         """Class ids as a C-contiguous int64 vector.
 
         Unsigned ids above 2**63 - 1 cannot be class ids and do not fit in int64: they
         raise here, with their true value (wrapping them to negative numbers would
-        report a wrong value, or match a negative ignore_index and be skipped silently).
+        report a wrong value, or match a negative ignore_index and be skipped silently),
+        naming the call's class count and ignore_index where the caller gives them.
         """
         if labels.dtype.kind == "u" and labels.dtype.itemsize == 8 and labels.size:
             too_big = labels > np.iinfo(np.int64).max
@@ -107,7 +109,8 @@ class HostArrays:
                 first = int(np.flatnonzero(too_big.reshape(-1))[0])
                 position = tuple(int(i) for i in np.unravel_index(first, labels.shape))
                 value = int(labels.reshape(-1)[first])
-                raise ValueError(_validate.out_of_range_message(value, position, None, None))
+                raise ValueError(_validate.out_of_range_message(value, position, num_classes,
+                                                                ignore_index))
         return np.ascontiguousarray(labels, dtype=np.int64).reshape(-1)
 
     @staticmethod

@@ -108,6 +108,7 @@ def _linear(hidden, weight, labels, *, bias, softcap, class_weight, ignore_index
     the d_weight sum cannot be rescaled afterwards)."""
     reduction = _validate.check_reduction(reduction)
     ignore_index = _validate.check_ignore_index(ignore_index)
+    return_lse = _validate.check_flag(return_lse, "return_lse")
     label_smoothing = _validate.check_fraction(label_smoothing, "label_smoothing")
     z_loss = _validate.check_nonnegative(z_loss, "z_loss")
     softcap = _validate.check_softcap(softcap)
@@ -143,7 +144,7 @@ def _linear(hidden, weight, labels, *, bias, softcap, class_weight, ignore_index
     w_acc = np.ascontiguousarray(w, dtype=acc)  # no copy unless 16-bit or strided
     b_acc = None if b is None else np.ascontiguousarray(b, dtype=acc)
 
-    y_rows = HOST.label_rows(y) if n else np.zeros(0, np.int64)
+    y_rows = HOST.label_rows(y, num_classes, ignore_index) if n else np.zeros(0, np.int64)
     kept_count = HOST.check_labels(y_rows, batch_shape, num_classes, ignore_index) if n else 0
     class_w = HOST.weight_vector(class_weight, num_classes, acc)
     denominator = (HOST.kept_weight_total(y_rows, class_w, ignore_index, kept_count)

@@ -522,7 +522,7 @@ def _prepare(logits_chunk, labels, class_offset, num_classes, weight, ignore_ind
     kind = _validate.label_kind(np.dtype(y.dtype), tuple(y.shape), shape, axis)
     batch_shape = shape[:axis] + shape[axis + 1:]
     if kind == "sparse":
-        y_rows = HOST.label_rows(y)
+        y_rows = HOST.label_rows(y, num_classes, ignore_index)
         _validate.check_label_range(y_rows.reshape(batch_shape), num_classes, ignore_index)
         kind = "index"
     else:
@@ -686,6 +686,7 @@ def merge_shard_stats(stats_list: Sequence[ShardStats], *, reduction: Reduction 
     "Semantics"); computed in float64 and rounded once.
     """
     reduction = _validate.check_reduction(reduction)
+    return_totals = _validate.check_flag(return_totals, "return_totals")
     merged = combine_shard_stats(stats_list)
     if merged.classes != ((0, merged.num_classes),):
         raise ValueError(

@@ -961,6 +961,7 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    inplace_backward = _validate.check_flag(inplace_backward, "inplace_backward")
     if not isinstance(target, Tensor) or not isinstance(input, Tensor):
         _check_call(input, target, weight, reduction, ignore_index, label_smoothing, z_loss)
     _check_devices(input, target, weight)
@@ -1019,7 +1020,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         _validate.check_ignore_index(ignore_index)
         _validate.check_fraction(label_smoothing, "label_smoothing")
         self.z_loss = _validate.check_nonnegative(z_loss, "z_loss")
-        self.inplace_backward = bool(inplace_backward)
+        self.inplace_backward = _validate.check_flag(inplace_backward, "inplace_backward")
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,

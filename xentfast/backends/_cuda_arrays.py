@@ -580,9 +580,9 @@ class DeviceArrays:
     def multiply_into(self, target, factor) -> None:
         elementwise(factor, target, 1.0, MULTIPLY)
 
-    def label_rows(self, labels):
+    def label_rows(self, labels, num_classes=None, ignore_index=None):
         if not is_device(labels):
-            return _upload(HOST.label_rows(np.asarray(labels)))
+            return _upload(HOST.label_rows(np.asarray(labels), num_classes, ignore_index))
         a = as_numba(labels)
         _check_byte_order(a)
         size = int(np.prod(a.shape, dtype=np.int64))
