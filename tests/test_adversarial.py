@@ -393,3 +393,26 @@ def test_out_in_any_layout(backend, layout, rng):
     assert_bitwise_equal(out, ref_grad, "out")
     assert int(np.sum(owner == MARKER)) == gaps
     assert_bitwise_equal(arr, before, "logits")
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+@pytest.mark.parametrize("exponent", [-133, -166, 100, 664])
+def test_weighted_mean_is_scale_free(backend, exponent, dtype_name):
+    """A weighted "mean" is the same for weights w and 2**e w: weights of 1e-40 (2**-133)
+    used to give an infinite float32 gradient (1 / sum w[label] overflowed), float64
+    weights of 1e-50 (2**-166) a mean of 0 (cast to float32)."""
+    x = np.array([[3.0, 1.0, 0.5], [0.2, 2.0, 1.0], [1.0, 1.0, -1.0]], dtype_name)
+    y = np.array([0, 1, 2])
+    w = np.array([1.0, 0.25, 3.0])
+    ref_loss, ref_grad = xf.cross_entropy_with_grad(x, y, weight=w, label_smoothing=0.1,
+                                                    backend=backend)
+    scaled = np.ldexp(w, exponent)
+    with np.errstate(over="ignore", under="ignore"):
+        scaled32 = scaled.astype(np.float32)
+    for weight in (scaled, scaled32):
+        if not np.all(np.isfinite(weight) & (weight != 0)):
+            continue  # s w is not representable in that dtype
+        loss, grad = xf.cross_entropy_with_grad(x, y, weight=weight, label_smoothing=0.1,
+                                                backend=backend)
+        np.testing.assert_array_equal(loss, ref_loss, err_msg=str(weight.dtype))
+        np.testing.assert_array_equal(grad, ref_grad, err_msg=str(weight.dtype))

@@ -172,3 +172,19 @@ def test_several_axes_reject_repeats_and_bounds(host_backend):
         xf.softmax(np.ones((2, 3)), axis=(0, 0), backend=host_backend)
     with pytest.raises(ValueError, match="out of bounds"):
         xf.log_softmax(np.ones((2, 3)), axis=(0, 2), backend=host_backend)
+
+
+@pytest.mark.parametrize("dtype_name", DTYPE_IDS)
+def test_logsumexp_of_a_row_holding_inf_is_inf(backend, dtype_name):
+    """log sum exp of a sum containing exp(+inf) is +inf, as SciPy and PyTorch give;
+    NaN still wins, and an all -inf row stays NaN (README, Semantics)."""
+    dtype = _dtype(dtype_name)
+    x = np.array([[np.inf, 0.0, 1.0], [1.0, 2.0, 3.0], [np.inf, np.nan, 0.0],
+                  [-np.inf, -np.inf, -np.inf], [np.inf, np.inf, -np.inf]]).astype(dtype)
+    lse = xf.logsumexp(x, backend=backend)
+    assert lse[0] == np.inf and lse[4] == np.inf
+    assert np.isnan(lse[2]) and np.isnan(lse[3])
+    assert np.isfinite(lse[1])
+    assert xf.logsumexp(x[[0, 1]], axis=None, backend=backend) == np.inf
+    assert_bitwise_equal(xf.logsumexp(x[[0, 1]], axis=0, backend=backend)[:1],
+                         np.array([np.inf], dtype), "logsumexp over rows")

@@ -170,6 +170,8 @@ def _cross_entropy(
             f"labels must have the logits' shape {shape} (probabilities); got shape "
             f"{tuple(y.shape)}. For class indices use sparse_softmax_cross_entropy_with_logits"
         )
+    if kind == "sparse" and reduction == "mean" and weight is not None and not arrays.on_device:
+        weight, z_loss = _weights_for_mean(weight, z_loss, call.acc_dtype)
     w = arrays.weight_vector(weight, num_classes, call.acc_dtype)
     target = _grad_target(logits, x, out, inplace, shape, call) if want_grad else None
 
@@ -236,6 +238,29 @@ def _cross_entropy(
     if return_lse:
         results.append(arrays.from_rows(lse_rows, batch_shape, axis, call.dtype, like=x))
     return results[0] if len(results) == 1 else tuple(results)
+
+
+def _weights_for_mean(weight, z_loss: float, acc_dtype: np.dtype):
+    """(weight, z_loss) for a weighted "mean", scaled by a power of two 2**k when the
+    weights are far from 1 (max |w| outside [2**-40, 2**40]) so that max |w| is in
+    [0.5, 1).  The mean is the same for w and 2**k w: the weighted losses, z_loss (not
+    weighted, but divided by the same sum of w[label]) and that sum all scale by 2**k,
+    exactly.  Without it, weights of 1e-40 made 1 / sum w[label] overflow float32 (an
+    infinite gradient) and left each w_y loss_y subnormal, and float64 weights of 1e-50
+    became 0 in float32 (a mean of 0)."""
+    w = np.asarray(weight)
+    if w.dtype.kind != "f" or w.size == 0:
+        return weight, z_loss
+    with np.errstate(invalid="ignore"):
+        big = float(np.max(np.abs(w)))
+    if not (math.isfinite(big) and big > 0.0) or 2.0 ** -40 <= big <= 2.0 ** 40:
+        return weight, z_loss  # NaN/inf/all-zero weights: the checks that follow say so
+    k = -math.frexp(big)[1]
+    z_scaled = math.ldexp(z_loss, k)
+    with np.errstate(over="ignore"):
+        if not np.isfinite(acc_dtype.type(z_scaled)):
+            return weight, z_loss
+    return np.ldexp(w.astype(np.float64), k), z_scaled
 
 
 def _broadcast_pair(x, y, arrays):
@@ -575,7 +600,9 @@ def logsumexp(x, axis: int | tuple[int, ...] | None = -1, *, keepdims: bool = Fa
     """``log(sum(exp(x)))`` along ``axis`` (a tuple: over those axes together; None: over
     all elements), without overflow.
 
-    An empty axis gives ``-inf`` (the log of an empty sum), as in SciPy and PyTorch.
+    An empty axis gives ``-inf`` (the log of an empty sum), as in SciPy and PyTorch; a
+    row holding ``+inf`` (and no NaN) gives ``+inf``, as there; a row of only ``-inf``
+    gives NaN (README, "Semantics").
     """
     if _is_axes(axis):
         result = _over_axes(x, axis, backend, "logsumexp")
@@ -585,12 +612,34 @@ def logsumexp(x, axis: int | tuple[int, ...] | None = -1, *, keepdims: bool = Fa
         ndim = len(_shape_of(x))
         reduced = (range(ndim) if axis is None or ndim == 0
                    else (_validate.normalize_axis(axis, ndim, "x"),))
+    result = _infinite_rows(x, tuple(reduced), result)
     if not keepdims:
         return result
     shape = list(_shape_of(x))
     for d in reduced:
         shape[d] = 1
     return result.reshape(tuple(shape))
+
+
+def _infinite_rows(x, reduced: tuple[int, ...], lse):
+    """lse = +inf where the reduced slice holds +inf and no NaN.  The kernels' m + log s
+    is +inf + log(NaN) there (+inf - +inf is NaN): log sum exp of a sum containing
+    exp(+inf) = +inf is +inf (SciPy, PyTorch).  Host results only, and only a NaN result
+    is looked at again: a call without NaN results pays one scan of its outputs."""
+    if not isinstance(lse, (np.ndarray, np.generic)):
+        return lse
+    if not np.isnan(lse).any():
+        return lse
+    xa = np.asarray(x)
+    if xa.dtype.kind not in "fc" and getattr(xa.dtype, "name", "") != "bfloat16":
+        return lse
+    xa = xa.astype(np.float32) if xa.dtype.itemsize == 2 else xa
+    fix = np.isposinf(xa).any(axis=reduced) & ~np.isnan(xa).any(axis=reduced)
+    if not fix.any():
+        return lse
+    lse = np.array(lse, copy=True)
+    lse[np.asarray(fix)] = np.inf
+    return lse[()] if lse.ndim == 0 else lse
 
 
 def _shape_of(x) -> tuple[int, ...]:
