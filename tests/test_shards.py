@@ -494,8 +494,11 @@ def test_chunks_given_different_labels():
     x = np.zeros((2, 4))
     stats = [shard_stats(x[:, :2], np.array([0, 3]), class_offset=0, num_classes=4),
              shard_stats(x[:, 2:], np.array([0, 1]), class_offset=2, num_classes=4)]
-    with pytest.raises(ValueError, match="owned by no chunk"):
+    with pytest.raises(ValueError, match="different labels, class weights or ignore_index"):
         merge_shard_stats(stats)
+    # Statistics without the digest (built by hand): the ownership check still catches it.
+    with pytest.raises(ValueError, match="owned by no chunk"):
+        merge_shard_stats([s._replace(inputs="") for s in stats])
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
@@ -733,3 +736,29 @@ def test_return_totals_must_be_a_bool():
              xf.shard_stats(x[:, 3:], y, class_offset=3, num_classes=6)]
     with pytest.raises(TypeError, match="return_totals must be True or False; got 'no'"):
         xf.merge_shard_stats(stats, return_totals="no")
+
+
+@pytest.mark.parametrize("change", ["weight", "ignore_index", "labels"])
+def test_chunks_given_different_inputs_do_not_merge(change):
+    """Every chunk must get the same labels, full weight vector and ignore_index: a
+    mismatch gave a wrong loss without a word."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 10)).astype(np.float32)
+    y = np.array([0, 9, 5, 3, 7])
+    common = dict(num_classes=10, weight=np.ones(10), ignore_index=-100)
+    other = dict(common)
+    y_other = y
+    if change == "weight":
+        other["weight"] = np.full(10, 2.0)
+    elif change == "ignore_index":
+        other["ignore_index"] = 3
+    else:
+        y_other = np.array([0, 9, 5, 3, 8])
+    a = xf.shard_stats(x[:, :4], y, class_offset=0, **common)
+    b = xf.shard_stats(x[:, 4:], y_other, class_offset=4, **other)
+    with pytest.raises(ValueError, match="different labels, class weights or ignore_index"):
+        xf.merge_shard_stats([a, b])
+    same = xf.shard_stats(x[:, 4:], y, class_offset=4, **common)
+    loss, _ = xf.merge_shard_stats([a, same])
+    np.testing.assert_allclose(loss, xf.cross_entropy(x, y, weight=np.ones(10),
+                                                      reduction="none"), rtol=1e-6)

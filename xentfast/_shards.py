@@ -81,6 +81,7 @@ computes the columns in one compiled pass (``shard_grad_rows``,
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
@@ -136,6 +137,8 @@ class ShardStats(NamedTuple):
     kind : "index" or "probabilities"
     label_smoothing, z_loss : the options the statistics were taken with
     dtype : the logits' dtype (results are returned in it)
+    inputs : a digest of what every chunk must be given alike -- index labels, class
+        weights, ignore_index -- compared by the merge ("" : not known)
     """
 
     m: np.ndarray
@@ -153,6 +156,7 @@ class ShardStats(NamedTuple):
     label_smoothing: float
     z_loss: float
     dtype: np.dtype
+    inputs: str = ""
 
 
 class RowTotals(NamedTuple):
@@ -587,7 +591,18 @@ def shard_stats(logits_chunk, labels, *, class_offset: int, num_classes: int, we
                         ch.label_smoothing, stats_kernels(backend))
     return _unpack(packed.reshape(ch.batch_shape + (NUM_FIELDS,)),
                    ((ch.class_offset, ch.class_offset + c),) if c else (), ch.num_classes,
-                   ch.kind, ch.label_smoothing, ch.z_loss, ch.dtype)
+                   ch.kind, ch.label_smoothing, ch.z_loss, ch.dtype, _inputs_digest(ch))
+
+
+def _inputs_digest(ch) -> str:
+    """What every chunk must share, as a short digest: the index labels (probability
+    labels are each chunk's own columns), the class weights, ignore_index."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((ch.kind, ch.ignore_index, ch.weight.dtype.str)).encode())
+    h.update(np.ascontiguousarray(ch.weight).tobytes())
+    if ch.kind == "index":
+        h.update(np.ascontiguousarray(ch.y_rows, dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 def _weight_chunk(weight: np.ndarray, class_offset: int, c: int) -> np.ndarray | None:
@@ -595,12 +610,13 @@ def _weight_chunk(weight: np.ndarray, class_offset: int, c: int) -> np.ndarray |
 
 
 def _unpack(packed: np.ndarray, classes, num_classes, kind, label_smoothing, z_loss,
-            dtype) -> ShardStats:
+            dtype, inputs: str = "") -> ShardStats:
     fields = {name: np.ascontiguousarray(packed[..., i]) for i, name in enumerate(FIELDS)}
     fields["owns"] = fields["owns"] != 0
     fields["kept"] = fields["kept"] != 0
     return ShardStats(**fields, classes=tuple(classes), num_classes=num_classes, kind=kind,
-                      label_smoothing=label_smoothing, z_loss=z_loss, dtype=np.dtype(dtype))
+                      label_smoothing=label_smoothing, z_loss=z_loss, dtype=np.dtype(dtype),
+                      inputs=inputs)
 
 
 def _pack(stats: ShardStats) -> np.ndarray:
@@ -644,6 +660,11 @@ def _check_compatible(stats_list: Sequence[ShardStats]) -> ShardStats:
         if s.m.shape != first.m.shape:
             raise ValueError(f"the statistics are of different rows: batch shapes "
                              f"{first.m.shape} and {s.m.shape}")
+        if s.inputs and first.inputs and s.inputs != first.inputs:
+            raise ValueError(
+                "the statistics were taken with different labels, class weights or "
+                "ignore_index: every chunk must be given the same (global) index labels, "
+                "the same full weight vector and the same ignore_index")
     return first
 
 
@@ -657,7 +678,7 @@ def combine_shard_stats(stats_list: Sequence[ShardStats]) -> ShardStats:
     ordered = sorted(stats_list, key=lambda s: s.classes[0][0] if s.classes else -1)
     packed = combine_packed(np.stack([_pack(s) for s in ordered], axis=-2))
     return _unpack(packed, classes, first.num_classes, first.kind, first.label_smoothing,
-                   first.z_loss, first.dtype)
+                   first.z_loss, first.dtype, first.inputs)
 
 
 def merge_shard_stats(stats_list: Sequence[ShardStats], *, reduction: Reduction = "none",
