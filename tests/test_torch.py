@@ -1049,3 +1049,27 @@ def test_inplace_backward_must_be_a_bool(value):
     with pytest.raises(TypeError, match="inplace_backward must be True or False"):
         xft.CrossEntropyLoss(inplace_backward=value)
     assert torch.equal(x.detach(), before)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"ignore_index": 1.5}, TypeError, "ignore_index must be an integer class id; got 1.5"),
+    ({"chunk_size": 2.7}, TypeError, "chunk_size must be a positive integer"),
+    ({"label_smoothing": 1.5}, ValueError, "label_smoothing"),
+    ({"weight": "ones_requiring_grad"}, RuntimeError, "not class weights"),
+])
+def test_linear_cross_entropy_checks_its_options(kwargs, error, match):
+    """Options are checked, not coerced: int(1.5) = 1 made the error blame a label."""
+    h = torch.randn(4, 3)
+    w = torch.randn(5, 3, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 4])
+    if kwargs.get("weight") == "ones_requiring_grad":
+        kwargs = {"weight": torch.ones(5, requires_grad=True)}
+    with pytest.raises(error, match=match):
+        xft.linear_cross_entropy(h, w, y, **kwargs)
+
+
+def test_parameter_inputs_check_their_options():
+    """nn.Parameter logits take the operators' path: the options are still checked."""
+    p = torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="ignore_index must be an integer class id"):
+        xft.cross_entropy(p, torch.tensor([0, 1, 2, 4]), ignore_index=1.5)

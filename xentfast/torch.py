@@ -91,7 +91,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
 import numpy as np
 
 import xentfast as _xf
-from . import _api, _arrays, _buffers, _dispatch, _second_order, _validate
+from . import _api, _arrays, _buffers, _dispatch, _linear, _second_order, _validate
 
 __all__ = ["CrossEntropyLoss", "cross_entropy", "linear_cross_entropy"]
 
@@ -194,9 +194,9 @@ def _check_no_grad_wanted(weight) -> None:
     them either)."""
     if torch.is_grad_enabled() and weight is not None and weight.requires_grad:
         raise RuntimeError(
-            "xentfast.torch.cross_entropy differentiates with respect to input and "
-            "probability targets, not class weights, but weight requires grad; pass "
-            "weight.detach()"
+            "xentfast.torch differentiates with respect to the logits (or the linear "
+            "layer's input and parameters) and probability targets, not class weights, "
+            "but weight requires grad; pass weight.detach()"
         )
 
 
@@ -962,6 +962,11 @@ def cross_entropy(
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     inplace_backward = _validate.check_flag(inplace_backward, "inplace_backward")
+    # The options' values in xentfast's words on every path (the compiled and traced
+    # ones, and nn.Parameter inputs, pass them to the operators as int / float).
+    ignore_index = _validate.check_ignore_index(ignore_index)
+    label_smoothing = _validate.check_fraction(label_smoothing, "label_smoothing")
+    z_loss = _validate.check_nonnegative(z_loss, "z_loss")
     if not isinstance(target, Tensor) or not isinstance(input, Tensor):
         _check_call(input, target, weight, reduction, ignore_index, label_smoothing, z_loss)
     _check_devices(input, target, weight)
@@ -1234,8 +1239,15 @@ def linear_cross_entropy(
     in PyTorch.  Plus xentfast's ``z_loss``, ``softcap`` and ``chunk_size`` (rows per
     chunk).  CPU tensors; 16-bit tensors are computed in float32.
     """
-    ignore_index = -100 if ignore_index is None else ignore_index
+    ignore_index = _validate.check_ignore_index(-100 if ignore_index is None else ignore_index)
     _validate.check_reduction(reduction)
+    label_smoothing = _validate.check_fraction(label_smoothing, "label_smoothing")
+    z_loss = _validate.check_nonnegative(z_loss, "z_loss")
+    softcap = _validate.check_softcap(softcap)
+    chunk_size = _linear._check_chunk_size(chunk_size)
+    if weight is not None and not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor or None; got {type(weight).__name__}")
+    _check_no_grad_wanted(weight)
     if target.dtype.is_floating_point:
         raise TypeError("xentfast.torch.linear_cross_entropy takes class indices as target; "
                         f"got dtype {target.dtype}")
