@@ -1073,3 +1073,8 @@ def test_parameter_inputs_check_their_options():
     p = torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float64))
     with pytest.raises(TypeError, match="ignore_index must be an integer class id"):
         xft.cross_entropy(p, torch.tensor([0, 1, 2, 4]), ignore_index=1.5)
+
+
+def test_integer_input_error_speaks_torch():
+    with pytest.raises(TypeError, match=r"got dtype torch.int64; cast it first, e.g. input.float\(\)"):
+        xft.cross_entropy(torch.ones(3, 4, dtype=torch.int64), torch.tensor([0, 1, 2]))

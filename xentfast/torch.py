@@ -967,6 +967,8 @@ def cross_entropy(
     ignore_index = _validate.check_ignore_index(ignore_index)
     label_smoothing = _validate.check_fraction(label_smoothing, "label_smoothing")
     z_loss = _validate.check_nonnegative(z_loss, "z_loss")
+    if isinstance(input, Tensor):
+        _check_float_input(input.dtype)  # torch's words (input.float(), not .astype)
     if not isinstance(target, Tensor) or not isinstance(input, Tensor):
         _check_call(input, target, weight, reduction, ignore_index, label_smoothing, z_loss)
     _check_devices(input, target, weight)
