@@ -708,3 +708,18 @@ def test_benchmark_script_runs_every_contender(monkeypatch):
     assert [r["contender"] for r in records] == list(bench.ALL_CONTENDERS)
     assert all(r["median_s"] > 0 for r in records)
     assert "| 8 x 5 |" in bench.time_table(records, bench.ALL_CONTENDERS)
+
+
+def test_concrete_out_of_range_labels_raise_value_error():
+    """Labels that are values (eager calls, jax.grad over the logits) are checked before
+    the computation, with xentfast's ValueError; traced ones by the kernel."""
+    f = xj.softmax_cross_entropy_with_integer_labels
+    x = jnp.ones((4, 5))
+    with pytest.raises(ValueError, match=r"label value of -1 at labels\[3\]"):
+        f(x, jnp.array([0, 1, 2, -1]))
+    with pytest.raises(ValueError, match=r"label value of 7 at labels\[3\]"):
+        jax.grad(lambda z: f(z, jnp.array([0, 1, 2, 7])).sum())(x)
+    with pytest.raises(ValueError, match=r"label value of 9 .* is not ignore_index=-1"):
+        xj.cross_entropy(x, jnp.array([0, 1, 2, 9]), ignore_index=-1)
+    assert float(xj.cross_entropy(x, jnp.array([0, 1, -1, 4]), ignore_index=-1)) == \
+        pytest.approx(np.log(5))

@@ -82,7 +82,9 @@ Errors: shapes, dtypes and options are checked when a function is traced, with
 xentfast's messages and exception types.  What depends on the data -- a class index
 outside ``[0, C)``, a non-finite class weight -- is found by the kernel while the
 computation runs; JAX then raises ``jax.errors.JaxRuntimeError`` (a ``RuntimeError``;
-some dispatch paths raise ``ValueError``) whose message is xentfast's, e.g.
+some dispatch paths raise ``ValueError``) whose message is xentfast's.  Labels that are
+values when the function is called (an eager call, ``jax.grad`` over the logits) are
+checked before it, with the ``ValueError`` of the rest of xentfast; e.g.
 ``INVALID_ARGUMENT: xentfast.jax: ValueError: Received a label value of 9 at
 labels[2] which is outside the valid range of [0, 7) ...``.
 
@@ -800,6 +802,16 @@ def _as_array(value, name: str):
         raise TypeError(f"{name} must be an array; got {type(value).__name__}") from exc
 
 
+def _check_concrete_labels(labels, num_classes: int,
+                           ignore_index: int = _validate.NO_IGNORE) -> None:
+    """Labels that are values (an eager call, or jax.grad over the logits only) are
+    checked here, with the ValueError of the rest of xentfast; traced labels (jit, vmap)
+    can only be checked by the kernel, when the computation runs (JaxRuntimeError)."""
+    if isinstance(labels, jax.core.Tracer):
+        return
+    _validate.check_label_range(np.asarray(labels), num_classes, ignore_index)
+
+
 def _index_labels(labels):
     """Class ids as int32 or int64 (xentfast's label dtypes), other integers widened."""
     if labels.dtype in (jnp.int32, jnp.int64):
@@ -893,6 +905,7 @@ def softmax_cross_entropy_with_integer_labels(logits, labels, axis=-1, where=Non
     shape = tuple(logits.shape)
     _validate.check_classes(shape[axes], shape, axes)
     _validate.label_kind(np.dtype(labels.dtype), tuple(labels.shape), shape, axes)
+    _check_concrete_labels(labels, shape[axes])
     opts = _options("sparse", axes, backend=backend)
     return _loss(opts, logits.astype(dtype), _index_labels(labels), None)
 
@@ -1006,6 +1019,7 @@ def cross_entropy(logits, labels, *, axis: int = -1, weight=None, ignore_index: 
         _validate.check_no_ignore_index_for_probabilities(ignore_index)
         labels = labels.astype(dtype)
     else:
+        _check_concrete_labels(labels, shape[axis], ignore_index)
         labels = _index_labels(labels)
     if weight is not None:
         weight = _as_array(weight, "weight")
