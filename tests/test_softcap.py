@@ -131,3 +131,34 @@ def test_softcap_slope_has_no_cancellation(host_backend):
 def test_bad_softcap(backend, value, error):
     with pytest.raises(error, match="softcap must be"):
         xf.cross_entropy(np.zeros((2, 3)), np.array([0, 1]), softcap=value, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if work_dtype(d) == np.float32],
+                         ids=lambda d: d.name)
+@pytest.mark.parametrize("cap", [30.0, 50.0])
+def test_softcap_confident_rows_within_the_accuracy_rule(host_backend, dtype, cap):
+    """float32 (and 16-bit) soft-capped rows keep DESIGN's bounds against the exact
+    oracle: confident rows, whose loss is a tiny exp of the capped gap.  With the capped
+    logits rounded to float32 first, a gap of cap * (tanh(65.5/50) + tanh(38.1/50)) gave
+    a loss 64 ulps off at cap = 50 (81.6 for [191.5, -37.9]) and gradients 75 ulps off."""
+    from helpers import ULPS, assert_accurate
+
+    rng = np.random.default_rng(int(cap))
+    x = np.concatenate([
+        np.array([[65.45801544189453, -38.088104248046875, -40.0, -45.0],
+                  [191.48519897460938, -37.892147064208984, -60.0, -30.0]]),
+        rng.standard_normal((30, 4)) * cap,
+        rng.standard_normal((30, 4)) * 3 + np.array([[2.5 * cap, -cap, -cap, -0.8 * cap]]),
+    ]).astype(dtype)
+    y = np.argmax(x.astype(np.float64), axis=1)
+    y[::5] = 1
+    for kwargs in ({}, {"label_smoothing": 0.1, "weight": np.linspace(0.5, 2.0, 4)}):
+        loss, grad = xf.cross_entropy_with_grad(x, y, softcap=cap, reduction="none",
+                                                backend=host_backend, **kwargs)
+        xw = x.astype(np.float64)
+        exact = naive.exact_cross_entropy(_capped(xw, cap), y, reduction="none", **kwargs)
+        assert_accurate(loss, exact["loss"], dtype, "loss", ULPS["loss"])
+        slope = _slope(xw, cap)
+        g = exact["grad"]
+        g = type(g)(g.value * slope, g.low * slope, g.scale * slope)
+        assert_accurate(grad, g, dtype, "grad", ULPS["grad"])
