@@ -20,7 +20,11 @@ loss+grad kernel once and keeps ``g = d loss / d input``; the backward only scal
                 grad_output_i is the exact vector-Jacobian product)
 
 and when ``grad_output`` is all ones (``loss.backward()``) ``g`` itself is the
-gradient: no multiplication, no copy.  Without ``requires_grad`` (evaluation,
+gradient: no multiplication, no copy.  ``.backward()`` stores it in ``.grad`` (autograd
+copies it only while a retained graph still holds it); ``torch.autograd.grad(...,
+retain_graph=True)`` returns that same memory, so clone the result before changing it
+in place (``clamp_``): the retained graph's next backward would otherwise raise (it
+sees its saved ``g`` modified), where ``F.cross_entropy`` hands out a fresh tensor.  Without ``requires_grad`` (evaluation,
 ``torch.no_grad()``) the loss-only kernel runs and no gradient memory exists.
 ``inplace_backward=True`` writes ``g`` into the input's own storage (xentfast's
 ``inplace=True``): no gradient memory at all, and the input's values are gone after the
