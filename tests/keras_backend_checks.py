@@ -63,6 +63,10 @@ def cases():
         "sparse_ignore_class": (dict(from_logits=True, ignore_class=3), y, x, None),
         "sparse_probs": (dict(from_logits=False), y,
                          np.asarray(keras.ops.softmax(x)).astype("float32"), None),
+        # rows not summing to 1, entries above 1: Keras' JAX/torch backends scale them to
+        # sum 1 before the clip, its TensorFlow backend clips them as they are
+        "sparse_unnormalised_probs": (dict(from_logits=False), y,
+                                      (np.abs(x) / 3 + 0.05).astype("float32"), None),
         "sparse_sum_weighted": (dict(from_logits=True, reduction="sum"), y, x, weights),
         "categorical_logits": (dict(from_logits=True), probs, x, None),
         "categorical_smoothing": (dict(from_logits=True, label_smoothing=0.2), probs, x, None),

@@ -28,7 +28,8 @@ the one the fused kernel computed in the forward pass:
 
 ``from_logits=False`` (probabilities): the sparse loss takes ``log(clip(y_pred))`` with
 the backend's ops and runs the fused kernel on those log-probabilities (what Keras'
-TensorFlow backend computes); the categorical loss is Keras' own elementwise formula in
+TensorFlow backend computes; on the JAX and torch backends, as Keras there, ``y_pred`` is
+first scaled to sum 1 along the class axis, which changes rows that do not sum to 1); the categorical loss is Keras' own elementwise formula in
 backend ops (there is no softmax to fuse).  Label smoothing spreads over the class
 axis's size (Keras <= 3.15 used the last axis's; identical for ``axis=-1``).
 
@@ -319,6 +320,11 @@ def sparse_categorical_crossentropy(y_true, y_pred, from_logits: bool = False,
         y_true = ops.squeeze(y_true, axis=-1)
     y_true = ops.cast(y_true, "int64")  # Keras casts (float) class ids to integers
     if not from_logits:
+        if keras.backend.backend() != "tensorflow":
+            # Keras' JAX and torch backends scale the probabilities to sum 1 before the
+            # clip; its TensorFlow backend clips them as given (rows that do not sum to
+            # 1 differ: the loss follows the backend in use, as Keras' own does).
+            y_pred = y_pred / ops.sum(y_pred, axis=axis, keepdims=True)
         y_pred = ops.log(ops.clip(y_pred, EPSILON, 1.0 - EPSILON))
     ignore = _validate.NO_IGNORE if ignore_class is None else int(ignore_class)
     result = _fused(y_pred, y_true, axis=axis, ignore_index=ignore, label_smoothing=0.0,
