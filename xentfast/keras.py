@@ -270,13 +270,16 @@ def _tensorflow_xla_op(logits, labels, *, axis, ignore_index, label_smoothing,
             eps = tf.constant(float(label_smoothing), acc)
             wt = rowmath.smoothed_weight(one, tf.cast(labels, acc), one - eps,
                                          eps / num_classes)
-            t_sum = tf.reduce_sum(wt, axis=ax, keepdims=True)
+            # T = T_off + T_tie, the label mass off and on the ties at the max (rowmath)
+            t_off = tf.reduce_sum(tf.where(at_max, zero, wt), axis=ax, keepdims=True)
+            t_tie = tf.reduce_sum(tf.where(at_max, wt, zero), axis=ax, keepdims=True)
             # wd = sum over wt_c != 0 of wt_c (m - x_c): no 0 * inf for x_c = -inf
             wd = tf.reduce_sum(tf.where(tf.equal(wt, 0.0), zero, wt * (m - x)), axis=ax,
                                keepdims=True)
-            loss = rowmath.dense_loss(m, log_s, t_sum, wd, zero)
-            coef = rowmath.dense_coef(lse, t_sum, zero)
-            grad = rowmath.dense_grad(e, wt, r, coef, rowmath.grad_over_sum(one, r, one))
+            loss = rowmath.dense_loss(m, log_s, t_off + t_tie, wd, zero)
+            coef = rowmath.dense_coef(lse, t_off, zero)
+            grad = rowmath.dense_grad(e, wt, r, coef, t_tie,
+                                      rowmath.grad_over_sum(one, r, one))
             loss = tf.squeeze(loss, ax)
         else:
             y = tf.expand_dims(tf.cast(labels, tf.int64), ax)

@@ -13,8 +13,9 @@ float64 and rounded once into the output (the logits' dtype):
                               gs (eps_c w_j) with label smoothing; the chunk that owns
                               y writes rowmath.sparse_true_grad there; ignored rows 0
     probability labels        g_j = rowmath.dense_grad(e_j, rowmath.smoothed_weight(
-                              w_j, p_j), r, rowmath.dense_coef(lse, T, z),
-                              rowmath.grad_over_sum(r, gs))
+                              w_j, p_j), r, rowmath.dense_coef(lse, T, z), 0,
+                              rowmath.grad_over_sum(r, gs))  (T whole: the
+                              statistics carry one compensated float64 T, no tie split)
 
 The kernel is compiled with no fastmath flag (``_STRICT_JIT``): ``e_j a - gs b_j`` must
 not become an FMA (the NumPy path rounds the product first, and in a cancelling element
