@@ -100,8 +100,8 @@ def _pass_b_t(xr, m, tr, w, one_m_eps, eps_c, gr, lab, store):
     """e_j = exp(x_j - m) summed into (u, t); with LAB 1 also dist = sum_{w_j != 0}
     w_j (m - x_j) (m - x_j >= 0: a zero weight skips even x_j = -inf); with LAB 2, wt_j =
     w_j ((1 - eps) t_j + eps/C), dist = sum_{wt_j != 0} wt_j (m - x_j) and T = sum_j wt_j
-    in two parts (rowmath.py): coef_tie over the ties at the max, coef_off over the rest,
-    added in float64 (float32 terms: within 2**-53 of exact; float64 rows take
+    in two parts (rowmath.py): coef_tie over the ties at the max, coef_off over the rest
+    (lanes in the row's dtype, block totals in float64; float64 rows take
     ``_label_mass``'s compensated sums instead).  STORE 1 writes e_j (as the gradient passes use it) into gr, 2 in place
     (gr is the row: x_j read before written)."""
     if (k := _literals(lab, store)) is None:
@@ -132,8 +132,8 @@ def _pass_b_t(xr, m, tr, w, one_m_eps, eps_c, gr, lab, store):
             bu = zero
             bt = zero
             bd = zero
-            bc = 0.0
-            bct = 0.0
+            bc = zero
+            bct = zero
             for j in range(xb.shape[0]):
                 xj = _ld(xb, j)
                 e = _exp_diff(xj, m)
@@ -150,8 +150,9 @@ def _pass_b_t(xr, m, tr, w, one_m_eps, eps_c, gr, lab, store):
                 if LAB == 2:
                     wt = _smoothed_weight(wb[j], _ld(tb, j), one_m_eps, eps_c)
                     bd += wt * (m - xj) if wt != zero else zero
-                    bc += 0.0 if d == zero else np.float64(wt)
-                    bct += np.float64(wt) if d == zero else 0.0
+                    wtie = wt if d == zero else zero
+                    bc += wt - wtie
+                    bct += wtie
             u, u_lo = _two_sum_add(u, u_lo, bu)
             coef_off += bc
             coef_tie += bct
@@ -266,25 +267,27 @@ def _label_mass(xr, m, tr, w, one_m_eps, eps_c):
     pass over a float64 row before pass B (which may overwrite x in place); pass B's
     float64 lanes are exact enough for float32 terms."""
     n = xr.shape[0]
-    T = _acc(xr)
-    off = np.zeros(4)
-    off_lo = np.zeros(4)
-    tie = np.zeros(4)
-    tie_lo = np.zeros(4)
-    for j in range(n):
-        k = j & 3
-        wt = np.float64(T(_smoothed_weight(w[j], _ld(tr, j), one_m_eps, eps_c)))
+    a0 = a1 = lo0 = lo1 = 0.0      # T_off: two chains and their rounding errors
+    tie = tie_lo = 0.0
+    j = 0
+    while j + 1 < n:
+        w0 = np.float64(_smoothed_weight(w[j], _ld(tr, j), one_m_eps, eps_c))
+        w1 = np.float64(_smoothed_weight(w[j + 1], _ld(tr, j + 1), one_m_eps, eps_c))
+        t0 = _ld(xr, j) - m == 0
+        t1 = _ld(xr, j + 1) - m == 0
+        a0, lo0 = _two_sum_add(a0, lo0, 0.0 if t0 else w0)
+        a1, lo1 = _two_sum_add(a1, lo1, 0.0 if t1 else w1)
+        if t0 or t1:               # ties at the max: one per row, as a rule
+            tie, tie_lo = _two_sum_add(tie, tie_lo, (w0 if t0 else 0.0) + (w1 if t1 else 0.0))
+        j += 2
+    if j < n:
+        w0 = np.float64(_smoothed_weight(w[j], _ld(tr, j), one_m_eps, eps_c))
         if _ld(xr, j) - m == 0:
-            tie[k], tie_lo[k] = _two_sum_add(tie[k], tie_lo[k], wt)
+            tie, tie_lo = _two_sum_add(tie, tie_lo, w0)
         else:
-            off[k], off_lo[k] = _two_sum_add(off[k], off_lo[k], wt)
-    hi, lo = _two_sum_add(off[0], off_lo[0] + off_lo[1] + off_lo[2] + off_lo[3], off[1])
-    hi, lo = _two_sum_add(hi, lo, off[2])
-    hi, lo = _two_sum_add(hi, lo, off[3])
-    thi, tlo = _two_sum_add(tie[0], tie_lo[0] + tie_lo[1] + tie_lo[2] + tie_lo[3], tie[1])
-    thi, tlo = _two_sum_add(thi, tlo, tie[2])
-    thi, tlo = _two_sum_add(thi, tlo, tie[3])
-    return hi + lo, thi + tlo
+            a0, lo0 = _two_sum_add(a0, lo0, w0)
+    hi, lo = _two_sum_add(a0, lo0 + lo1, a1)
+    return hi + lo, tie + tie_lo
 
 
 _pass_ab = _stub("_pass_ab", "Passes A and B of row i: (m, u, t, coef_off, coef_tie, "

@@ -45,6 +45,14 @@
 #else
 #define XF_NO_UNROLL
 #endif
+/* gcc's -O3 unroll-and-jam (-floop-unroll-and-jam) of a tile's class loop j pairs j
+ * and j + 1 around a 16-lane loop over rows, which it then leaves scalar: the dense
+ * label sums of short rows ran scalar (xf_tile_dense_sums). */
+#if defined(__GNUC__) && !defined(__clang__)
+#define XF_NO_UNROLL_AND_JAM __attribute__((optimize("no-loop-unroll-and-jam")))
+#else
+#define XF_NO_UNROLL_AND_JAM
+#endif
 
 /* Ask for a vectorised loop where the compiler's cost model would not (OpenMP 4.0
  * `omp simd`; the build passes -fopenmp).  No reduction is declared, so nothing is

@@ -612,25 +612,30 @@ XF_INLINE XF_T XF_FN(xfi_wdist)(const XF_T *x, const XF_T *w, ptrdiff_t n, XF_T 
 
 /* Dense labels: wt_c = w_c (keep t_c + add), keep = 1 - eps, add = eps / C;
  * *wd = sum_{wt_c != 0} wt_c (m - x_c), and T = sum_c wt_c in two parts (rowmath.py):
- * *t_tie over the ties at the max (x_c = m), *t_off over the rest (blocks as pass 2).
- * T_off and T_tie are summed with their rounding errors kept (TwoSum in every lane):
- * the gradient at the max is T_off itself, and smoothing adds C equal terms eps/C, whose
- * plain sum errs the same way at every step (23 ulps of a float64 T_off ~ 1 at C = 1000,
- * a confident row whose label is not its max). */
+ * *t_tie over the ties at the max (x_c = m), *t_off over the rest.
+ * The lanes are flushed into the (compensated) double totals every XF_DENSE_STEPS
+ * steps, not every block: an addition errs by half an ulp of the partial sum it adds
+ * to, and smoothing adds C equal terms eps/C, whose errors all have one sign; partial
+ * sums of 8 terms keep each error at the size of those terms.  (Flushed once per
+ * block of 64 steps, a float64 T_off ~ 1 of C = 1000 -- a confident row whose label is
+ * not its max, gradient ~ T_off -- was 23 ulps off; TwoSum in every lane cost the
+ * dense pass 1.2-1.4x at C >= 1000.) */
+#define XF_DENSE_STEPS 8
 #define XF_DENSE_TERM_(wt, xc)                                                         \
     XF_T dm_ = m - (xc), d_ = (wt) * dm_;                                                \
     a[j] += XF_SEL((wt) != 0, d_, (XF_T)0);                                            \
-    XF_FN(xfi_twosum_acc_)(&b[j], &bc[j], XF_SEL(dm_ == 0, (XF_T)0, (wt)));             \
-    XF_FN(xfi_twosum_acc_)(&bt[j], &btc[j], XF_SEL(dm_ == 0, (wt), (XF_T)0));
+    XF_T tie_ = XF_SEL(dm_ == 0, (wt), (XF_T)0);                                       \
+    b[j] += (wt) - tie_;                                                               \
+    bt[j] += tie_;
 XF_INLINE void XF_FN(xfi_dense_sums)(const XF_T *x, const XF_T *t, const XF_T *w,
                                      ptrdiff_t n, XF_T m, XF_T keep, XF_T add,
                                      XF_T *wd, XF_T *t_off, XF_T *t_tie)
 {
-    XF_T a[XF_L] = {0}, b[XF_L] = {0}, bt[XF_L] = {0}, bc[XF_L] = {0}, btc[XF_L] = {0};
+    XF_T a[XF_L] = {0}, b[XF_L] = {0}, bt[XF_L] = {0};
     double ta[2 * XF_L] = {0}, tb[2 * XF_L] = {0}, tt[2 * XF_L] = {0};
     ptrdiff_t i = 0, nv = n - n % XF_L;
-    for (ptrdiff_t k = 0; k < nv; k += XF_BLK) {
-        ptrdiff_t end = nv - k > XF_BLK ? k + XF_BLK : nv;
+    for (ptrdiff_t k = 0; k < nv; k += XF_DENSE_STEPS * XF_L) {
+        ptrdiff_t end = nv - k > XF_DENSE_STEPS * XF_L ? k + XF_DENSE_STEPS * XF_L : nv;
         if (w == NULL)
             for (i = k; i < end; i += XF_L)
                 for (int j = 0; j < XF_L; j++) {
@@ -645,9 +650,7 @@ XF_INLINE void XF_FN(xfi_dense_sums)(const XF_T *x, const XF_T *t, const XF_T *w
                 }
         XF_FN(xfi_flush_)(a, ta);
         XF_FN(xfi_flush_)(b, tb);
-        XF_FN(xfi_flush_)(bc, tb);
         XF_FN(xfi_flush_)(bt, tt);
-        XF_FN(xfi_flush_)(btc, tt);
     }
     for (i = nv; i < n; i++) {     /* < L scalar iterations, no exp: cheap */
         XF_T wt = (w == NULL) ? keep * t[i] + add
@@ -657,14 +660,13 @@ XF_INLINE void XF_FN(xfi_dense_sums)(const XF_T *x, const XF_T *t, const XF_T *w
     }
     XF_FN(xfi_flush_)(a, ta);
     XF_FN(xfi_flush_)(b, tb);
-    XF_FN(xfi_flush_)(bc, tb);
     XF_FN(xfi_flush_)(bt, tt);
-    XF_FN(xfi_flush_)(btc, tt);
     *wd = XF_FN(xfi_dfold_)(ta, 1.0);
     *t_off = XF_FN(xfi_dfold_)(tb, 1.0);
     *t_tie = XF_FN(xfi_dfold_)(tt, 1.0);
 }
 #undef XF_DENSE_TERM_
+#undef XF_DENSE_STEPS
 
 /* ---- pass 3: turn e (stored in g) into the gradient, in place ---- */
 XF_INLINE void XF_FN(xfi_scale)(XF_T *g, ptrdiff_t n, XF_T a)
@@ -827,16 +829,15 @@ XF_MV void XF_FN(xf_tile_wdist)(const XF_T *XF_RESTRICT tile, const XF_T *XF_RES
 }
 
 /* Dense: wt = w_j (keep t + add); wd[r] = sum_{wt != 0} wt (m[r] - x), and T[r] =
- * sum wt in two parts, t_tie[r] over the ties at the max and t_off[r] over the rest,
- * each with its rounding errors kept (as xfi_dense_sums). */
-XF_MV void XF_FN(xf_tile_dense_sums)(const XF_T *XF_RESTRICT tx, const XF_T *XF_RESTRICT tt,
+ * sum wt in two parts, t_tie[r] over the ties at the max and t_off[r] over the rest
+ * (plain sums of at most XF_SMALL_C terms: within C/2 ulps of T). */
+XF_MV XF_NO_UNROLL_AND_JAM void XF_FN(xf_tile_dense_sums)(const XF_T *XF_RESTRICT tx, const XF_T *XF_RESTRICT tt,
                                      const XF_T *XF_RESTRICT w, ptrdiff_t c,
                                      const XF_T *XF_RESTRICT m, XF_T keep, XF_T add,
                                      XF_T *XF_RESTRICT wd, XF_T *XF_RESTRICT t_off,
                                      XF_T *XF_RESTRICT t_tie)
 {
     XF_T a[XF_TILE] = {0}, b[XF_TILE] = {0}, bt[XF_TILE] = {0};
-    XF_T bc[XF_TILE] = {0}, btc[XF_TILE] = {0};     /* their rounding errors (TwoSum) */
     for (ptrdiff_t j = 0; j < c; j++) {
         XF_T wj = (w == NULL) ? (XF_T)1 : w[j];
         XF_NO_UNROLL
@@ -845,15 +846,12 @@ XF_MV void XF_FN(xf_tile_dense_sums)(const XF_T *XF_RESTRICT tx, const XF_T *XF_
                                                          /* wj = 1: exact */
             XF_T dm = m[r] - tx[j * XF_TILE + r];
             a[r] += XF_SEL(wt != 0, wt * dm, (XF_T)0);
-            XF_FN(xfi_twosum_acc_)(&b[r], &bc[r], XF_SEL(dm == 0, (XF_T)0, wt));
-            XF_FN(xfi_twosum_acc_)(&bt[r], &btc[r], XF_SEL(dm == 0, wt, (XF_T)0));
+            XF_T tie = XF_SEL(dm == 0, wt, (XF_T)0);     /* wt - tie: wt or exactly 0 */
+            b[r] += wt - tie;
+            bt[r] += tie;
         }
     }
-    for (int r = 0; r < XF_TILE; r++) {
-        wd[r] = a[r];
-        t_off[r] = b[r] + bc[r];
-        t_tie[r] = bt[r] + btc[r];
-    }
+    for (int r = 0; r < XF_TILE; r++) { wd[r] = a[r]; t_off[r] = b[r]; t_tie[r] = bt[r]; }
 }
 
 /* r[i] = xf_rest_mass(u, t), log_s[i] = log1p(r), lse[i] = m + log s  for the 16 lanes

@@ -427,8 +427,9 @@ def _small_t(r0, r1, op, grad, x, t, labels, w, bvec, ii, one_m_eps, eps_c, w_su
                         wt = _smoothed_weight(wj, tj[b], one_m_eps, eps_c)
                         tj[b] = wt
                         dm = mb[b] - bj[b]
-                        cb[b] += zero if dm == zero else wt
-                        ctb[b] += wt if dm == zero else zero
+                        wtie = wt if dm == zero else zero      # wt - wtie: wt or 0
+                        cb[b] += wt - wtie
+                        ctb[b] += wtie
                         sb[b] += wt * dm if wt != zero else zero
             if OP == SMOOTH:
                 _blk_wsum(buf, nb, mv, w, sv)
