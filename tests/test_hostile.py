@@ -337,4 +337,13 @@ def test_overlapping_outputs_are_computed_correctly(backend, case, rng):
 def test_non_finite_class_weights_are_refused(weight):
     with pytest.raises(ValueError, match=r"weight\[1\] = .* is not finite in float32"):
         xf.cross_entropy(np.zeros((2, 3), np.float32), np.array([0, 1]),
-                         weight=np.array(weight), label_smoothing=0.1)
+                         weight=np.array(weight), label_smoothing=0.1, reduction="sum")
+    if np.all(np.isfinite(weight)):
+        # A weighted mean only needs the weights' ratios: 1e39 is scaled, not refused,
+        # and the mean is the float64 computation's, rounded.
+        x = np.array([[0.5, 0.0, -1.0], [2.0, 1.0, 0.0]])
+        got = xf.cross_entropy(x.astype(np.float32), np.array([0, 1]), weight=np.array(weight),
+                               label_smoothing=0.1)
+        want = xf.cross_entropy(x, np.array([0, 1]), weight=np.array(weight),
+                                label_smoothing=0.1)
+        assert got == pytest.approx(want, rel=1e-6)
