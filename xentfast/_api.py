@@ -170,7 +170,8 @@ def _cross_entropy(
             f"labels must have the logits' shape {shape} (probabilities); got shape "
             f"{tuple(y.shape)}. For class indices use sparse_softmax_cross_entropy_with_logits"
         )
-    if kind == "sparse" and reduction == "mean" and weight is not None and not arrays.on_device:
+    if kind == "sparse" and reduction == "mean" and weight is not None \
+            and not is_device_array(weight):
         weight, z_loss = _weights_for_mean(weight, z_loss, call.acc_dtype)
     w = arrays.weight_vector(weight, num_classes, call.acc_dtype)
     target = _grad_target(logits, x, out, inplace, shape, call) if want_grad else None
