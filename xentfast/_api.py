@@ -246,8 +246,9 @@ def _cross_entropy(
     return results[0] if len(results) == 1 else tuple(results)
 
 
-#: Bytes of float64 rows per block of the float64 soft-capping path.
-SOFTCAP_BLOCK_BYTES = 1 << 25
+#: Bytes of float64 rows per block of the float64 soft-capping path (2 MiB: its NumPy
+#: passes stay in cache; 32 MiB blocks made them 1.7-2.6x slower).
+SOFTCAP_BLOCK_BYTES = 1 << 21
 
 
 def _softcapped_in_float64(kernels, kind, x_rows, y_rows, w, ignore_index, label_smoothing,
@@ -260,32 +261,51 @@ def _softcapped_in_float64(kernels, kind, x_rows, y_rows, w, ignore_index, label
     that exp turns into a relative one of every e_j -- 64 ulps of a confident row's loss
     and 75 of its gradient at cap = 50, above the accuracy rule.  In float64 the capped
     logits are within 2**-53 cap of exact, and the results, rounded once, keep the
-    float32 bounds.  The cost: float64 kernels and two float64 blocks of at most
-    SOFTCAP_BLOCK_BYTES each (the capped rows and, with a gradient, their gradient);
+    float32 bounds.  The cost: float64 kernels and NumPy passes over five float64 blocks
+    of at most SOFTCAP_BLOCK_BYTES (1.7-2.1x the float32 path's time, BENCHMARKS.md);
     rows are read before their gradient is written, so in place (grad_rows is x_rows)
     is safe."""
     n, c = x_rows.shape
-    step = max(1, SOFTCAP_BLOCK_BYTES // (8 * max(c, 1)))
+    step = min(n, max(1, SOFTCAP_BLOCK_BYTES // (8 * max(c, 1))))
     w64 = w.astype(np.float64)
+    # One set of block buffers, reused: fresh 2 MiB arrays per block would be mapped and
+    # page-faulted every time.
+    z_buf, e_buf, d_buf, c_buf = (np.empty((step, c)) for _ in range(4))
+    g_buf = None if grad_rows is None else np.empty((step, c))
+    loss64, lse64 = np.empty(step), np.empty(step)
     for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        z = x_rows[r0:r1].astype(np.float64)
-        capped = HOST.softcap(z, cap)
-        y = y_rows[r0:r1] if kind == "sparse" else y_rows[r0:r1].astype(np.float64)
-        loss64 = np.empty(r1 - r0)
-        lse64 = np.empty(r1 - r0)
-        g64 = None if grad_rows is None else np.empty_like(capped)
+        k = min(n, r0 + step) - r0
+        z, e, one_plus, capped = z_buf[:k], e_buf[:k], d_buf[:k], c_buf[:k]
+        # With e = exp(-2 |z| / cap) (one float64 exp, no overflow for any z):
+        #   cap tanh(z / cap) = sign(z) cap (1 - e) / (1 + e)   (1 - e loses bits only
+        #   absolutely, ~cap 2**-53: nothing next to float32's needs), and the chain
+        #   factor 1 / cosh^2(z / cap) = 4 e / (1 + e)^2, relative-exact at any z.
+        np.copyto(z, x_rows[r0:r0 + k])
+        np.abs(z, out=e)
+        e *= -2.0 / cap
+        with np.errstate(invalid="ignore"):  # NaN logits stay NaN
+            np.exp(e, out=e)
+        np.add(e, 1.0, out=one_plus)
+        np.subtract(1.0, e, out=capped)
+        capped /= one_plus
+        capped *= cap
+        np.copysign(capped, z, out=capped)
+        y = y_rows[r0:r0 + k] if kind == "sparse" else y_rows[r0:r0 + k].astype(np.float64)
+        g64 = None if g_buf is None else g_buf[:k]
         if kind == "sparse":
             kernels.sparse(capped, y, w64, ignore_index, label_smoothing, z_loss, grad_scale,
-                           loss64, lse64, g64)
+                           loss64[:k], lse64[:k], g64)
         else:
-            kernels.dense(capped, y, w64, label_smoothing, z_loss, grad_scale, loss64,
-                          lse64, g64)
-        loss_rows[r0:r1] = loss64
-        lse_rows[r0:r1] = lse64
+            kernels.dense(capped, y, w64, label_smoothing, z_loss, grad_scale, loss64[:k],
+                          lse64[:k], g64)
+        loss_rows[r0:r0 + k] = loss64[:k]
+        lse_rows[r0:r0 + k] = lse64[:k]
         if g64 is not None:
-            g64 *= HOST.softcap_slope(z, cap, out=capped)
-            grad_rows[r0:r1] = g64
+            e *= 4.0
+            one_plus *= one_plus
+            e /= one_plus                     # 4 e / (1 + e)^2
+            g64 *= e
+            grad_rows[r0:r0 + k] = g64
 
 
 def _weights_for_mean(weight, z_loss: float, acc_dtype: np.dtype):
