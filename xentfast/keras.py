@@ -29,8 +29,9 @@ the one the fused kernel computed in the forward pass:
 ``from_logits=False`` (probabilities): the sparse loss takes ``log(clip(y_pred))`` with
 the backend's ops and runs the fused kernel on those log-probabilities (what Keras'
 TensorFlow backend computes; on the JAX and torch backends, as Keras there, ``y_pred`` is
-first scaled to sum 1 along the class axis, which changes rows that do not sum to 1); the categorical loss is Keras' own elementwise formula in
-backend ops (there is no softmax to fuse).  Label smoothing spreads over the class
+first scaled to sum 1 along the class axis, which changes rows that do not sum to 1);
+the categorical loss is Keras' own elementwise formula in backend ops (there is no
+softmax to fuse).  Label smoothing spreads over the class
 axis's size (Keras <= 3.15 used the last axis's; identical for ``axis=-1``).
 
 The NumPy-level ``xentfast.SparseCategoricalCrossentropy`` (``xentfast._keras``) is a

@@ -102,8 +102,8 @@ def _pass_b_t(xr, m, tr, w, one_m_eps, eps_c, gr, lab, store):
     w_j ((1 - eps) t_j + eps/C), dist = sum_{wt_j != 0} wt_j (m - x_j) and T = sum_j wt_j
     in two parts (rowmath.py): coef_tie over the ties at the max, coef_off over the rest
     (lanes in the row's dtype, block totals in float64; float64 rows take
-    ``_label_mass``'s compensated sums instead).  STORE 1 writes e_j (as the gradient passes use it) into gr, 2 in place
-    (gr is the row: x_j read before written)."""
+    ``_label_mass``'s compensated sums instead).  STORE 1 writes e_j (as the gradient
+    passes use it) into gr, 2 in place (gr is the row: x_j read before written)."""
     if (k := _literals(lab, store)) is None:
         return None
     LAB, STORE = k
@@ -261,11 +261,12 @@ def _row_max_sumexp_wide(xr, xnext, prefetch, gr, store):
 def _label_mass(xr, m, tr, w, one_m_eps, eps_c):
     """(T_off, T_tie) of a row of probability labels (rowmath.py): the sums of wt_j =
     w_j ((1 - eps) t_j + eps/C) off and on the ties at the max m, in float64 with the
-    rounding errors kept (TwoSum, four chains; strict flags): the gradient at the max
-    is T_off itself, and smoothing adds C equal terms eps/C, whose plain sum errs the
-    same way at every step (72 ulps of a float64 T_off ~ 1 at C = 1000).  A scalar
-    pass over a float64 row before pass B (which may overwrite x in place); pass B's
-    float64 lanes are exact enough for float32 terms."""
+    rounding errors kept (TwoSum, two chains for T_off; strict flags): the gradient at
+    the max is T_off itself, and smoothing adds C equal terms eps/C, whose plain sum
+    errs the same way at every step (72 ulps of a float64 T_off ~ 1 at C = 1000).  A
+    scalar pass over a float64 row before pass B (which may overwrite x in place);
+    float32 rows keep pass B's sums (float32 lanes over blocks of 256, float64 block
+    totals: a few float32 ulps)."""
     n = xr.shape[0]
     a0 = a1 = lo0 = lo1 = 0.0      # T_off: two chains and their rounding errors
     tie = tie_lo = 0.0
