@@ -162,3 +162,25 @@ def test_softcap_confident_rows_within_the_accuracy_rule(host_backend, dtype, ca
         g = exact["grad"]
         g = type(g)(g.value * slope, g.low * slope, g.scale * slope)
         assert_accurate(grad, g, dtype, "grad", ULPS["grad"])
+
+
+def test_softcap_blocks_of_rows_give_the_same_bits(host_backend, monkeypatch):
+    """float32 soft-capping runs in float64 a block of rows at a time: several blocks
+    and a partial last one (forced by a tiny block size) give the one-block bits, also
+    in place (each block's rows are read before their gradient is written)."""
+    import xentfast._api as api
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((10, 7)) * 40).astype(np.float32)
+    y = rng.integers(0, 7, 10)
+    one = xf.cross_entropy_with_grad(x, y, softcap=30.0, reduction="none",
+                                     backend=host_backend)
+    monkeypatch.setattr(api, "SOFTCAP_BLOCK_BYTES", 8 * 7 * 3)  # 3 rows a block: 3+3+3+1
+    many = xf.cross_entropy_with_grad(x, y, softcap=30.0, reduction="none",
+                                      backend=host_backend)
+    work = x.copy()
+    in_place = xf.cross_entropy_with_grad(work, y, softcap=30.0, reduction="none",
+                                          inplace=True, backend=host_backend)
+    for got in (many, in_place):
+        np.testing.assert_array_equal(got[0], one[0])
+        np.testing.assert_array_equal(got[1], one[1])
